@@ -1,0 +1,22 @@
+"""The built-in architecture as a transformers model; imports nothing else from the project."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_moetune import MoetuneConfig
+from .modeling_moetune import MoetuneForCausalLM, MoetuneModel
+from .presets import PRESETS, preset_config
+
+
+def register() -> None:
+    """Register the architecture with the Auto classes (idempotent)."""
+    try:
+        AutoConfig.register(MoetuneConfig.model_type, MoetuneConfig)
+        AutoModel.register(MoetuneConfig, MoetuneModel)
+        AutoModelForCausalLM.register(MoetuneConfig, MoetuneForCausalLM)
+    except ValueError:  # already registered
+        pass
+
+
+register()
+
+__all__ = ["PRESETS", "MoetuneConfig", "MoetuneForCausalLM", "MoetuneModel", "preset_config", "register"]

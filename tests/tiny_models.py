@@ -1,0 +1,101 @@
+"""Tiny models of every supported family, built from configs (no network), shared by all tests.
+
+Each builder returns a seeded, randomly initialised `*ForCausalLM` in fp32 with a few layers and
+small widths, so a forward + backward takes milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV3Config,
+    MixtralConfig,
+    PreTrainedModel,
+    Qwen3MoeConfig,
+)
+
+VOCAB = 128
+
+
+def deepseek_v3_config(**overrides) -> DeepseekV3Config:
+    """MLA attention, 1 leading dense layer, 8 routed experts (top-2) + 1 shared expert."""
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        max_position_embeddings=256,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return DeepseekV3Config(**kwargs)
+
+
+def qwen3_moe_config(**overrides) -> Qwen3MoeConfig:
+    """GQA attention with q/k norms, 8 routed experts (top-2), no shared expert."""
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return Qwen3MoeConfig(**kwargs)
+
+
+def mixtral_config(**overrides) -> MixtralConfig:
+    """GQA attention, 4 routed experts (top-2)."""
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=256,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return MixtralConfig(**kwargs)
+
+
+def moetune_config(**overrides):
+    """The built-in architecture at its `tiny` preset, with the shared test vocabulary."""
+    from finetune.modeling import preset_config
+
+    overrides.setdefault("vocab_size", VOCAB)
+    return preset_config("tiny", **overrides)
+
+
+CONFIGS = {
+    "moetune": moetune_config,
+    "deepseek_v3": deepseek_v3_config,
+    "qwen3_moe": qwen3_moe_config,
+    "mixtral": mixtral_config,
+}
+FAMILIES = tuple(CONFIGS)
+
+
+def build(family: str, seed: int = 0, **overrides) -> PreTrainedModel:
+    """A seeded random-init causal LM of `family` (one of FAMILIES), in fp32, eval mode."""
+    import finetune  # noqa: F401  (registers the built-in architecture with the Auto classes)
+
+    config = CONFIGS[family](**overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    # Routers of some families are zero-initialised; give them a real spread so routing matters.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight") and param.abs().sum() == 0:
+                param.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def save(family: str, folder: str | Path, seed: int = 0, **overrides) -> Path:
+    """Build a tiny `family` model and save it (safetensors + config) to `folder`."""
+    model = build(family, seed=seed, **overrides)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+def random_batch(batch: int = 2, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch, length), generator=gen)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
