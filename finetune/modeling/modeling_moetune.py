@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations import use_experts_implementation
@@ -60,9 +61,12 @@ class MoetuneRMSNorm(nn.Module):
 class MoetuneRotaryEmbedding(nn.Module):
     def __init__(self, config: MoetuneConfig) -> None:
         super().__init__()
-        dim = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim
+        return 1.0 / (self.rope_theta**steps)  # (D/2,)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,12 +275,15 @@ class MoetunePreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, MoetuneExperts):
-            nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
-            nn.init.normal_(module.down_proj, mean=0.0, std=std)
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, MoetuneRouter):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, MoetuneRMSNorm):
-            nn.init.ones_(module.weight)
+            init.ones_(module.weight)
+        elif isinstance(module, MoetuneRotaryEmbedding):
+            # Non-persistent buffer: from_pretrained builds on the meta device, so recompute it here.
+            init.copy_(module.inv_freq, module.compute_inv_freq())
 
 
 class MoetuneModel(MoetunePreTrainedModel):

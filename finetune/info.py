@@ -1,0 +1,121 @@
+"""`moetune info`: the architecture of a MODEL and the module groups adapters can target.
+
+The model is built on the meta device from its config, so any size (including `preset:full` and
+hub checkpoints, of which only config.json is fetched) answers in seconds with no weight memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig, PreTrainedModel
+
+from finetune.loading import build_empty_model, load_config
+
+# Config attribute names the transformers MoE families use for the same idea.
+EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+SHARED_EXPERT_KEYS = ("num_shared_experts", "n_shared_experts")
+
+
+def _first_attr(config: PretrainedConfig, keys: tuple[str, ...], default: Any = 0) -> Any:
+    for key in keys:
+        value = getattr(config, key, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _shared_experts(config: PretrainedConfig) -> int:
+    count = _first_attr(config, SHARED_EXPERT_KEYS, None)
+    if count is not None:
+        return int(count)
+    return 1 if getattr(config, "shared_expert_intermediate_size", 0) else 0  # Qwen2-MoE style
+
+
+def _attention_kind(config: PretrainedConfig) -> str:
+    if hasattr(config, "layer_attention_types"):  # the built-in model: per-layer choice
+        kinds = sorted(set(config.layer_attention_types))
+        return "+".join(kinds)
+    if getattr(config, "kv_lora_rank", None):
+        return "mla"
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+    if getattr(config, "sliding_window", None):
+        return "sliding_window"
+    return "gqa" if kv and kv < heads else "mha"
+
+
+def _routed_expert_params(model: PreTrainedModel) -> int:
+    """Parameters stored in routed experts (fused 3D tensors or per-expert ModuleLists)."""
+    total = 0
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if "experts" in parts and "shared_experts" not in parts:
+            total += param.numel()
+    return total
+
+
+def parameter_counts(model: PreTrainedModel, config: PretrainedConfig) -> tuple[int, int]:
+    """(total, active per token): active counts routed experts at top_k / num_experts."""
+    total = sum(p.numel() for p in model.parameters())
+    experts = _first_attr(config, EXPERT_COUNT_KEYS, 0)
+    top_k = getattr(config, "num_experts_per_tok", 0) or 0
+    routed = _routed_expert_params(model)
+    active = total - routed + (routed * top_k // experts if experts else 0)
+    return total, active
+
+
+def model_info(spec: str) -> dict[str, Any]:
+    """The architecture of MODEL as a JSON-able dict (the keys scripts may rely on are documented)."""
+    from adapters.targets import count_target_groups
+
+    config = load_config(spec)
+    model = build_empty_model(config)
+    total, active = parameter_counts(model, config)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    info: dict[str, Any] = {
+        "model": str(spec),
+        "model_type": config.model_type,
+        "num_layers": text_config.num_hidden_layers,
+        "hidden_size": text_config.hidden_size,
+        "num_experts": int(_first_attr(text_config, EXPERT_COUNT_KEYS, 0)),
+        "top_k": int(getattr(text_config, "num_experts_per_tok", 0) or 0),
+        "num_shared_experts": _shared_experts(text_config),
+        "attention": _attention_kind(text_config),
+        "params_total": total,
+        "params_active": active,
+        "targets": count_target_groups(model),
+    }
+    modalities = getattr(config, "modalities", None)
+    if modalities:
+        info["encoders"] = list(modalities)
+    return info
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """A two-column table of the architecture, then the adaptable groups with their counts."""
+    rows = [
+        ("family", info["model_type"]),
+        ("layers", info["num_layers"]),
+        ("hidden", info["hidden_size"]),
+        ("experts", info["num_experts"]),
+        ("top-k", info["top_k"]),
+        ("shared experts", info["num_shared_experts"]),
+        ("attention", info["attention"]),
+        ("params total", f"{_human(info['params_total'])} ({info['params_total']:,})"),
+        ("params active/token", f"{_human(info['params_active'])} ({info['params_active']:,})"),
+    ]
+    if info.get("encoders"):
+        rows.append(("encoders", ", ".join(info["encoders"])))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{info['model']}"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines.append("adapter target groups (modules or parameters):")
+    group_width = max((len(g) for g in info["targets"]), default=0)
+    lines += [f"  {group:<{group_width}}  {count}" for group, count in info["targets"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,258 @@
+"""MODEL spec -> (model, tokenizer/processor): presets, local folders, hub ids; offline-safe.
+
+A MODEL spec is `preset:NAME` (the built-in architecture, random init, with the offline tokenizer),
+a local Hugging Face folder, or a hub id. Nothing downloads unless the user gave a hub id, and a
+hub id with no network fails fast with one line instead of hanging in retries.
+Weights load from safetensors only, unless `allow_pickle=True`; remote code runs only when
+`trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from finetune.errors import MoetuneError
+from finetune.modeling import PRESETS, preset_config
+from finetune.modeling.presets import META_ONLY_ON_CPU
+
+PRESET_PREFIX = "preset:"
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16; 'auto' and None pass through."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in DTYPES:
+        raise MoetuneError(f"unknown dtype {dtype!r}; use one of auto, float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def _preset_name(spec: str) -> str:
+    name = spec[len(PRESET_PREFIX) :]
+    if name not in PRESETS:
+        raise MoetuneError(f"unknown preset {name!r} in MODEL {spec!r}; choose one of {', '.join(PRESETS)}")
+    return name
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def check_model_folder(folder: Path, *, allow_pickle: bool = False) -> None:
+    """Refuse folders that are not models, or whose weights are pickle files (unless allowed)."""
+    if not folder.is_dir():
+        raise MoetuneError(
+            f"model folder {str(folder)!r} does not exist; pass a folder, preset:NAME or a hub id"
+        )
+    if not (folder / "config.json").exists():
+        raise MoetuneError(
+            f"{str(folder)!r} is not a model folder (no config.json); pass a folder written by "
+            "save_pretrained or `moetune init-model`"
+        )
+    has_safetensors = any(folder.glob("*.safetensors"))
+    pickles = [name for name in PICKLE_WEIGHTS if (folder / name).exists()]
+    if pickles and not has_safetensors and not allow_pickle:
+        raise MoetuneError(
+            f"{folder / pickles[0]} holds pickle weights, which can run code when loaded; convert them to "
+            "safetensors, or pass --allow-pickle (model.allow_pickle: true) if you trust the file"
+        )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """Fetch a hub model snapshot (config, safetensors, tokenizer files); fail fast when offline."""
+    from huggingface_hub import snapshot_download
+
+    try:  # already in the local cache: no network needed
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any cache miss means we need the network
+        pass
+    if not _hub_reachable():
+        raise MoetuneError(
+            f"cannot reach the Hugging Face Hub to download {repo_id!r} (offline or HF_HUB_OFFLINE=1); "
+            "download it where there is network and pass the local folder"
+        )
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as err:  # noqa: BLE001 - repository missing, gated, or network broke mid-way
+        raise MoetuneError(
+            f"could not download {repo_id!r} from the Hub: {type(err).__name__}: {err}"
+        ) from err
+
+
+def resolve_model_folder(spec: str, *, allow_pickle: bool = False) -> Path:
+    """A MODEL spec that names weights on disk -> that folder (downloading a hub id if needed)."""
+    spec = str(spec)
+    if spec.startswith(PRESET_PREFIX):
+        name = _preset_name(spec)
+        raise MoetuneError(
+            f"{spec!r} has no weights on disk; write them first with "
+            f"`moetune init-model --preset {name} --output DIR` and pass DIR"
+        )
+    folder = Path(spec).expanduser()
+    if folder.exists() or not _looks_like_hub_id(spec):
+        check_model_folder(folder, allow_pickle=allow_pickle)
+        return folder
+    return download_from_hub(spec)
+
+
+def load_config(spec: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
+    """Only the config of a MODEL spec (cheap: no weights)."""
+    spec = str(spec)
+    if spec.startswith(PRESET_PREFIX):
+        return preset_config(_preset_name(spec))
+    folder = resolve_model_folder(spec)
+    return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def build_empty_model(config: PretrainedConfig, *, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model of `config` on the meta device: shapes and names, no memory (for info and planning)."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> Any:
+    """The processor (multimodal) or tokenizer saved with a model; None when the folder has neither."""
+    if (folder / "processor_config.json").exists() or (folder / "preprocessor_config.json").exists():
+        from transformers import AutoProcessor
+
+        try:
+            return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # fall back to the plain tokenizer below
+    if any(
+        (folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return None
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> tuple[PreTrainedModel, Any]:
+    """MODEL spec -> (model, tokenizer or processor).
+
+    `preset:NAME` builds the built-in architecture with random weights and the offline tokenizer;
+    `preset:full` is refused on a CPU-only machine (it is ~16B parameters: use `moetune info`).
+    """
+    spec = str(spec)
+    torch_dtype = parse_dtype(dtype)
+    if spec.startswith(PRESET_PREFIX):
+        name = _preset_name(spec)
+        if name in META_ONLY_ON_CPU and not torch.cuda.is_available():
+            raise MoetuneError(
+                f"{spec!r} is too large to materialise on a CPU; inspect it with `moetune info {spec}` "
+                "or load it on GPUs"
+            )
+        from finetune.tokenizer import build_tokenizer
+
+        config = preset_config(name)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch_dtype if isinstance(torch_dtype, torch.dtype) else None
+        )
+        if device_map not in (None, "cpu"):
+            model = model.to("cuda" if device_map == "auto" else device_map)
+        return model, build_tokenizer(config.vocab_size)
+
+    folder = resolve_model_folder(spec, allow_pickle=allow_pickle)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=torch_dtype if torch_dtype is not None else "auto",
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+        )
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise MoetuneError(
+                f"{folder} needs custom code from the model repository; review it, then pass "
+                "--trust-remote-code (model.trust_remote_code: true)"
+            ) from err
+        raise
+    return model, load_tokenizer(folder, trust_remote_code=trust_remote_code)
+
+
+def init_model(
+    preset: str,
+    output: str | Path,
+    *,
+    attention: str | None = None,
+    modalities: list[str] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a random-initialised built-in model of `preset` and its tokenizer to `output`."""
+    name = _preset_name(PRESET_PREFIX + preset)
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise MoetuneError(
+            f"output folder {str(output)!r} is not empty; choose a new folder (nothing was written)"
+        )
+    if name in META_ONLY_ON_CPU and not torch.cuda.is_available():
+        raise MoetuneError(
+            f"preset {name!r} is too large to initialise on a CPU; run init-model on a GPU machine"
+        )
+    overrides: dict[str, Any] = {}
+    if attention is not None:
+        overrides["attention_type"] = attention
+    try:
+        if modalities:
+            from finetune.modeling.multimodal import multimodal_config
+
+            config = multimodal_config(name, modalities, **overrides)
+        else:
+            config = preset_config(name, **overrides)
+    except ValueError as err:
+        raise MoetuneError(f"init-model --preset {name}: {err}") from err
+
+    from finetune.tokenizer import build_tokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    tokenizer = build_tokenizer(config.vocab_size)
+    tmp = output.with_name(output.name + ".partial")
+    model.save_pretrained(tmp)
+    if modalities:
+        from finetune.modeling.multimodal import build_processor
+
+        build_processor(config, tokenizer).save_pretrained(tmp)
+    else:
+        tokenizer.save_pretrained(tmp)
+    if output.exists():
+        output.rmdir()  # empty (checked above)
+    os.replace(tmp, output)
+    return output

@@ -1,0 +1,122 @@
+"""MODEL specs: presets, local folders of every family, hub ids offline, unsafe weights."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from tiny_models import FAMILIES, build, random_batch, save
+
+from finetune import MoetuneError, load_model
+from finetune.loading import init_model, resolve_model_folder
+
+
+def test_preset_tiny_loads_with_a_working_tokenizer():
+    model, tokenizer = load_model("preset:tiny")
+    assert model.config.model_type == "moetune"
+    ids = tokenizer("def main():\n    return 0", return_tensors="pt")["input_ids"]
+    assert tokenizer.decode(ids[0]) == "def main():\n    return 0"
+    assert int(ids.max()) < model.config.vocab_size
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_local_folder_of_every_family_loads_as_saved(tmp_path, family):
+    reference = build(family)
+    save(family, tmp_path)
+    model, tokenizer = load_model(str(tmp_path))
+    assert model.config.model_type == reference.config.model_type
+    assert tokenizer is None  # these folders carry no tokenizer files
+    batch = random_batch()
+    torch.testing.assert_close(model(**batch).logits, reference(**batch).logits)
+
+
+def test_dtype_option(tmp_path):
+    save("qwen3_moe", tmp_path)
+    model, _ = load_model(str(tmp_path), dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+
+
+def test_init_model_writes_a_loadable_checkpoint(tmp_path):
+    out = init_model("tiny", tmp_path / "m", seed=3)
+    model, tokenizer = load_model(str(out))
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert tokenizer.pad_token_id == model.config.pad_token_id == 0
+    again = init_model("tiny", tmp_path / "m2", seed=3)
+    torch.testing.assert_close(
+        load_model(str(again))[0].lm_head.weight, model.lm_head.weight, rtol=0, atol=0
+    )  # the seed makes init reproducible
+
+
+def test_init_model_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    with pytest.raises(MoetuneError, match="not empty"):
+        init_model("tiny", tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("preset:huge", "unknown preset 'huge'"),
+        ("/nonexistent/model/folder", "does not exist"),
+    ],
+)
+def test_bad_specs_fail_with_one_line(spec, message):
+    with pytest.raises(MoetuneError, match=message) as err:
+        load_model(spec)
+    assert "\n" not in str(err.value)
+
+
+def test_folder_without_config_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(MoetuneError, match="not a model folder"):
+        load_model(str(tmp_path))
+
+
+def test_pickle_weights_are_refused_unless_allowed(tmp_path):
+    model = build("mixtral")
+    model.save_pretrained(tmp_path, safe_serialization=False) if _supports_pickle_save() else None
+    if not (tmp_path / "pytorch_model.bin").exists():
+        model.config.save_pretrained(tmp_path)
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(MoetuneError, match="pickle"):
+        load_model(str(tmp_path))
+    loaded, _ = load_model(str(tmp_path), allow_pickle=True)
+    assert loaded.config.model_type == "mixtral"
+
+
+def _supports_pickle_save() -> bool:
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    return "safe_serialization" in inspect.signature(PreTrainedModel.save_pretrained).parameters
+
+
+def test_hub_id_offline_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(MoetuneError, match="cannot reach the Hugging Face Hub"):
+        load_model("some-org/some-moe-model")
+    assert time.monotonic() - start < 30  # a bound against hangs, not a speed claim
+
+
+def test_hub_id_with_unreachable_endpoint_fails_fast(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(MoetuneError, match="cannot reach"):
+        resolve_model_folder("some-org/some-moe-model")
+
+
+def test_preset_has_no_folder_for_merging():
+    with pytest.raises(MoetuneError, match="init-model"):
+        resolve_model_folder("preset:tiny")
+
+
+def test_full_preset_is_never_materialised_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("GPU machines may materialise the full preset")
+    with pytest.raises(MoetuneError, match="too large"):
+        load_model("preset:full")
