@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -55,6 +56,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             adapter=args.adapter,
             image=args.image,
             audio=args.audio,
+            trust_remote_code=args.trust_remote_code,
+            allow_pickle=args.allow_pickle,
         )
     )
 
@@ -194,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="adapter folder to apply")
     p.add_argument("--image", default=None, help="image file (multimodal models)")
     p.add_argument("--audio", default=None, help="audio file (multimodal models)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    p.add_argument("--allow-pickle", action="store_true", help="load pickle (.bin) weights you trust")
 
     p = add("train", cmd_train, "fine-tune LoRA adapters from a recipe")
     p.add_argument("recipe", help="recipe YAML (a path or a bundled recipe name)")
@@ -254,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Weight-loading progress bars are noise on a command line; the training loop draws its own.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     from adapters.errors import MoetuneError

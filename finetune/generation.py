@@ -16,11 +16,13 @@ def generate_text(
     adapter: str | None = None,
     image: str | None = None,
     audio: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> str:
     """Greedy continuation of `prompt` (the new text only), using the KV cache."""
     if max_new_tokens < 1:
         raise MoetuneError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
-    model, tokenizer = load_model(spec)
+    model, tokenizer = load_model(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if tokenizer is None:
         raise MoetuneError(f"{spec!r} has no tokenizer files; save one with the model to generate text")
     if adapter is not None:

@@ -120,3 +120,18 @@ def test_full_preset_is_never_materialised_on_cpu():
         pytest.skip("GPU machines may materialise the full preset")
     with pytest.raises(MoetuneError, match="too large"):
         load_model("preset:full")
+
+
+def test_remote_code_never_runs_unless_asked(tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "my_custom_moe", "architectures": ["CustomModel"], "auto_map": '
+        '{"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomModel"}}'
+    )
+    marker = tmp_path / "ran.txt"
+    code = f"open({str(marker)!r}, 'w').write('remote code ran')\n"
+    (tmp_path / "configuration_custom.py").write_text(code)
+    (tmp_path / "modeling_custom.py").write_text(code)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(MoetuneError, match="--trust-remote-code"):
+        load_model(str(tmp_path))
+    assert not marker.exists()
