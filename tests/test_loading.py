@@ -6,10 +6,10 @@ import time
 
 import pytest
 import torch
-from tiny_models import FAMILIES, build, random_batch, save
 
 from finetune import MoetuneError, load_model
 from finetune.loading import init_model, resolve_model_folder
+from tiny_models import FAMILIES, build, random_batch, save
 
 
 def test_preset_tiny_loads_with_a_working_tokenizer():

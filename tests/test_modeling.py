@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import build, random_batch
 from transformers import AutoModelForCausalLM
 
 import finetune  # noqa: F401  (registers the Auto classes)
 from finetune.loading import build_empty_model
 from finetune.modeling import MoetuneConfig, MoetuneForCausalLM, preset_config
+from tiny_models import build, random_batch
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
