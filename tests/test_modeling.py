@@ -149,3 +149,25 @@ def test_padding_mask_changes_nothing_for_real_tokens():
 def test_config_refuses_inconsistent_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MoetuneConfig(**kwargs)
+
+
+def test_bf16_forward_tracks_fp32():
+    model = build("moetune")
+    batch = random_batch(batch=2, length=16)
+    fp32 = model(**batch).logits
+    bf16 = model.to(torch.bfloat16)(**batch).logits
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.float(), fp32, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.gpu
+def test_cuda_forward_backward_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu marker needs a CUDA device")
+    model = build("moetune")
+    batch = random_batch(batch=2, length=16)
+    cpu = model(**batch).logits
+    cuda_model = model.to("cuda")
+    out = cuda_model(**{k: v.cuda() for k, v in batch.items()})
+    out.loss.backward()
+    torch.testing.assert_close(out.logits.cpu(), cpu, rtol=1e-3, atol=1e-3)
