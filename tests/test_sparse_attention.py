@@ -1,0 +1,231 @@
+"""Hierarchical sparse attention: exactness against a token-by-token reference, documents, cache, cost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache
+
+from finetune.modeling import preset_config
+from finetune.modeling.modeling_moetune import MoetuneRotaryEmbedding, apply_rotary_pos_emb
+from finetune.modeling.sparse_attention import HierarchicalSparseAttention
+
+
+def sparse_config(**overrides):
+    kwargs = dict(attention_type="hierarchical_sparse", local_window=4, global_ratio=0.2)
+    return preset_config("tiny", **{**kwargs, **overrides})
+
+
+def attention(config) -> HierarchicalSparseAttention:
+    module = HierarchicalSparseAttention(config, layer_idx=0)
+    with torch.no_grad():  # a gate that really mixes: both branches weigh in
+        module.mix_gate.weight.normal_(std=0.3)
+    return module.eval()
+
+
+def run(module, config, hidden, position_ids, padding_mask=None, cache=None):
+    rope = MoetuneRotaryEmbedding(config)
+    return module(
+        hidden, rope(hidden, position_ids), None, cache=cache, position_ids=position_ids,
+        padding_mask=padding_mask,
+    )[0]  # fmt: skip
+
+
+def reference(module, config, hidden, start, stop):
+    """The definition, one token at a time, for the document hidden[:, start:stop] (batch 1)."""
+    doc = hidden[:, start:stop]
+    n, d, w, block = doc.shape[1], module.head_dim, module.local_window, module.block_size
+    rope = MoetuneRotaryEmbedding(config)
+    cos, sin = rope(doc, torch.arange(n)[None])
+    q = module.q_proj(doc).view(1, n, -1, d).transpose(1, 2)[0]  # (nH, n, D)
+    k = module.k_proj(doc).view(1, n, -1, d).transpose(1, 2)
+    v = module.v_proj(doc).view(1, n, -1, d).transpose(1, 2)[0]
+    q, k = apply_rotary_pos_emb(q[None], k, cos, sin)
+    q, k = q[0], k[0]
+    groups = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+    gate = module.mix_gate(doc)[0].softmax(-1)
+    outs = []
+    for t in range(n):
+        lo = max(0, t - w + 1)
+        local = torch.softmax(q[:, t : t + 1] @ k[:, lo : t + 1].mT * module.scaling, -1) @ v[:, lo : t + 1]
+        blocks = (t + 1) // block
+        if blocks == 0:
+            outs.append(local)
+            continue
+        sk = k[:, : blocks * block].unflatten(1, (blocks, block)).mean(2)
+        sv = v[:, : blocks * block].unflatten(1, (blocks, block)).mean(2)
+        glob = torch.softmax(q[:, t : t + 1] @ sk.mT * module.scaling, -1) @ sv
+        outs.append(gate[t, 0] * local + gate[t, 1] * glob)
+    out = torch.cat(outs, dim=1).transpose(0, 1).reshape(1, n, -1)  # (1, n, nH*D)
+    return module.o_proj(out)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+@pytest.mark.parametrize("length", [3, 5, 37])
+def test_matches_the_token_by_token_definition(kv_heads, length):
+    config = sparse_config(num_key_value_heads=kv_heads)
+    module = attention(config)
+    hidden = torch.randn(1, length, config.hidden_size)
+    out = run(module, config, hidden, torch.arange(length)[None])
+    torch.testing.assert_close(out, reference(module, config, hidden, 0, length), rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_match_the_definition():
+    config = sparse_config()
+    module = attention(config)
+    hidden = torch.randn(1, 23, config.hidden_size)
+    grads = []
+    for fn in (lambda: run(module, config, hidden, torch.arange(23)[None]),
+               lambda: reference(module, config, hidden, 0, 23)):  # fmt: skip
+        module.zero_grad()
+        fn().square().sum().backward()
+        grads.append([p.grad.clone() for p in module.parameters()])
+    for fast, slow in zip(*grads):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_documents_and_left_padding_match_each_document_alone():
+    config = sparse_config()
+    module = attention(config)
+    a, b = torch.randn(1, 13, config.hidden_size), torch.randn(1, 21, config.hidden_size)
+    pad = torch.randn(1, 3, config.hidden_size)
+    # row: 3 pads | doc a (13) | doc b (21), positions restarting at 0 for each document
+    hidden = torch.cat([pad, a, b], dim=1)
+    position_ids = torch.cat([torch.zeros(3), torch.arange(13), torch.arange(21)]).long()[None]
+    padding_mask = torch.cat([torch.zeros(3), torch.ones(34)]).long()[None]
+    out = run(module, config, hidden, position_ids, padding_mask)
+    torch.testing.assert_close(out[:, 3:16], reference(module, config, a, 0, 13), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[:, 16:], reference(module, config, b, 0, 21), rtol=1e-4, atol=1e-5)
+
+
+def test_right_padding_changes_nothing_for_real_tokens():
+    config = sparse_config()
+    module = attention(config)
+    hidden = torch.randn(2, 30, config.hidden_size)
+    padding_mask = torch.ones(2, 30, dtype=torch.long)
+    padding_mask[1, 19:] = 0
+    out = run(module, config, hidden, torch.arange(30)[None], padding_mask)
+    alone = run(module, config, hidden[1:, :19], torch.arange(19)[None])
+    torch.testing.assert_close(out[1:, :19], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_global_path_carries_information_beyond_the_window():
+    config = sparse_config()
+    module = attention(config)
+    hidden = torch.randn(1, 40, config.hidden_size)
+    changed = hidden.clone()
+    changed[:, 2] += 1.0  # far outside the last token's 4-token window
+    for gate_bias, moves in ((-1e4, True), (1e4, False)):  # all-global gate, then all-local
+        with torch.no_grad():
+            module.mix_gate.weight.zero_()
+            module.mix_gate.bias.copy_(torch.tensor([gate_bias, -gate_bias]))
+        before = run(module, config, hidden, torch.arange(40)[None])[:, -1]
+        after = run(module, config, changed, torch.arange(40)[None])[:, -1]
+        assert (before - after).abs().max() > 1e-4 if moves else torch.equal(before, after)
+
+
+def test_no_token_sees_a_later_token():
+    config = sparse_config()
+    module = attention(config)
+    hidden = torch.randn(1, 30, config.hidden_size)
+    base = run(module, config, hidden, torch.arange(30)[None])
+    for t in (4, 9, 14, 22):  # block ends (block 5) and inside blocks
+        changed = hidden.clone()
+        changed[:, t] += 1.0
+        out = run(module, config, changed, torch.arange(30)[None])
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=0)
+        assert (out[:, t] - base[:, t]).abs().max() > 0
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op returns (forward and backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_never_builds_an_n_by_n_matrix(packed):
+    config = sparse_config(global_ratio=0.1, local_window=8)
+    module = HierarchicalSparseAttention(config, layer_idx=0)
+    n = 2048
+    hidden = torch.randn(1, n, config.hidden_size, requires_grad=True)
+    position_ids = torch.arange(n)[None] % 1000 if packed else torch.arange(n)[None]
+    with LargestTensor() as probe:
+        run(module, config, hidden, position_ids).sum().backward()
+    # q / k / v are n * 64 here; an n x n score matrix per head would be 4 * n * n.
+    assert probe.largest < n * n / 8, probe.largest
+
+
+def test_incremental_decoding_gives_the_full_forward_tokens():
+    config = sparse_config(num_hidden_layers=2, local_window=8, global_ratio=0.1, vocab_size=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    prompt = torch.randint(3, 64, (1, 11))
+    out = model.generate(
+        prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False, output_logits=True,
+        return_dict_in_generate=True, pad_token_id=0,
+    )  # fmt: skip
+    tokens = out.sequences
+    assert tokens.shape[1] == 11 + 64
+    with torch.no_grad():
+        full = model(tokens, use_cache=False).logits[:, 10:-1]  # (1, 64, V) predicting the new tokens
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), full, rtol=1e-4, atol=1e-4)
+    assert torch.equal(full.argmax(-1), tokens[:, 11:])
+
+
+def test_cache_prefill_in_pieces_matches_one_pass():
+    config = sparse_config()
+    module = attention(config)
+    hidden = torch.randn(2, 33, config.hidden_size)
+    whole = run(module, config, hidden, torch.arange(33)[None])
+    cache = DynamicCache(config=config)
+    pieces = [
+        run(module, config, hidden[:, a:b], torch.arange(a, b)[None], cache=cache)
+        for a, b in ((0, 12), (12, 13), (13, 29), (29, 33))
+    ]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-4, atol=1e-5)
+
+
+def test_per_layer_choice_and_bad_shape_values():
+    config = preset_config("tiny", attention_type=["dense", "hierarchical_sparse"])
+    model = AutoModelForCausalLM.from_config(config)
+    assert type(model.model.layers[1].self_attn) is HierarchicalSparseAttention
+    assert type(model.model.layers[0].self_attn) is not HierarchicalSparseAttention
+    ids = torch.randint(3, 100, (2, 25))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.model.layers[1].self_attn.mix_gate.weight.grad.abs().sum() > 0
+    for bad in (dict(global_ratio=0.0), dict(global_ratio=1.5), dict(local_window=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            HierarchicalSparseAttention(sparse_config(**bad), layer_idx=0)
+
+
+def test_model_left_padding_changes_nothing_for_real_tokens():
+    model = AutoModelForCausalLM.from_config(sparse_config()).eval()
+    ids = torch.randint(3, 100, (1, 26))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 26, dtype=torch.long)], dim=1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    alone = model(input_ids=ids).logits
+    left_padded = model(input_ids=padded, attention_mask=mask, position_ids=position_ids).logits[:, 3:]
+    torch.testing.assert_close(alone, left_padded, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_runs():
+    config = sparse_config()
+    module = attention(config).to(torch.bfloat16)
+    hidden = torch.randn(1, 50, config.hidden_size, dtype=torch.bfloat16)
+    out = run(module, config, hidden, torch.arange(50)[None])
+    reference_out = reference(module.float(), config, hidden.float(), 0, 50)
+    torch.testing.assert_close(out.float(), reference_out, rtol=0.05, atol=0.02)
