@@ -62,6 +62,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from finetune.plan import format_plan, plan_memory
+
+    plan = plan_memory(
+        args.model,
+        gpus=args.gpus,
+        gpu_memory_gib=args.gpu_memory,
+        dtype=args.dtype,
+        targets=tuple(_csv(args.targets)),
+        r=args.r,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        gradient_checkpointing=not args.no_checkpointing,
+    )
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else format_plan(plan))
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -199,6 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", default=None, help="audio file (multimodal models)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.add_argument("--allow-pickle", action="store_true", help="load pickle (.bin) weights you trust")
+
+    p = add("plan", cmd_plan, "per-GPU memory plan for LoRA training of MODEL on N GPUs")
+    p.add_argument("model")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--targets", default="attention,experts", help="comma list of target groups")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--no-checkpointing", action="store_true", help="plan without gradient checkpointing")
+    p.add_argument("--json", action="store_true")
 
     p = add("train", cmd_train, "fine-tune LoRA adapters from a recipe")
     p.add_argument("recipe", help="recipe YAML (a path or a bundled recipe name)")

@@ -1,0 +1,127 @@
+"""Memory planning: will this MoE model and LoRA fit on N GPUs, and with which strategy?
+
+Everything is computed on the meta device (no weight memory): the base parameter count comes from
+the model built from its config, the trainable count from actually applying the adapter, so the
+plan counts exactly what training would create. Activations are an estimate (stated as such):
+per layer, the residual stream and attention / expert intermediates kept for backward, divided by
+the checkpointing factor when gradient checkpointing is on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from finetune.errors import MoetuneError
+from finetune.loading import build_empty_model, load_config, parse_dtype
+
+GIB = 1024**3
+
+
+@dataclass
+class MemoryPlan:
+    model: str
+    gpus: int
+    strategy: str  # "ddp" (weights replicated) or "fsdp" (weights sharded across GPUs)
+    params_total: int
+    params_trainable: int
+    weights_gib: float  # base weights per GPU
+    adapter_and_optimizer_gib: float  # LoRA weights + grads + AdamW states (fp32) per GPU
+    activations_gib: float  # estimate per GPU for batch_size x seq_len
+    total_gib: float
+    gpu_memory_gib: float
+    fits: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _trainable_after_lora(model: torch.nn.Module, adapter: dict[str, Any]) -> int:
+    from adapters import apply_lora
+
+    peft_model = apply_lora(model, **adapter)
+    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+def _activation_bytes(
+    config: Any, batch_size: int, seq_len: int, bytes_per: int, checkpointing: bool
+) -> float:
+    """Rough per-layer activation memory kept for backward, times layers."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    top_k = getattr(text, "num_experts_per_tok", 1) or 1
+    expert_width = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
+    tokens = batch_size * seq_len
+    # residual + norms + q/k/v/o (~8 H) and routed expert intermediates (3 I per routed pair)
+    per_layer = tokens * (8 * hidden + 3 * top_k * expert_width) * bytes_per
+    if checkpointing:  # only the layer inputs are kept; one layer is recomputed at a time
+        return tokens * hidden * bytes_per * text.num_hidden_layers + per_layer
+    return per_layer * text.num_hidden_layers
+
+
+def plan_memory(
+    spec: str,
+    *,
+    gpus: int = 1,
+    gpu_memory_gib: float = 80.0,
+    dtype: str = "bfloat16",
+    targets: tuple[str, ...] = ("attention", "experts"),
+    r: int = 16,
+    batch_size: int = 1,
+    seq_len: int = 4096,
+    gradient_checkpointing: bool = True,
+) -> MemoryPlan:
+    """Per-GPU memory for LoRA training of `spec` on `gpus` GPUs; FSDP when DDP does not fit."""
+    if gpus < 1:
+        raise MoetuneError(f"--gpus must be >= 1 (got {gpus})")
+    torch_dtype = parse_dtype(dtype)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise MoetuneError(f"plan needs a concrete --dtype (float32, bfloat16, float16), not {dtype!r}")
+    bytes_per = torch.finfo(torch_dtype).bits // 8
+    config = load_config(spec)
+    model = build_empty_model(config)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = _trainable_after_lora(model, {"targets": list(targets), "r": r, "alpha": 2 * r})
+    # LoRA weights + grads in the training dtype, AdamW moments and an fp32 master copy.
+    adapter_bytes = trainable * (2 * bytes_per + 12)
+    activations = _activation_bytes(config, batch_size, seq_len, bytes_per, gradient_checkpointing)
+
+    def per_gpu(strategy: str) -> tuple[float, float]:
+        weights = total * bytes_per / (gpus if strategy == "fsdp" else 1)
+        return weights, weights + adapter_bytes + activations
+
+    strategy = "ddp"
+    weights, needed = per_gpu("ddp")
+    if needed > gpu_memory_gib * GIB and gpus > 1:
+        strategy = "fsdp"
+        weights, needed = per_gpu("fsdp")
+    return MemoryPlan(
+        model=str(spec),
+        gpus=gpus,
+        strategy=strategy,
+        params_total=total,
+        params_trainable=trainable,
+        weights_gib=weights / GIB,
+        adapter_and_optimizer_gib=adapter_bytes / GIB,
+        activations_gib=activations / GIB,
+        total_gib=needed / GIB,
+        gpu_memory_gib=gpu_memory_gib,
+        fits=needed <= gpu_memory_gib * GIB,
+    )
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines = [
+        f"{plan.model} on {plan.gpus} GPU(s) of {plan.gpu_memory_gib:.0f} GiB: {verdict} ({plan.strategy})",
+        f"  params total / trainable   {plan.params_total:,} / {plan.params_trainable:,}",
+        f"  base weights per GPU       {plan.weights_gib:8.2f} GiB",
+        f"  LoRA + grads + AdamW       {plan.adapter_and_optimizer_gib:8.2f} GiB",
+        f"  activations (estimate)     {plan.activations_gib:8.2f} GiB",
+        f"  total per GPU              {plan.total_gib:8.2f} GiB",
+    ]
+    if not plan.fits:
+        lines.append("  try: more GPUs, a shorter seq_len / batch, or gradient checkpointing")
+    return "\n".join(lines)
