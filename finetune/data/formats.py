@@ -1,0 +1,230 @@
+"""Raw records -> token ids and labels, one function per `data.format`.
+
+Every format yields `input_ids` and `labels` of the same length; labels are -100 where no loss is taken:
+- text: loss on every token; the tokenizer's own special tokens, then EOS closes each document;
+- instruction: `prompt + separator` (no loss) then `response + EOS` (loss);
+- chat: the conversation rendered with a chat template; loss only on what the template emits for
+  assistant turns (their content and end-of-turn marks). Each part is tokenized on its own, exactly as
+  the prompt is tokenized at inference time before the model generates the answer.
+A record with a missing or malformed field raises `BadRecord`; the caller fails or skips it as the
+recipe says (`data.on_bad_record`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from finetune.errors import MoetuneError
+
+IGNORE_INDEX = -100
+Example = tuple[list[int], list[int]]  # (input_ids, labels)
+
+
+class BadRecord(Exception):
+    """A record this format cannot use; the message says which field and why."""
+
+
+def text_tokenizer(tokenizer: Any) -> Any:
+    """The text tokenizer inside a multimodal processor, or the tokenizer itself."""
+    return getattr(tokenizer, "tokenizer", tokenizer)
+
+
+def _string_field(record: dict, name: str) -> str:
+    if name not in record or record[name] is None:
+        present = ", ".join(k for k, v in record.items() if v is not None) or "none"
+        raise BadRecord(f"missing field '{name}' (fields present: {present})")
+    value = record[name]
+    if not isinstance(value, str):
+        raise BadRecord(f"field '{name}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _adds_bos(tok: Any) -> bool:
+    """Whether the tokenizer puts BOS before a text when asked for its special tokens."""
+    bos = tok.bos_token_id
+    return bos is not None and tok("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def _eos(tok: Any) -> list[int]:
+    return [tok.eos_token_id] if tok.eos_token_id is not None else []
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def text_examples(records: list[dict], tokenizer: Any, field: str) -> list[Example | BadRecord]:
+    tok = text_tokenizer(tokenizer)
+    texts: list[str | BadRecord] = []
+    for record in records:
+        try:
+            texts.append(_string_field(record, field))
+        except BadRecord as bad:
+            texts.append(bad)
+    good = [t for t in texts if isinstance(t, str)]
+    encoded = iter(tok(good, add_special_tokens=True)["input_ids"] if good else [])
+    eos = _eos(tok)
+    out: list[Example | BadRecord] = []
+    for t in texts:
+        if isinstance(t, BadRecord):
+            out.append(t)
+            continue
+        ids = list(next(encoded))
+        if eos and (not ids or ids[-1] != eos[0]):
+            ids += eos
+        out.append((ids, list(ids)))
+    return out
+
+
+# ----------------------------------------------------------------------------- instruction
+
+
+def instruction_examples(
+    records: list[dict], tokenizer: Any, prompt_field: str, response_field: str, separator: str
+) -> list[Example | BadRecord]:
+    tok = text_tokenizer(tokenizer)
+    pairs: list[tuple[str, str] | BadRecord] = []
+    for record in records:
+        try:
+            pairs.append((_string_field(record, prompt_field), _string_field(record, response_field)))
+        except BadRecord as bad:
+            pairs.append(bad)
+    good = [p for p in pairs if isinstance(p, tuple)]
+    prompts = iter(
+        tok([p + separator for p, _ in good], add_special_tokens=False)["input_ids"] if good else []
+    )
+    answers = iter(tok([r for _, r in good], add_special_tokens=False)["input_ids"] if good else [])
+    bos = [tok.bos_token_id] if _adds_bos(tok) else []
+    eos = _eos(tok)
+    out: list[Example | BadRecord] = []
+    for pair in pairs:
+        if isinstance(pair, BadRecord):
+            out.append(pair)
+            continue
+        prompt, answer = bos + list(next(prompts)), list(next(answers)) + eos
+        if not answer:
+            out.append(BadRecord(f"field '{response_field}' is empty: nothing to learn"))
+            continue
+        out.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
+    return out
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+# moetune's documented default (`data.chat_template: simple`): the presets' template, one
+# `<|role|>` line before each message.
+def simple_chat_template() -> str:
+    from finetune.tokenizer import CHAT_TEMPLATE
+
+    return CHAT_TEMPLATE
+
+
+def resolve_chat_template(tokenizer: Any, setting: str | None) -> str:
+    """The Jinja template to use: the recipe's, moetune's `simple` one, or the tokenizer's own."""
+    if setting == "simple":
+        return simple_chat_template()
+    if setting:
+        return setting
+    own = getattr(tokenizer, "chat_template", None) or getattr(
+        text_tokenizer(tokenizer), "chat_template", None
+    )
+    if not own:
+        raise MoetuneError(
+            "data.format chat: the tokenizer has no chat template; set data.chat_template: simple "
+            "(moetune's default, '<|role|>' lines) or give a Jinja template"
+        )
+    return own
+
+
+def _messages(record: dict, field: str) -> list[dict]:
+    if field not in record or record[field] is None:
+        present = ", ".join(k for k, v in record.items() if v is not None) or "none"
+        raise BadRecord(f"missing field '{field}' (fields present: {present})")
+    messages = record[field]
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord(f"field '{field}' must be a non-empty list of {{role, content}} messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise BadRecord(f"{field}[{i}] must be an object with string 'role' and 'content'")
+        clean.append({k: v for k, v in m.items() if v is not None})  # drop nulls from Arrow's unified structs
+    if not any(m["role"] == "assistant" for m in clean):
+        raise BadRecord(f"field '{field}' has no assistant message: nothing to learn")
+    return clean
+
+
+def _chat_segments(messages: list[dict], render: Callable[..., str]) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, is_assistant) pieces.
+
+    An assistant turn i spans from the end of `render(messages[:i], add_generation_prompt=True)` to the end
+    of `render(messages[:i+1])`; this needs a template whose renders of prefixes are prefixes of the whole."""
+    full = render(messages, add_generation_prompt=False)
+    cuts: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = render(messages[:i], add_generation_prompt=True) if i else ""
+        end = render(messages[: i + 1], add_generation_prompt=False)
+        if not (end.startswith(start) and full.startswith(end)):
+            raise BadRecord(
+                "the chat template renders earlier turns differently once later turns are added, so assistant "
+                "turns cannot be located; use data.chat_template: simple or a template without that behaviour"
+            )
+        cuts.append((len(start), len(end)))
+    pieces, pos = [], 0
+    for start, end in cuts:
+        start = max(start, pos)
+        if start > pos:
+            pieces.append((full[pos:start], False))
+        if end > start:
+            pieces.append((full[start:end], True))
+        pos = max(pos, end)
+    if pos < len(full):
+        pieces.append((full[pos:], False))
+    return pieces
+
+
+def chat_examples(
+    records: list[dict], tokenizer: Any, field: str, template: str
+) -> list[Example | BadRecord]:
+    tok = text_tokenizer(tokenizer)
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        try:
+            return tok.apply_chat_template(
+                messages, tokenize=False, chat_template=template, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as err:  # noqa: BLE001  (a Jinja error raised by the template about this record)
+            raise BadRecord(
+                f"the chat template refused it: {str(err).splitlines()[0] if str(err) else err}"
+            ) from err
+
+    segments: list[list[tuple[str, bool]] | BadRecord] = []
+    for record in records:
+        try:
+            segments.append(_chat_segments(_messages(record, field), render))
+        except BadRecord as bad:
+            segments.append(bad)
+    texts = [text for s in segments if not isinstance(s, BadRecord) for text, _ in s]
+    encoded = iter(tok(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    out: list[Example | BadRecord] = []
+    for s in segments:
+        if isinstance(s, BadRecord):
+            out.append(s)
+            continue
+        ids: list[int] = []
+        labels: list[int] = []
+        for _, trained in s:
+            piece = list(next(encoded))
+            ids += piece
+            labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        if all(label == IGNORE_INDEX for label in labels):
+            out.append(BadRecord("its assistant turns render to no tokens: nothing to learn"))
+            continue
+        out.append((ids, labels))
+    return out
