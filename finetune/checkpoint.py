@@ -1,0 +1,275 @@
+"""Checkpoints that survive a crash: atomic folders, a disk-space check first, and resume.
+
+A checkpoint is a folder `checkpoints/step-000120/` in the run folder: Accelerate's `save_state`
+(trainable weights, optimizer, scheduler, RNG states) plus `trainer_state.json` (our step counter,
+epoch and metric history). It is written under a temporary name, every file is fsynced, and only
+then renamed into place, so a crash or a `kill -9` at any moment leaves either the whole new
+checkpoint or none of it; the previous checkpoints are never touched until the new one is complete.
+The final adapter folder is written the same way (`atomic_folder`).
+
+Before writing, the free space of the target file system is compared with an estimate of what the
+checkpoint needs; when it does not fit, a `MoetuneError` says so and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.errors import MoetuneError
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Headroom on top of the estimate: RNG and scheduler files, tracker logs written meanwhile, rounding.
+SLACK_BYTES = 8 << 20
+
+
+# ----------------------------------------------------------------------------- fault injection
+
+
+def failpoint(name: str) -> None:
+    """`kill -9` this process here when MOETUNE_FAILPOINT names this point (fault tests only).
+
+    The fault tests need a kill at an exact place (halfway through writing a checkpoint), which no
+    amount of polling from outside can hit reliably; the signal is real, the process dies as it would.
+    """
+    if os.environ.get("MOETUNE_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- disk space
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the file system holding `folder` (its closest existing parent)."""
+    folder = Path(folder).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def estimate_checkpoint_bytes(model: torch.nn.Module, *, optimizer_states: int = 2) -> int:
+    """Bytes a checkpoint of `model` will take: trainable weights + AdamW's two moments, in fp32.
+
+    Frozen base weights are not saved (see `trainable_state_filter`), so only trainable ones count.
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable * 4 * (1 + optimizer_states) + SLACK_BYTES
+
+
+def check_disk_space(folder: Path, needed: int, *, what: str) -> None:
+    """Refuse to start a write that cannot finish (a half-written folder helps nobody)."""
+    free = free_bytes(folder)
+    if free < needed:
+        raise MoetuneError(
+            f"not enough disk space to write the {what} in {folder}: about {_mb(needed)} needed, "
+            f"{_mb(free)} free; free some space (older checkpoints are kept and still resumable)"
+        )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+# ----------------------------------------------------------------------------- atomic folders
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then the folders themselves (so the names are durable too)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def tmp_path_for(final: Path) -> Path:
+    return final.with_name(TMP_PREFIX + final.name)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make the complete folder `tmp` visible as `final` (replacing an older `final` safely)."""
+    fsync_tree(tmp)
+    old = final.with_name(OLD_PREFIX + final.name)
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)  # `final` is briefly absent; `old` still holds it (see clean_stale)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextmanager
+def atomic_folder(final: Path) -> Iterator[Path]:
+    """Write a folder under a temporary name; on success, fsync and rename it to `final`.
+
+    On an exception the temporary folder is removed and `final` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(final)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, final)
+
+
+def clean_stale(folder: Path) -> list[Path]:
+    """Remove leftovers of writes a crash interrupted; restore a folder caught mid-replacement."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(OLD_PREFIX):
+            final = path.with_name(path.name[len(OLD_PREFIX) :])
+            if not final.exists():  # killed between the two renames of `publish`: put it back
+                os.replace(path, final)
+                continue
+        if path.name.startswith((TMP_PREFIX, OLD_PREFIX)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders are never listed)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).exists()]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise MoetuneError(
+            f"checkpoint {checkpoint} is unreadable ({err}); delete it to resume from the one before"
+        ) from err
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON and fsync it (used inside temporary folders; `publish` renames the folder)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Replace a single JSON file atomically (temporary name, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    write_json(tmp, data)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def trainable_state_filter(model: torch.nn.Module):
+    """A `register_save_state_pre_hook` hook that keeps only trainable weights in the checkpoint.
+
+    A LoRA run trains well under 1% of the parameters; saving the frozen base at every checkpoint
+    would cost its full size each time for nothing (it is reloaded from MODEL on resume).
+    """
+    keep = {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def hook(models, weights, output_dir) -> None:
+        for i, state in enumerate(weights):
+            weights[i] = {k: v for k, v in state.items() if _strip_wrappers(k) in keep or k in keep}
+
+    return hook
+
+
+def _strip_wrappers(name: str) -> str:
+    return name.removeprefix("module.").replace("_orig_mod.", "")
+
+
+def save_checkpoint(
+    accelerator, run_dir: Path, step: int, state: dict[str, Any], *, needed_bytes: int
+) -> Path:
+    """Write checkpoint `step` atomically; every process must call this (sharded states are collective)."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = tmp_path_for(final)
+    if accelerator.is_main_process:
+        check_disk_space(final.parent, needed_bytes, what=f"checkpoint of step {step}")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        failpoint("checkpoint-mid-write")
+        write_json(tmp / STATE_FILE, state)  # last file in: its presence marks a complete folder
+        publish(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int | None) -> None:
+    """Keep the newest `keep` checkpoints (None or 0 keeps all). Main process only."""
+    if not keep:
+        return
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> dict[str, Any]:
+    """Restore model/optimizer/scheduler/RNG from `checkpoint`; returns its trainer state."""
+    from accelerate.utils import DistributedType
+
+    state = read_trainer_state(checkpoint)
+    # Checkpoints hold only the trainable weights, so the frozen base weights are "missing" by design.
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    kwargs = {} if sharded else {"strict": False}
+    accelerator.load_state(str(checkpoint), **kwargs)
+    return state

@@ -1,0 +1,100 @@
+"""PNG plots of a run: loss curves, and the expert load of every MoE layer before and after training.
+
+matplotlib with the non-interactive Agg backend (no display needed: servers, CI, containers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+
+def write_run_plots(
+    folder: Path,
+    *,
+    train_loss: Sequence[Sequence[float]],
+    eval_loss: Sequence[Sequence[float]],
+    load_before: Sequence[Sequence[float]] | None,
+    load_after: Sequence[Sequence[float]] | None,
+) -> list[Path]:
+    """Write every plot the data allows; returns their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if train_loss or eval_loss:
+        written.append(plot_loss(folder / "loss.png", train_loss, eval_loss))
+    if load_before is not None and load_after is not None:
+        written.append(plot_expert_load(folder / "expert_load.png", load_before, load_after))
+    return written
+
+
+def plot_loss(
+    path: Path, train_loss: Sequence[Sequence[float]], eval_loss: Sequence[Sequence[float]]
+) -> Path:
+    """Train loss per step (raw, and a moving average) and eval loss at its steps."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train_loss:
+        steps, losses = zip(*train_loss)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (per step)")
+        window = max(1, len(losses) // 20)
+        if window > 1:
+            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                      for i in range(len(losses))]  # fmt: skip
+            ax.plot(steps, smooth, color="tab:blue", linewidth=1.6, label=f"train (mean of {window})")
+    if eval_loss:
+        steps, losses = zip(*eval_loss)
+        ax.plot(steps, losses, "o-", color="tab:orange", linewidth=1.6, label="eval")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_load(path: Path, before: Sequence[Sequence[float]], after: Sequence[Sequence[float]]) -> Path:
+    """Heat maps (MoE layer x expert) of the share of routed tokens, before, after, and the change."""
+    layers, experts = len(before), max((len(row) for row in before), default=0)
+    uniform = 1.0 / experts if experts else 0.0
+    change = [[a - b for a, b in zip(ra, rb)] for ra, rb in zip(after, before)]
+    vmax = max((v for rows in (before, after) for row in rows for v in row), default=1.0) or 1.0
+    dmax = max((abs(v) for row in change for v in row), default=1.0) or 1.0
+    width = min(16.0, 4.0 + 0.12 * experts * 3)
+    height = min(12.0, 2.0 + 0.35 * layers)
+    fig, axes = plt.subplots(1, 3, figsize=(width, height), dpi=110, squeeze=False)
+    panels = (
+        (before, "before", "viridis", 0.0, vmax),
+        (after, "after", "viridis", 0.0, vmax),
+        (change, "after - before", "coolwarm", -dmax, dmax),
+    )
+    for ax, (data, title, cmap, lo, hi) in zip(axes[0], panels):
+        image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+        ax.set_title(title)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        ax.set_yticks(range(layers))
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(f"share of routed tokens per expert (uniform = {uniform:.3g}); {_imbalance(before, after)}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _imbalance(before: Sequence[Sequence[float]], after: Sequence[Sequence[float]]) -> str:
+    """Mean over layers of max share / uniform share: 1 is perfectly balanced."""
+
+    def score(rows: Sequence[Sequence[float]]) -> float:
+        values = [max(row) * len(row) for row in rows if row]
+        return sum(values) / len(values) if values else math.nan
+
+    return f"max/uniform {score(before):.2f} -> {score(after):.2f}"

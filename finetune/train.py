@@ -1,0 +1,817 @@
+"""The training loop behind `moetune train RECIPE.yaml`: one Accelerate loop, read top to bottom.
+
+    setup    Accelerator, base model + LoRA, data, AdamW on the trainable parameters, schedule,
+             trackers; `--resume` restores the last checkpoint
+    train    each optimizer step takes `grad_accum` micro-batches per process; eval, logging and
+             checkpoints every N steps
+    save     adapter/ (PEFT + model card + recipe + metrics), metrics.json, plots, recipe.yaml; push
+    cleanup  close the trackers, release the process group
+
+Loss normalisation. The loss of one optimizer step is the sum of the token losses of all its
+micro-batches on all processes, divided by the GLOBAL count of label tokens of that step (gathered
+before the first forward), so padding, uneven examples, accumulation and the number of processes
+never change the gradient: 2 processes x batch 4 equals 1 process x batch 4 x grad_accum 2. The
+MoE load-balancing loss (`aux_loss`, when the model returns it) is averaged over the micro-batches
+and added with the model's own `router_aux_loss_coef`.
+
+Exact resume. A checkpoint holds the trainable weights, the optimizer, the scheduler and the step
+counter; data order is a pure function of (train.seed, epoch) and dropout is reseeded from
+(train.seed, step, process) before every step, so a run resumed from step k replays steps k+1..N
+exactly as the uninterrupted run did (the fault tests compare the final adapters tensor by tensor).
+
+Several processes. `launch_training(..., num_processes=N)` re-launches itself through
+`accelerate launch`; `accelerate launch --config_file recipes/accelerate/ddp.yaml cli.py train R.yaml`
+works as well. Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from finetune import checkpoint as ckpt
+from finetune.errors import MoetuneError
+
+IGNORE_INDEX = -100
+TRACKER_PROJECT = "moetune"
+
+
+# ============================================================================= public entry
+
+
+def launch_training(
+    recipe: Any,
+    *,
+    overrides: Sequence[str] = (),
+    output_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    num_processes: int = 1,
+    debug: bool = False,
+) -> str:
+    """Train the LoRA adapter a recipe describes; returns the summary printed at the end.
+
+    `recipe` is a YAML path, a bundled recipe name or a `Recipe`; `overrides` are `section.key=value`.
+    """
+    from finetune.recipe import Recipe
+
+    if num_processes < 1:
+        raise MoetuneError(f"--num-processes must be >= 1, got {num_processes}")
+    if isinstance(recipe, Recipe):
+        if overrides:
+            raise MoetuneError("pass overrides with a recipe file, not with a Recipe object")
+        resolved = recipe
+    else:
+        from finetune.recipe import load_recipe
+
+        resolved = load_recipe(str(recipe), overrides)  # validate before starting any process
+    if num_processes > 1 and not inside_distributed_launch():
+        return relaunch_with_accelerate(
+            recipe, overrides, output_dir=output_dir, resume=resume, num_processes=num_processes, debug=debug
+        )
+    run = TrainingRun(resolved, output_dir=output_dir, resume=resume)
+    try:
+        run.setup()
+        run.train()
+        return run.save()
+    finally:
+        run.cleanup()
+
+
+# ============================================================================= the run
+
+
+class TrainingRun:
+    """One training run; the four phases below are the whole story."""
+
+    def __init__(self, recipe: Any, *, output_dir: str | os.PathLike | None = None, resume: bool = False):
+        self.recipe = recipe
+        self.run_dir = Path(output_dir or recipe.output.dir)
+        self.resume = resume
+        self.accelerator = None
+        self.state: dict[str, Any] = {
+            "step": 0,
+            "tokens": 0,  # input tokens processed (all processes)
+            "train_seconds": 0.0,
+            "skipped_steps": [],
+            "train_loss": [],  # [step, loss] every step
+            "eval_loss": [],  # [step, loss]
+            "eval_loss_before": None,
+            "expert_load_before": None,
+            "fingerprint": _fingerprint(recipe),
+        }
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        from accelerate.utils import set_seed
+        from torch.utils.data import DataLoader
+
+        from adapters import apply_lora
+        from adapters.targets import target_report
+        from finetune.data import build_datasets, make_collator
+        from finetune.loading import load_model
+        from finetune.recipe import save_recipe
+
+        r, t = self.recipe, self.recipe.train
+        self.accelerator = acc = make_accelerator(r, self.run_dir)
+        checkpoint = self._checkpoint_to_resume()
+
+        # Model: the same seed on every process, so randomly initialised parts agree.
+        set_seed(t.seed)
+        model, self.tokenizer = load_model(
+            r.model.name,
+            dtype=r.model.dtype,
+            trust_remote_code=r.model.trust_remote_code,
+            allow_pickle=r.model.allow_pickle,
+        )
+        if r.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        self.base_config = model.config
+        self.model = apply_lora(model, **dataclasses.asdict(r.adapter))
+        self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.total_params = sum(p.numel() for p in self.model.parameters())
+        acc.print(target_report(self.model))
+        self.routes = getattr(self.base_config, "output_router_logits", None) is not None
+        self.aux_coef = float(getattr(self.base_config, "router_aux_loss_coef", 0.0) or 0.0)
+
+        # Data: a sampler whose order depends only on (seed, epoch), sharded over processes by prepare.
+        train_ds, eval_ds = build_datasets(r.data, self.tokenizer, seed=t.seed)
+        collate = make_collator(r.data, self.tokenizer)
+        self.sampler = EpochSampler(train_ds, r.data, batch_size=t.batch_size, seed=t.seed)
+        train_dl = DataLoader(train_ds, batch_size=t.batch_size, sampler=self.sampler, collate_fn=collate)
+        self.eval_batches = _first_batches(eval_ds, collate, t.batch_size, t.eval_batches)
+
+        # Optimizer on the trainable parameters only; schedule over the whole run.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        self.model, self.optimizer, self.train_dl = acc.prepare(self.model, optimizer, train_dl)
+        self.steps_per_epoch = math.ceil(len(self.train_dl) / t.grad_accum)
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.scheduler = acc.prepare(make_scheduler(t, optimizer, self.total_steps))
+        # Checkpoints keep only the trainable weights: the base comes back from MODEL on resume.
+        acc.register_save_state_pre_hook(ckpt.trainable_state_filter(acc.unwrap_model(self.model)))
+        self.checkpoint_bytes = ckpt.estimate_checkpoint_bytes(acc.unwrap_model(self.model))
+
+        if acc.is_main_process:
+            ckpt.clean_stale(self.run_dir / ckpt.CHECKPOINTS)
+            save_recipe(r, self.run_dir / "recipe.yaml")
+        acc.init_trackers(TRACKER_PROJECT, config=_flat_config(r))
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        acc.wait_for_everyone()
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        existing = ckpt.latest_checkpoint(self.run_dir)
+        if not self.resume:
+            if existing is not None:
+                raise MoetuneError(
+                    f"run folder {self.run_dir} already has checkpoints (latest: {existing.name}); "
+                    "pass --resume to continue it, or choose another --output"
+                )
+            return None
+        if existing is None:
+            self.accelerator.print(f"--resume: no checkpoint in {self.run_dir}; starting at step 0")
+        return existing
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = ckpt.load_checkpoint(self.accelerator, checkpoint)
+        if state.get("fingerprint") != self.state["fingerprint"]:
+            changed = sorted(
+                k
+                for k in set(state.get("fingerprint", {})) | set(self.state["fingerprint"])
+                if state.get("fingerprint", {}).get(k) != self.state["fingerprint"].get(k)
+            )
+            raise MoetuneError(
+                f"cannot resume {checkpoint}: the recipe changed ({', '.join(changed)}); "
+                "restore those keys or start a new run folder"
+            )
+        self.state = state
+        self.accelerator.print(f"resumed from {checkpoint} (step {state['step']} of {self.total_steps})")
+
+    # ------------------------------------------------------------------ train
+
+    def train(self) -> None:
+        from accelerate import skip_first_batches
+        from tqdm.auto import tqdm
+
+        acc, t = self.accelerator, self.recipe.train
+        if self.state["step"] == 0 and self.eval_batches:
+            before = self.evaluate()
+            self.state["eval_loss_before"] = before["loss"]
+            self.state["expert_load_before"] = self.expert_load()
+            self.log({"eval/loss": before["loss"], "eval/perplexity": before["perplexity"]}, 0)
+        progress = tqdm(
+            total=self.total_steps,
+            initial=self.state["step"],
+            desc="train",
+            unit="step",
+            disable=not acc.is_local_main_process,
+            dynamic_ncols=True,
+        )
+        window = _Window()
+        load = ExpertLoad()
+        self.model.train()
+        while self.state["step"] < self.total_steps:
+            epoch, first_update = divmod(self.state["step"], self.steps_per_epoch)
+            self.sampler.set_epoch(epoch)
+            skip = first_update * t.grad_accum  # micro-batches this process already used this epoch
+            batches = iter(skip_first_batches(self.train_dl, skip) if skip else self.train_dl)
+            for update in range(first_update, self.steps_per_epoch):
+                count = min(t.grad_accum, len(self.train_dl) - update * t.grad_accum)
+                micro_batches = [next(batches) for _ in range(count)]
+                step = self.state["step"] + 1
+                torch.manual_seed(step_seed(t.seed, step, acc.process_index))  # dropout: resumable
+                started = time.perf_counter()
+                result = self.train_step(micro_batches, step, load)
+                seconds = time.perf_counter() - started
+                self.state["step"] = step
+                self.state["tokens"] += result["tokens"]
+                self.state["train_seconds"] += seconds
+                window.add(result, seconds)
+                progress.update(1)
+                if step % t.log_every == 0 or step == self.total_steps:
+                    logged = window.flush() | load.flush(acc) | {"train/lr": self.scheduler.get_last_lr()[0]}
+                    self.log(logged, step)
+                    progress.set_postfix(
+                        loss=f"{logged['train/loss']:.4f}",
+                        lr=f"{logged['train/lr']:.2e}",
+                        tok_s=f"{logged['train/tokens_per_second']:.0f}",
+                    )
+                if (
+                    t.eval_every
+                    and step % t.eval_every == 0
+                    and step != self.total_steps
+                    and self.eval_batches
+                ):
+                    self.run_eval(step)
+                if t.save_every and step % t.save_every == 0 and step != self.total_steps:
+                    self.save_checkpoint(step)
+                if step >= self.total_steps:
+                    break
+        progress.close()
+        if self.eval_batches:
+            self.run_eval(self.state["step"])
+
+    def train_step(self, micro_batches: list[dict], step: int, load: ExpertLoad) -> dict[str, float]:
+        """One optimizer step over `micro_batches`; the loss is normalised by the global token count."""
+        acc, t = self.accelerator, self.recipe.train
+        local = sum(count_label_tokens(b["labels"]) for b in micro_batches)
+        global_tokens = int(acc.reduce(torch.tensor(local, device=acc.device), "sum").item())
+        denominator = max(global_tokens, 1)
+        loss_sum = torch.zeros((), device=acc.device)
+        aux_sum = torch.zeros((), device=acc.device)
+        seen = 0
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with _maybe(not last, acc.no_sync, self.model):  # gradients are all-reduced once, at the end
+                out = forward_loss(self.model, batch, routes=self.routes)
+                # x num_processes: DDP averages gradients over processes; the global count already spans them.
+                loss = out["loss_sum"] * acc.num_processes / denominator
+                if out["aux_loss"] is not None:
+                    loss = loss + self.aux_coef * out["aux_loss"] / len(micro_batches)
+                    aux_sum += out["aux_loss"].detach().float()
+                acc.backward(loss)
+            loss_sum += out["loss_sum"].detach().float()
+            seen += input_token_count(batch)
+            load.add(
+                out["router_logits"], batch, top_k=getattr(self.base_config, "num_experts_per_tok", None)
+            )
+
+        max_norm = t.max_grad_norm if t.max_grad_norm else float("inf")
+        grad_norm = _as_float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+        train_loss = float(acc.reduce(loss_sum, "sum").item()) / denominator
+        aux = float(acc.reduce(aux_sum, "mean").item()) / len(micro_batches)
+        tokens = int(acc.reduce(torch.tensor(seen, device=acc.device), "sum").item())
+        # fp16 overflows are the GradScaler's business (it skips the step); NaN loss never is.
+        bad_grads = acc.scaler is None and not math.isfinite(grad_norm)
+        if not math.isfinite(train_loss) or bad_grads:
+            what = f"loss {train_loss}" if not math.isfinite(train_loss) else f"gradient norm {grad_norm}"
+            if t.nan_policy == "stop":
+                last = ckpt.latest_checkpoint(self.run_dir)
+                raise MoetuneError(
+                    f"training stopped at step {step}: {what} is not finite; nothing of this step was saved "
+                    f"(last good checkpoint: {last or 'none'}); lower train.lr, check the data, or set "
+                    "train.nan_policy: skip"
+                )
+            acc.print(f"step {step}: {what} is not finite; skipping this step (train.nan_policy: skip)")
+            self.state["skipped_steps"].append(step)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return {"loss": float("nan"), "aux_loss": aux, "grad_norm": grad_norm, "tokens": tokens}
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["train_loss"].append([step, train_loss])
+        return {"loss": train_loss, "aux_loss": aux, "grad_norm": grad_norm, "tokens": tokens}
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss and perplexity on the eval batches, each process taking its share (weighted by tokens)."""
+        from finetune.evaluate import evaluate_loss
+
+        acc = self.accelerator
+        mine = self.eval_batches[acc.process_index :: acc.num_processes]
+        rounds = math.ceil(len(self.eval_batches) / acc.num_processes)
+        device_batches = [_to_device(b, acc.device) for b in mine]
+        was_training = self.model.training
+        result = evaluate_loss(self.model, device_batches) if device_batches else {"loss": 0.0, "tokens": 0}
+        if len(mine) < rounds:  # sharded models need every process in every forward: one discarded extra
+            evaluate_loss(self.model, [_to_device(self.eval_batches[0], acc.device)])
+        self.model.train(was_training)
+        tokens = torch.tensor(float(result["tokens"]), device=acc.device)
+        weighted = torch.tensor(float(result["loss"]) * float(result["tokens"]), device=acc.device)
+        total = float(acc.reduce(tokens, "sum").item())
+        loss = float(acc.reduce(weighted, "sum").item()) / max(total, 1.0)
+        return {"loss": loss, "perplexity": _perplexity(loss), "tokens": total}
+
+    def expert_load(self) -> list[list[float]] | None:
+        """Share of routed tokens per expert per MoE layer on the eval batches (None for dense models)."""
+        from finetune.evaluate import routing_stats
+
+        if not self.routes or not self.eval_batches:
+            return None
+        was_training = self.model.training
+        batches = [_to_device(b, self.accelerator.device) for b in self.eval_batches]
+        stats = routing_stats(self.model, batches)
+        self.model.train(was_training)
+        return _load_shares(stats)
+
+    def run_eval(self, step: int) -> None:
+        result = self.evaluate()
+        self.state["eval_loss"].append([step, result["loss"]])
+        self.log({"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]}, step)
+        self.accelerator.print(
+            f"step {step}: eval loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f})"
+        )
+
+    def save_checkpoint(self, step: int) -> None:
+        acc = self.accelerator
+        _check_finite(self.model, f"the checkpoint of step {step}")
+        ckpt.save_checkpoint(acc, self.run_dir, step, self.state, needed_bytes=self.checkpoint_bytes)
+        if acc.is_main_process:
+            ckpt.prune_checkpoints(self.run_dir, self.recipe.output.keep_checkpoints)
+        acc.wait_for_everyone()
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.accelerator.log(values, step=step)
+
+    # ------------------------------------------------------------------ save
+
+    def save(self) -> str:
+        """Write the adapter and the run's reports; only the main process touches the disk."""
+        from finetune.recipe import recipe_to_dict, save_recipe
+
+        acc, r = self.accelerator, self.recipe
+        _check_finite(self.model, "the final adapter")
+        after_load = self.expert_load()
+        state_dict = acc.get_state_dict(self.model)  # collective under FSDP: every process calls it
+        metrics = self.metrics()
+        adapter_dir = self.run_dir / "adapter"
+        if acc.is_main_process:
+            from finetune import plots
+
+            ckpt.check_disk_space(self.run_dir, self.checkpoint_bytes, what="final adapter")
+            images = plots.write_run_plots(
+                self.run_dir / "plots",
+                train_loss=self.state["train_loss"],
+                eval_loss=self.state["eval_loss"],
+                load_before=self.state["expert_load_before"],
+                load_after=after_load,
+            )
+            with ckpt.atomic_folder(adapter_dir) as tmp:
+                acc.unwrap_model(self.model).save_pretrained(
+                    tmp, state_dict=state_dict, safe_serialization=True
+                )
+                save_recipe(r, tmp / "recipe.yaml")
+                ckpt.write_json(tmp / "metrics.json", metrics)
+                _write_card(tmp, r, metrics, images, recipe_to_dict(r))
+                ckpt.failpoint("adapter-mid-write")
+            ckpt.write_json_atomic(self.run_dir / "metrics.json", metrics)
+            if r.output.push_to_hub:
+                from adapters.hub import push_folder
+
+                acc.print(push_folder(adapter_dir, r.output.push_to_hub, private=r.output.private, revision=None,
+                                      dry_run=False))  # fmt: skip
+        acc.wait_for_everyone()
+        return self.summary(metrics, adapter_dir)
+
+    def metrics(self) -> dict[str, Any]:
+        s = self.state
+        losses = [loss for _, loss in s["train_loss"]]
+        tail = losses[-max(1, min(len(losses), self.recipe.train.log_every)) :]
+        before, after = s["eval_loss_before"], (s["eval_loss"][-1][1] if s["eval_loss"] else None)
+        return {
+            "steps": s["step"],
+            "train_loss": sum(tail) / len(tail) if tail else None,
+            "eval_loss_before": before,
+            "eval_loss_after": after,
+            "perplexity_before": _perplexity(before) if before is not None else None,
+            "perplexity_after": _perplexity(after) if after is not None else None,
+            "tokens": s["tokens"],
+            "tokens_per_second": s["tokens"] / s["train_seconds"] if s["train_seconds"] else None,
+            "train_seconds": s["train_seconds"],
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "skipped_steps": s["skipped_steps"],
+            "num_processes": self.accelerator.num_processes,
+            "mixed_precision": self.recipe.train.mixed_precision,
+        }
+
+    def summary(self, m: dict[str, Any], adapter_dir: Path) -> str:
+        lines = [f"trained {m['steps']} steps in {m['train_seconds']:.1f}s"]
+        if m["tokens_per_second"]:
+            lines[0] += f" ({m['tokens_per_second']:.0f} tokens/s on {m['num_processes']} process(es))"
+        if m["train_loss"] is not None:
+            lines.append(f"train loss (last steps): {m['train_loss']:.4f}")
+        if m["eval_loss_before"] is not None and m["eval_loss_after"] is not None:
+            drop = 100.0 * (1.0 - m["perplexity_after"] / m["perplexity_before"])
+            lines.append(
+                f"eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f}; perplexity "
+                f"{m['perplexity_before']:.2f} -> {m['perplexity_after']:.2f} ({drop:+.1f}% lower)"
+                if drop >= 0
+                else f"eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f}; perplexity "
+                f"{m['perplexity_before']:.2f} -> {m['perplexity_after']:.2f} ({-drop:.1f}% HIGHER)"
+            )
+        if m["skipped_steps"]:
+            lines.append(f"skipped steps (non-finite): {m['skipped_steps']}")
+        lines.append(f"trainable parameters: {m['trainable_params']:,} of {m['total_params']:,}")
+        lines.append(f"adapter: {adapter_dir}")
+        lines.append(f"metrics: {self.run_dir / 'metrics.json'}; plots: {self.run_dir / 'plots'}")
+        lines.append(f"logs: tensorboard --logdir {self.run_dir / 'logs'}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ cleanup
+
+    def cleanup(self) -> None:
+        acc = self.accelerator
+        if acc is None:
+            return
+        acc.end_training()
+        # Accelerate's state is a process-wide singleton; a second run in this process (tests, notebooks)
+        # may use other settings (mixed precision, trackers), so start it afresh.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        self.accelerator = None
+
+
+# ============================================================================= loop helpers
+
+
+def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, routes: bool) -> dict[str, Any]:
+    """Summed next-token loss over the label tokens of `batch`, plus the MoE aux loss and router logits.
+
+    The loss is computed here, not by the model, so it can be normalised by a global token count.
+    """
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if routes:
+        inputs["output_router_logits"] = True
+    out = model(**inputs, use_cache=False)
+    logits = out.logits[:, :-1, :].float()  # (B, T-1, V): position t predicts token t+1
+    targets = labels[:, 1:].to(logits.device)
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return {
+        "loss_sum": loss_sum,
+        "aux_loss": getattr(out, "aux_loss", None) if routes else None,
+        "router_logits": getattr(out, "router_logits", None) if routes else None,
+    }
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    """Tokens that carry a loss: labels after the shift that are not IGNORE_INDEX."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum().item())
+
+
+def input_token_count(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum().item()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def step_seed(seed: int, step: int, process: int) -> int:
+    """The RNG seed of one step on one process: independent of everything that happened before."""
+    return int(np.random.SeedSequence([seed, step, process]).generate_state(1)[0])
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffled order that is a pure function of (seed, epoch): what makes data order resumable.
+
+    With `data.group_by_length` the order comes from the data module's length-bucketing sampler,
+    rebuilt for every epoch with seed + epoch.
+    """
+
+    def __init__(self, dataset: Any, data: Any, *, batch_size: int, seed: int) -> None:
+        self.dataset, self.data, self.batch_size, self.seed = dataset, data, batch_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        seed = self.seed + self.epoch
+        if getattr(self.data, "group_by_length", False):
+            from finetune.data import make_sampler
+
+            yield from make_sampler(self.data, self.dataset, batch_size=self.batch_size, seed=seed)
+            return
+        generator = torch.Generator().manual_seed(seed)
+        yield from torch.randperm(len(self.dataset), generator=generator).tolist()
+
+
+class ExpertLoad:
+    """Counts of routed tokens per (MoE layer, expert) during training, logged every log_every steps."""
+
+    def __init__(self) -> None:
+        self.counts: torch.Tensor | None = None  # (L, E)
+
+    def add(self, router_logits: Any, batch: dict[str, torch.Tensor], *, top_k: int | None) -> None:
+        if not router_logits or not top_k:
+            return
+        mask = batch.get("attention_mask")
+        keep = mask.reshape(-1).bool() if mask is not None else None
+        rows = []
+        for logits in router_logits:  # one (B*T, E) per MoE layer
+            logits = logits.detach().reshape(-1, logits.size(-1))
+            if keep is not None and keep.numel() == logits.size(0):
+                logits = logits[keep.to(logits.device)]
+            chosen = logits.topk(top_k, dim=-1).indices.reshape(-1)  # (N*k,)
+            rows.append(torch.bincount(chosen, minlength=logits.size(-1)).float())
+        counts = torch.stack(rows)
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def flush(self, acc) -> dict[str, float]:
+        if self.counts is None:
+            return {}
+        counts = acc.reduce(self.counts, "sum")
+        self.counts = None
+        out = {}
+        for layer, row in enumerate(counts):
+            mean = row.mean().clamp_min(1e-9)
+            out[f"expert_load/layer_{layer}/max_over_mean"] = float(row.max() / mean)
+            out[f"expert_load/layer_{layer}/cv"] = float(row.std(unbiased=False) / mean)
+        return out
+
+
+class _Window:
+    """Averages of the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+        self.seconds = 0.0
+
+    def add(self, result: dict[str, float], seconds: float) -> None:
+        self.rows.append(result)
+        self.seconds += seconds
+
+    def flush(self) -> dict[str, float]:
+        finite = [r["loss"] for r in self.rows if math.isfinite(r["loss"])]
+        out = {
+            "train/loss": sum(finite) / len(finite) if finite else float("nan"),
+            "train/aux_loss": sum(r["aux_loss"] for r in self.rows) / len(self.rows),
+            "train/grad_norm": sum(r["grad_norm"] for r in self.rows) / len(self.rows),
+            "train/tokens_per_second": sum(r["tokens"] for r in self.rows) / max(self.seconds, 1e-9),
+        }
+        self.rows, self.seconds = [], 0.0
+        return out
+
+
+def _maybe(condition: bool, context, *args):
+    import contextlib
+
+    return context(*args) if condition else contextlib.nullcontext()
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if hasattr(value, "full_tensor"):  # a DTensor under FSDP2
+            value = value.full_tensor()
+        return float(value.item())
+    return float(value)
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _first_batches(dataset: Any, collate: Any, batch_size: int, limit: int | None) -> list[dict]:
+    """The eval batches, fixed for the whole run (same before, during and after training)."""
+    if dataset is None:
+        return []
+    from torch.utils.data import DataLoader
+
+    batches = []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+        batches.append(batch)
+        if limit is not None and len(batches) >= limit:
+            break
+    return batches
+
+
+def _load_shares(stats: Any) -> list[list[float]] | None:
+    """routing_stats(...) -> per layer, the share of routed tokens each expert received."""
+    counts = stats.get("counts") if isinstance(stats, dict) else stats
+    if counts is None:
+        return None
+    rows = []
+    for row in counts:
+        row = torch.as_tensor(row, dtype=torch.float64)
+        rows.append((row / row.sum().clamp_min(1e-12)).tolist())
+    return rows
+
+
+def _check_finite(model: torch.nn.Module, what: str) -> None:
+    for name, p in model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
+            raise MoetuneError(f"not writing {what}: parameter {name} holds NaN/inf values")
+
+
+def _fingerprint(recipe: Any) -> dict[str, str]:
+    """The recipe keys a resumed run must share with its checkpoint (others, like max_steps, may change)."""
+    t = recipe.train
+    keys = {
+        "model.name": recipe.model.name,
+        "adapter": dataclasses.asdict(recipe.adapter),
+        "data": dataclasses.asdict(recipe.data),
+        "train.seed": t.seed,
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+    }
+    return {k: repr(v) for k, v in keys.items()}
+
+
+def _flat_config(recipe: Any) -> dict[str, Any]:
+    """The recipe as flat scalars, the only kind TensorBoard's hparams accept."""
+    from finetune.recipe import recipe_to_dict
+
+    flat = {}
+    for section, body in recipe_to_dict(recipe).items():
+        for key, value in body.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
+
+
+def _write_card(folder: Path, recipe: Any, metrics: dict, images: list[Path], recipe_dict: dict) -> None:
+    from adapters.model_card import write_model_card
+
+    sources = recipe.data.train if isinstance(recipe.data.train, list) else [recipe.data.train]
+    write_model_card(
+        folder,
+        base_model=recipe.model.name,
+        kind="adapter",
+        datasets=sources,
+        metrics=metrics,
+        recipe=recipe_dict,
+        images=images,
+    )
+
+
+def make_scheduler(t: Any, optimizer: torch.optim.Optimizer, total_steps: int):
+    """Linear warmup, then cosine / linear decay to 0, or constant."""
+    from transformers import get_scheduler
+
+    if t.warmup_steps is not None:
+        warmup = t.warmup_steps
+    elif t.warmup_fraction is not None:
+        warmup = round(t.warmup_fraction * total_steps)
+    else:
+        warmup = 0
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+# ============================================================================= accelerate plumbing
+
+
+def make_accelerator(recipe: Any, run_dir: Path):
+    """One Accelerator for the run: mixed precision and trackers from the recipe, logs in the run folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    trackers = resolve_trackers(recipe.output.report_to)
+    acc = Accelerator(
+        cpu=not _has_accelerator(),
+        mixed_precision=recipe.train.mixed_precision,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the processes
+    )
+    _enable_fsdp_on_cpu(acc)
+    return acc
+
+
+def resolve_trackers(report_to: Sequence[str]) -> list[str]:
+    """The trackers asked for; one that is not installed is an error, not a silent omission."""
+    import importlib.util
+
+    for name in report_to:
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:
+            raise MoetuneError(
+                f"output.report_to lists {name!r}, which is not installed; pip install {name} or remove it"
+            )
+    return list(dict.fromkeys(report_to))
+
+
+def _has_accelerator() -> bool:
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None and hasattr(accel, "is_available"):
+        return bool(accel.is_available())
+    return torch.cuda.is_available()
+
+
+def _enable_fsdp_on_cpu(acc) -> None:
+    """Honour an FSDP launch config on CPU processes (gloo), where Accelerate would fall back to DDP.
+
+    Accelerate turns FSDP on only for accelerator devices; on CPUs (tests, debugging a sharded run on
+    a laptop) we switch it on the same way it does, so the FSDP code path is the one that runs.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wants_fsdp or acc.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` exported
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    acc.state.fsdp_plugin = plugin
+    acc.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def inside_distributed_launch() -> bool:
+    """True inside `accelerate launch` / torchrun (each process then trains; none re-launches)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+
+
+def relaunch_with_accelerate(
+    recipe: Any,
+    overrides: Sequence[str],
+    *,
+    output_dir: str | os.PathLike | None,
+    resume: bool,
+    num_processes: int,
+    debug: bool,
+) -> str:
+    """`moetune train R.yaml --num-processes N` = `accelerate launch --num_processes N cli.py train R.yaml`."""
+    import cli
+    from finetune.recipe import Recipe, save_recipe
+
+    if isinstance(recipe, Recipe):
+        fd, name = tempfile.mkstemp(suffix=".yaml", prefix="moetune-recipe-")
+        os.close(fd)
+        recipe = str(save_recipe(recipe, name))
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_processes", str(num_processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+        "--multi_gpu",
+    ]  # fmt: skip
+    cmd += [str(Path(cli.__file__).resolve()), "train", str(recipe)]
+    for item in overrides:
+        cmd += ["--set", item]
+    if output_dir is not None:
+        cmd += ["--output", str(output_dir)]
+    if resume:
+        cmd.append("--resume")
+    if debug:
+        cmd.append("--debug")
+    env = dict(os.environ)
+    if not _has_accelerator():
+        env["ACCELERATE_USE_CPU"] = "true"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        raise MoetuneError(
+            f"training on {num_processes} processes failed (exit code {rc}); see the messages above"
+        )
+    return ""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
