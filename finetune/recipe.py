@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
 import types
@@ -280,7 +281,8 @@ def parse_yaml(text: str, where: str) -> Any:
         mark = err.problem_mark or err.context_mark
         line = f" line {mark.line + 1}" if mark is not None else ""
         problem = err.problem or err.context or "invalid YAML"
-        raise MoetuneError(f"{where}:{line}: {problem}; fix the YAML syntax") from err
+        fix = "" if "; " in problem else "; fix the YAML syntax"
+        raise MoetuneError(f"{where}:{line}: {problem}{fix}") from err
     except yaml.YAMLError as err:
         raise MoetuneError(f"{where}: invalid YAML ({err}); fix the YAML syntax") from err
 
@@ -291,25 +293,24 @@ def parse_yaml(text: str, where: str) -> Any:
 _UNIONS = (typing.Union, types.UnionType)
 
 
-def _type_name(tp: Any) -> str:
+_NAMES = {str: ("a string", "strings"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+          bool: ("true or false", "booleans"), Any: ("any value", "values")}  # fmt: skip
+
+
+def _type_name(tp: Any, plural: bool = False) -> str:
+    """How errors and the docs name a field type: `a list of strings`, `cosine | linear | constant`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is type(None):
         return "null"
     if origin is Literal:
-        return " | ".join(str(a) for a in args)
+        return " | ".join(str(a) for a in args) if not plural else f"({' | '.join(str(a) for a in args)})"
     if origin in _UNIONS:
         return " or ".join(_type_name(a) for a in args)
     if origin is list:
-        return f"a list of {_type_name(args[0])}"
+        return f"a list of {_type_name(args[0], plural=True)}"
     if origin is dict:
-        return f"a mapping {_type_name(args[0])} -> {_type_name(args[1])}"
-    return {
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "true or false",
-        Any: "any value",
-    }.get(tp, getattr(tp, "__name__", str(tp)))
+        return f"a mapping of {_type_name(args[0], plural=True)} to {_type_name(args[1], plural=True)}"
+    return _NAMES[tp][plural]
 
 
 class _Mismatch(Exception):
@@ -680,16 +681,23 @@ def describe_keys() -> list[tuple[str, str, str, str]]:
         hints = _hints(cls)
         for f in dataclasses.fields(cls):
             if f.default is not dataclasses.MISSING:
-                default = (
-                    "null"
-                    if f.default is None
-                    else repr(f.default)
-                    if isinstance(f.default, str)
-                    else str(f.default)
-                )
+                default = json.dumps(f.default)
             elif f.default_factory is not dataclasses.MISSING:
-                default = str(f.default_factory())
+                default = json.dumps(f.default_factory())
             else:
                 default = "required"
             rows.append((f"{section}.{f.name}", _type_name(hints[f.name]), default, f.metadata["help"]))
     return rows
+
+
+def keys_markdown() -> str:
+    """The table of every recipe key, as docs/recipes-and-data.md shows it (`python -m finetune.recipe`)."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for key, type_name, default, help_text in describe_keys():
+        kind, cell = (text.replace("|", "\\|") for text in (type_name, help_text))
+        lines.append(f"| `{key}` | {kind} | `{default}` | {cell} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(keys_markdown(), end="")

@@ -214,6 +214,12 @@ def _permutation(n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).permutation(n).tolist()
 
 
+def _features(packed: bool) -> datasets.Features:
+    """Token columns as int32 lists (half of int64's memory; vocabularies fit easily)."""
+    names = ("input_ids", "labels", "position_ids") if packed else ("input_ids", "labels")
+    return datasets.Features({name: datasets.List(datasets.Value("int32")) for name in names})
+
+
 def _fingerprint(raw: datasets.Dataset, data: DataSection, tokenizer: Any, template: str | None) -> str:
     tok = text_tokenizer(tokenizer)
     key = f"{raw._fingerprint}|{data!r}|{getattr(tok, 'name_or_path', '')}|{len(tok)}|{template}"
@@ -277,13 +283,13 @@ def _tokenize(
         keep_in_memory=True,
         load_from_cache_file=False,
         new_fingerprint=_fingerprint(raw, data, tokenizer, template),
+        features=_features(data.packing),
     )
     if packer is not None:
         last = packer.finish()
         if last:
-            examples = datasets.concatenate_datasets(
-                [examples, datasets.Dataset.from_list(last, features=examples.features)]
-            )
+            tail = datasets.Dataset.from_list(last, features=examples.features)
+            examples = datasets.concatenate_datasets([examples, tail])
         stats.split_documents = packer.split_documents
     if lengths:
         stats.longest, stats.shortest = max(lengths), min(lengths)
