@@ -1,9 +1,10 @@
 """The built-in architecture as a transformers model; imports nothing else from the project."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
 
 from .configuration_moetune import MoetuneConfig
 from .modeling_moetune import MoetuneForCausalLM, MoetuneModel
+from .multimodal import MoetuneMultimodalConfig, MoetuneMultimodalForCausalLM, MoetuneMultimodalProcessor
 from .presets import PRESETS, preset_config
 
 
@@ -15,8 +16,24 @@ def register() -> None:
         AutoModelForCausalLM.register(MoetuneConfig, MoetuneForCausalLM)
     except ValueError:  # already registered
         pass
+    try:
+        AutoConfig.register(MoetuneMultimodalConfig.model_type, MoetuneMultimodalConfig)
+        AutoModelForCausalLM.register(MoetuneMultimodalConfig, MoetuneMultimodalForCausalLM)
+        AutoProcessor.register(MoetuneMultimodalConfig, MoetuneMultimodalProcessor)
+    except ValueError:  # already registered
+        pass
 
 
 register()
 
-__all__ = ["PRESETS", "MoetuneConfig", "MoetuneForCausalLM", "MoetuneModel", "preset_config", "register"]
+__all__ = [
+    "PRESETS",
+    "MoetuneConfig",
+    "MoetuneForCausalLM",
+    "MoetuneModel",
+    "MoetuneMultimodalConfig",
+    "MoetuneMultimodalForCausalLM",
+    "MoetuneMultimodalProcessor",
+    "preset_config",
+    "register",
+]
