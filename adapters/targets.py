@@ -1,0 +1,352 @@
+"""Find what LoRA can adapt in an MoE model, by group, and report what an adapter adapted.
+
+Groups (the names recipes use):
+- `attention`: every nn.Linear inside a decoder layer's attention (q/k/v/o, DeepSeek's MLA
+  q_a_proj / q_b_proj / kv_a_proj_with_mqa / kv_b_proj, gates);
+- `experts`: the routed experts' fused 3D weights (`gate_up_proj` or ungated `up_proj`, and
+  `down_proj`; [E, out, in] or transposed [E, in, out]) as PEFT `target_parameters`; a
+  non-fused experts ModuleList contributes its nn.Linear modules instead;
+- `shared_experts`: nn.Linear inside `shared_experts` / `shared_expert`;
+- `router`: the gating network (`mlp.gate` / `mlp.router`): its nn.Linear, or its 2D weight;
+- `dense_mlp`: nn.Linear of the feed-forward of dense (non-MoE) decoder layers.
+
+Only decoder layers are searched (a ModuleList whose items have an `mlp`-like child), so modality
+encoders never end up in `attention` by accident. Raw module or parameter names stay possible.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from adapters.errors import MoetuneError
+
+GROUPS = ("attention", "experts", "shared_experts", "router", "dense_mlp")
+ATTENTION_NAMES = ("self_attn", "attention", "attn")
+FFN_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "moe")
+ROUTER_NAMES = ("gate", "router")
+SHARED_NAMES = ("shared_experts", "shared_expert")
+EXPERT_PARAM_NAMES = ("gate_up_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adaptable thing: a module (nn.Linear) or a parameter (fused experts, router weight)."""
+
+    name: str  # full module name, or full parameter name for kind == "parameter"
+    group: str
+    layer: int
+    kind: str  # "module" | "parameter"
+    numel: int  # base weights it covers
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """See through PEFT wrappers (lora layers, ParamWrapper, ModulesToSaveWrapper)."""
+    while True:
+        if hasattr(module, "base_layer") and isinstance(module.base_layer, nn.Module):
+            module = module.base_layer
+        elif hasattr(module, "original_module") and isinstance(module.original_module, nn.Module):
+            module = module.original_module
+        else:
+            return module
+
+
+def _children(module: nn.Module) -> dict[str, nn.Module]:
+    return {name: _unwrap(child) for name, child in _unwrap(module).named_children()}
+
+
+def _linears(module: nn.Module, prefix: str) -> list[tuple[str, nn.Linear]]:
+    """nn.Linear modules below `module` (through PEFT wrappers), with clean names."""
+    found = []
+    module = _unwrap(module)
+    if isinstance(module, nn.Linear):
+        return [(prefix, module)]
+    for name, child in module.named_children():
+        if name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save"):
+            continue
+        found += _linears(child, f"{prefix}.{name}")
+    return found
+
+
+def decoder_layers(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """(name, ModuleList) of the decoder layer stacks: lists whose items have an mlp-like child."""
+    stacks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and ".base_layer" not in name:
+            first = _children(module[0])
+            if any(f in first for f in FFN_NAMES) and any(a in first for a in ATTENTION_NAMES):
+                stacks.append((_clean(name), module))
+    return stacks
+
+
+def _clean(name: str) -> str:
+    """A module name without PEFT's prefixes and wrapper levels."""
+    for prefix in ("base_model.model.",):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name.replace(".base_layer", "").replace(".original_module", "")
+
+
+def find_targets(model: nn.Module) -> list[Target]:
+    """Every adaptable module / parameter of the decoder layers, with its group and layer index."""
+    targets: list[Target] = []
+    for stack_name, stack in decoder_layers(model):
+        for index, layer in enumerate(stack):
+            prefix = f"{stack_name}.{index}"
+            kids = _children(layer)
+            for attn_name in ATTENTION_NAMES:
+                if attn_name in kids:
+                    for name, lin in _linears(kids[attn_name], f"{prefix}.{attn_name}"):
+                        targets.append(Target(name, "attention", index, "module", lin.weight.numel()))
+                    break
+            for ffn_name in FFN_NAMES:
+                if ffn_name in kids:
+                    targets += _ffn_targets(kids[ffn_name], f"{prefix}.{ffn_name}", index)
+                    break
+    return targets
+
+
+def _ffn_targets(ffn: nn.Module, prefix: str, index: int) -> list[Target]:
+    kids = _children(ffn)
+    experts = kids.get("experts")
+    if experts is None:  # a dense layer
+        return [Target(n, "dense_mlp", index, "module", m.weight.numel()) for n, m in _linears(ffn, prefix)]
+    found = []
+    fused = [
+        (pname, p)
+        for pname, p in experts.named_parameters(recurse=False)
+        if pname in EXPERT_PARAM_NAMES and p.ndim == 3
+    ]
+    if fused:
+        found += [Target(f"{prefix}.experts.{n}", "experts", index, "parameter", p.numel()) for n, p in fused]
+    else:  # experts as a ModuleList of MLPs
+        found += [
+            Target(n, "experts", index, "module", m.weight.numel())
+            for n, m in _linears(experts, f"{prefix}.experts")
+        ]
+    for name in ROUTER_NAMES:
+        router = kids.get(name)
+        if router is None:
+            continue
+        if isinstance(router, nn.Linear):
+            found.append(Target(f"{prefix}.{name}", "router", index, "module", router.weight.numel()))
+        elif isinstance(getattr(router, "weight", None), nn.Parameter) and router.weight.ndim == 2:
+            found.append(
+                Target(f"{prefix}.{name}.weight", "router", index, "parameter", router.weight.numel())
+            )
+    for name in SHARED_NAMES:
+        if name in kids:
+            for n, m in _linears(kids[name], f"{prefix}.{name}"):
+                found.append(Target(n, "shared_experts", index, "module", m.weight.numel()))
+    return found
+
+
+def count_target_groups(model: nn.Module) -> dict[str, int]:
+    """Number of adaptable modules / parameters per group (all five keys, zeros included)."""
+    counts = dict.fromkeys(GROUPS, 0)
+    for target in find_targets(model):
+        counts[target.group] += 1
+    return counts
+
+
+def parse_layers(layers, num_layers: int | None = None) -> set[int] | None:
+    """None, an int, a list of ints, or a "start-end" range (inclusive) -> set of layer indices."""
+    if layers is None:
+        return None
+    if isinstance(layers, int):
+        return {layers}
+    if isinstance(layers, str):
+        match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", layers)
+        if match:
+            start, end = int(match[1]), int(match[2])
+            if end < start:
+                raise MoetuneError(
+                    f"adapter.layers '{layers}': the range ends before it starts; write start-end"
+                )
+            return set(range(start, end + 1))
+        try:
+            return {int(v) for v in layers.split(",") if v.strip()}
+        except ValueError:
+            raise MoetuneError(
+                f"adapter.layers '{layers}' is not a layer range; write e.g. '0-3', '1,4,7' or a list of ints"
+            ) from None
+    try:
+        chosen = {int(v) for v in layers}
+    except (TypeError, ValueError):
+        raise MoetuneError(f"adapter.layers {layers!r} is not a list of layer indices") from None
+    if num_layers is not None and any(v < 0 or v >= num_layers for v in chosen):
+        raise MoetuneError(f"adapter.layers {sorted(chosen)}: this model has layers 0-{num_layers - 1}")
+    return chosen
+
+
+@dataclass
+class Resolved:
+    """What a `targets` list resolved to: exact names for PEFT, and the group of each."""
+
+    modules: dict[str, str]  # module name -> group
+    parameters: dict[str, str]  # parameter name -> group
+
+    def names_in(self, group: str) -> list[str]:
+        return sorted(n for n, g in {**self.modules, **self.parameters}.items() if g == group)
+
+
+def _groups_summary(targets: list[Target]) -> str:
+    counts = {g: sum(t.group == g for t in targets) for g in GROUPS}
+    present = [f"{g} ({n})" for g, n in counts.items() if n]
+    return ", ".join(present) if present else "none (no decoder layers with attention and mlp found)"
+
+
+def resolve_targets(model: nn.Module, targets, layers=None) -> Resolved:
+    """Group names and raw names -> exact module / parameter names; loud errors on no match."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if not targets:
+        raise MoetuneError(f"adapter.targets is empty; choose from {', '.join(GROUPS)} or module names")
+    found = find_targets(model)
+    num_layers = max((t.layer for t in found), default=-1) + 1
+    chosen_layers = parse_layers(layers, num_layers)
+    model_name = type(_unwrap(model)).__name__
+    resolved = Resolved({}, {})
+    for request in targets:
+        if request in GROUPS:
+            hits = [t for t in found if t.group == request]
+            if chosen_layers is not None:
+                hits = [t for t in hits if t.layer in chosen_layers]
+            if not hits:
+                where = f" in layers {_fmt_layers(chosen_layers)}" if chosen_layers is not None else ""
+                raise MoetuneError(
+                    f"adapter.targets: group '{request}' matches nothing{where} in {model_name}; "
+                    f"groups in this model: {_groups_summary(found)}"
+                )
+            for t in hits:
+                (resolved.parameters if t.kind == "parameter" else resolved.modules)[t.name] = t.group
+        else:
+            _resolve_raw(model, request, found, chosen_layers, resolved, model_name)
+    return resolved
+
+
+def _fmt_layers(layers: set[int]) -> str:
+    return ",".join(str(v) for v in sorted(layers))
+
+
+def _resolve_raw(model, request, found, chosen_layers, resolved, model_name) -> None:
+    """A raw module or parameter name: exact, or a suffix after a dot (PEFT's rule)."""
+    by_name = {t.name: t for t in found}
+
+    def matches(name):
+        return name == request or name.endswith("." + request)
+
+    def in_layers(name):
+        if chosen_layers is None:
+            return True
+        m = re.search(r"\.(\d+)\.", "." + name)
+        return m is None or int(m[1]) in chosen_layers
+
+    hit = False
+    for name, module in model.named_modules():
+        name = _clean(name)
+        if isinstance(module, nn.Linear) and matches(name) and in_layers(name) and "lora_" not in name:
+            group = by_name[name].group if name in by_name else "other"
+            resolved.modules[name] = group
+            hit = True
+    for name, param in model.named_parameters():
+        name = _clean(name)
+        if param.ndim in (2, 3) and matches(name) and in_layers(name) and "lora_" not in name:
+            owner = name.rpartition(".")[0]
+            if param.ndim == 2 and owner in resolved.modules:
+                continue  # a Linear's weight: already targeted as a module
+            if param.ndim == 2 and isinstance(_unwrap(model.get_submodule(owner)), nn.Linear):
+                resolved.modules[owner] = by_name[owner].group if owner in by_name else "other"
+            else:
+                resolved.parameters[name] = by_name[name].group if name in by_name else "other"
+            hit = True
+    if not hit:
+        raise MoetuneError(
+            f"adapter.targets: '{request}' is neither a group ({', '.join(GROUPS)}) nor a module or "
+            f"parameter name in {model_name}; groups in this model: {_groups_summary(found)}"
+        )
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _group_of(name: str, groups: dict[str, str]) -> str:
+    return groups.get(name, "other")
+
+
+def target_report(peft_model: nn.Module) -> str:
+    """Per group: modules / parameters adapted, trainable parameters and their share of the model.
+
+    Expert LoRA counts only the experts that carry LoRA (an ESFT selection zeroes the others).
+    """
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+    from adapters.experts import expert_lora_mask
+
+    groups = {t.name: t.group for t in find_targets(peft_model)}
+    rows = {g: {"modules": 0, "params": 0, "trainable": 0, "experts": [0, 0]} for g in (*GROUPS, "other")}
+    adapter_names = set()
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        clean = _clean(name)
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        adapter_names.update(active)
+        if not active:
+            continue
+        adapter = active[0]
+        if isinstance(module, ParamWrapper):
+            key = f"{clean}.{module.parameter_name}"
+            row = rows[_group_of(key, groups)]
+            row["params"] += 1
+            per_expert = sum(
+                p.numel() for p in (module.lora_A[adapter].weight, module.lora_B[adapter].weight)
+            )
+            per_expert //= max(module.num_experts, 1)
+            mask = expert_lora_mask(module, adapter)
+            chosen = module.num_experts if mask is None else sum(mask)
+            row["experts"][0] += chosen
+            row["experts"][1] += module.num_experts
+            if module.lora_A[adapter].weight.requires_grad:
+                row["trainable"] += per_expert * chosen
+        else:
+            row = rows[_group_of(clean, groups)]
+            row["modules"] += 1
+            row["trainable"] += sum(
+                p.numel()
+                for n, p in module.named_parameters()
+                if "lora_" in n and adapter in n and p.requires_grad
+            )
+    # whole modules trained (router: train) are PEFT modules_to_save
+    for name, module in peft_model.named_modules():
+        if type(module).__name__ == "ModulesToSaveWrapper":
+            clean = _clean(name)
+            group = _group_of(clean, groups)
+            if group == "other":
+                group = _group_of(clean + ".weight", groups)
+            rows[group]["modules"] += 1
+            rows[group]["trainable"] += sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+    total = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" not in n)
+    trainable = sum(r["trainable"] for r in rows.values())
+    lines = [f"LoRA targets ({', '.join(sorted(adapter_names)) or 'no active adapter'}):"]
+    lines.append(f"  {'group':<15}{'adapted':<34}{'trainable params':>18}{'share':>10}")
+    for group, row in rows.items():
+        if not (row["modules"] or row["params"]):
+            continue
+        parts = []
+        if row["modules"]:
+            parts.append(f"{row['modules']} modules")
+        if row["params"]:
+            chosen, of = row["experts"]
+            note = f" ({chosen}/{of} experts)" if chosen != of else ""
+            parts.append(f"{row['params']} params{note}")
+        share = 100.0 * row["trainable"] / max(total, 1)
+        lines.append(f"  {group:<15}{', '.join(parts):<34}{row['trainable']:>18,}{share:>9.3f}%")
+    lines.append(f"  {'total':<15}{'':<34}{trainable:>18,}{100.0 * trainable / max(total, 1):>9.3f}%")
+    lines.append(f"  of {total:,} model parameters")
+    if trainable == 0:
+        lines.append("  WARNING: nothing is trainable")
+    return "\n".join(lines)
