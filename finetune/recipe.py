@@ -141,6 +141,11 @@ class DataSection:
         "record field holding the text to generate (format multimodal)", default="target"
     )
     labels_field: str = _doc("record field holding class labels (format multimodal)", default="labels")
+    multimodal: dict[str, Any] | None = _doc(
+        "more options of format multimodal, checked by finetune.data.multimodal.MultimodalOptions "
+        "(verify_media, prompt, text_to_decoder, label_names, audio_max_seconds, cache_dir, ignore_modalities)",
+        default=None,
+    )
     on_bad_record: Literal["fail", "skip"] = _doc(
         "a record with a missing or malformed field: fail with its number, or skip it (counted)",
         default="fail",
@@ -538,9 +543,11 @@ def _check_conflicts(recipe: Recipe, where: str) -> None:
         raise MoetuneError(
             f"{where}: output.private is set but output.push_to_hub is null; name the repo or drop private"
         )
-    if d.packing and d.format == "multimodal":
+    if d.format == "multimodal":
+        _check_multimodal(d, where)
+    elif d.multimodal is not None:
         raise MoetuneError(
-            f"{where}: data.packing is not supported with data.format: multimodal; set packing: false"
+            f"{where}: data.multimodal is set but data.format is {d.format}; remove it or use format multimodal"
         )
     if (t.mixed_precision, m.dtype) in (("fp16", "bfloat16"), ("bf16", "float16")):
         raise MoetuneError(f"{where}: train.mixed_precision {t.mixed_precision} contradicts model.dtype {m.dtype}; "
@@ -551,6 +558,22 @@ def _check_conflicts(recipe: Recipe, where: str) -> None:
     if t.save_every is not None and t.max_steps is not None and t.save_every > t.max_steps:
         raise MoetuneError(f"{where}: train.save_every ({t.save_every}) exceeds train.max_steps ({t.max_steps}); "
                            "no checkpoint would be saved before the end")  # fmt: skip
+
+
+def _check_multimodal(d: DataSection, where: str) -> None:
+    """Text-pipeline keys that format multimodal does not use are refused, not ignored; the
+    `data.multimodal` options are checked by the multimodal module itself."""
+    for key, is_set in (("data.packing", d.packing), ("data.group_by_length", d.group_by_length)):
+        if is_set:
+            raise MoetuneError(f"{where}: {key} is not supported with data.format: multimodal; remove it")
+    try:
+        from finetune.data.multimodal import MultimodalOptions
+    except ImportError:  # the multimodal half is not installed: build_datasets says so when it is used
+        return
+    try:
+        MultimodalOptions.from_section(d)
+    except MoetuneError as err:
+        raise MoetuneError(f"{where}: {err}") from err
 
 
 def recipe_from_dict(

@@ -354,25 +354,26 @@ def test_length_bucketing_sampler_is_a_seeded_permutation_of_similar_lengths(tmp
 # ----------------------------------------------------------------------------- multimodal hand-off
 
 
-def test_multimodal_format_hands_records_to_the_multimodal_module(tmp_path, tok, monkeypatch):
-    path = jsonl(
-        tmp_path / "m.jsonl", [{"image": "a.png", "text": "a cat"}, {"image": "b.png", "text": "a dog"}]
-    )
+def test_multimodal_format_hands_each_split_of_records_to_the_multimodal_module(tmp_path, tok, monkeypatch):
+    records = [{"image": f"{i}.png", "text": f"shape {i}"} for i in range(8)]
+    path = jsonl(tmp_path / "m.jsonl", records)
     calls = []
 
-    def build_multimodal_dataset(records, data, tokenizer, *, source):
-        calls.append((records["image"], data.image_field, source))
-        return datasets.Dataset.from_dict({"input_ids": [[1]] * len(records), "labels": [[1]] * len(records)})
+    def build_multimodal_dataset(raw, data, processor, *, source):
+        calls.append(([row["image"] for row in raw], processor, source))
+        return list(raw)
 
     fake = types.ModuleType("finetune.data.multimodal")
     fake.build_multimodal_dataset = build_multimodal_dataset
-    fake.make_multimodal_collator = lambda data, tokenizer: "mm-collator"
+    fake.make_multimodal_collator = lambda data, processor: ("mm-collator", data.pad_to_multiple_of)
     monkeypatch.setitem(sys.modules, "finetune.data.multimodal", fake)
-    data = DataSection(train=str(path), format="multimodal", eval_fraction=0.5)
-    train, evals = build_datasets(data, tok, seed=0)
-    assert len(train) == len(evals) == 1 and len(calls) == 2
-    assert {c[0][0] for c in calls} == {"a.png", "b.png"} and calls[0][1:] == ("image", str(path))
-    assert make_collator(data, tok) == "mm-collator"
+    data = DataSection(train=str(path), format="multimodal", eval_fraction=0.25, pad_to_multiple_of=8)
+    prepared = prepare_datasets(data, tok, seed=7)
+    assert [len(c[0]) for c in calls] == [6, 2] and all(c[1:] == (tok, str(path)) for c in calls)
+    assert sorted(calls[0][0] + calls[1][0]) == sorted(r["image"] for r in records)  # a seeded split
+    assert prepare_datasets(data, tok, seed=7).eval == prepared.eval
+    assert (prepared.stats.train.examples, prepared.stats.eval.examples) == (6, 2)
+    assert make_collator(data, tok) == ("mm-collator", 8)
     del fake.build_multimodal_dataset
     assert "finetune.data.multimodal has no build_multimodal_dataset()" in one_line_error(
         build_datasets, data, tok, seed=0

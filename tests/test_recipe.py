@@ -162,10 +162,21 @@ def test_mistakes_name_the_file_the_key_and_the_fix(tmp_path, extra, expected):
         (["train.mixed_precision=fp16", "model.dtype=bfloat16"], "train.mixed_precision fp16 contradicts model.dtype bfloat16"),
         (["data.pad_to_multiple_of=64", "data.max_length=32"], "data.pad_to_multiple_of (64) exceeds data.max_length (32)"),
         (["train.save_every=50", "train.max_steps=10"], "train.save_every (50) exceeds train.max_steps (10)"),
+        (["data.multimodal={prompt: x}"], "data.multimodal is set but data.format is text"),
+        (["data.format=multimodal", "data.group_by_length=true"], "data.group_by_length is not supported with data.format: multimodal"),
     ],
 )  # fmt: skip
 def test_conflicting_values_are_refused(tmp_path, overrides, expected):
     assert expected in error_of(write(tmp_path, MINIMAL), overrides)
+
+
+def test_multimodal_options_are_checked_when_the_recipe_loads(tmp_path):
+    pytest.importorskip("finetune.data.multimodal", reason="the multimodal half checks its own options")
+    path = write(tmp_path, MINIMAL)
+    ok = load_recipe(str(path), ["data.format=multimodal", "data.multimodal={verify_media: header}"])
+    assert ok.data.multimodal == {"verify_media": "header"}
+    message = error_of(path, ["data.format=multimodal", "data.multimodal={verify_medi: header}"])
+    assert "r.yaml: data.multimodal.verify_medi: unknown key; did you mean 'verify_media'?" in message
 
 
 @pytest.mark.parametrize(

@@ -113,27 +113,25 @@ def prepare_datasets(data: DataSection, tokenizer: Any, *, seed: int) -> Prepare
 
 
 def _prepare(data: DataSection, tokenizer: Any, *, seed: int) -> PreparedData:
-    raw_train = load_source(data.train, what="data.train")
+    raw_train = _load(data.train, "data.train", data)
     raw_eval = None
     if data.eval is not None:
-        raw_eval = load_source(data.eval, what="data.eval")
+        raw_eval = _load(data.eval, "data.eval", data)
     elif data.eval_fraction is not None:
         raw_train, raw_eval = _hold_out(raw_train, data.eval_fraction, seed)
     raw_train = _cap(raw_train, data.max_examples, seed)
     if raw_eval is not None:
         raw_eval = _cap(raw_eval, data.max_eval_examples, seed)
 
-    if data.format == "multimodal":
+    if data.format == "multimodal":  # records -> checked media + tokens: finetune.data.multimodal
         build = _multimodal("build_multimodal_dataset")
-        train = build(raw_train, data, tokenizer, source=_label(data.train))
-        evals = (
-            build(raw_eval, data, tokenizer, source=_label(data.eval or data.train))
-            if raw_eval is not None
-            else None
-        )
-        stats = DataStats(
-            SplitStats("data.train", _label(data.train), records=len(raw_train), examples=len(train))
-        )
+        train_source = _label(data.train)
+        eval_source = _label(data.eval) if data.eval is not None else train_source
+        train = build(raw_train, data, tokenizer, source=train_source)
+        evals = build(raw_eval, data, tokenizer, source=eval_source) if raw_eval is not None else None
+        stats = DataStats(SplitStats("data.train", train_source, records=len(raw_train), examples=len(train)))
+        if evals is not None:
+            stats.eval = SplitStats("data.eval", eval_source, records=len(raw_eval), examples=len(evals))
         return PreparedData(train, evals, stats)
 
     template = resolve_chat_template(tokenizer, data.chat_template) if data.format == "chat" else None
@@ -186,6 +184,23 @@ def _multimodal(name: str) -> Callable[..., Any]:
     if not hasattr(module, name):
         raise MoetuneError(f"data.format multimodal: finetune.data.multimodal has no {name}()")
     return getattr(module, name)
+
+
+def _load(spec: str | list[str], what: str, data: DataSection) -> datasets.Dataset:
+    """load_source, with `synthetic:KIND[:N[:SEED]]` (generated multimodal data) materialised first."""
+    specs = spec if isinstance(spec, list) else [spec]
+    if data.format == "multimodal" and any(s.startswith("synthetic:") for s in specs):
+        from finetune.data.synthetic_mm import materialize
+
+        cache_dir = (data.multimodal or {}).get("cache_dir")
+        try:
+            specs = [
+                str(materialize(s, what=what, cache_dir=cache_dir)) if s.startswith("synthetic:") else s
+                for s in specs
+            ]
+        except ValueError as err:
+            raise MoetuneError(f"{what}: {err}") from err
+    return load_source(specs if isinstance(spec, list) else specs[0], what=what)
 
 
 def _hold_out(raw: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
