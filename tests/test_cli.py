@@ -16,7 +16,12 @@ REPO = __import__("pathlib").Path(cli.__file__).resolve().parent
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+        [sys.executable, str(REPO / "cli.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
     )
 
 
@@ -24,6 +29,7 @@ def test_init_model_info_generate_round_trip(tmp_path, capsys):
     folder = tmp_path / "tiny"
     assert cli.main(["init-model", "--preset", "tiny", "--output", str(folder)]) == 0
     assert (folder / "config.json").exists()
+    assert str(folder) in capsys.readouterr().out
 
     assert cli.main(["info", str(folder), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -44,7 +50,9 @@ def test_info_counts_match_a_direct_count(capsys):
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
     assert info["params_total"] == total
-    assert info["params_active"] == total - experts + experts * config.num_experts_per_tok // config.num_experts
+    assert (
+        info["params_active"] == total - experts + experts * config.num_experts_per_tok // config.num_experts
+    )
     assert info["targets"]["experts"] > 0 and info["targets"]["attention"] > 0
     assert info["targets"]["router"] == config.num_hidden_layers
 
