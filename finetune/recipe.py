@@ -59,6 +59,10 @@ class ModelSection:
     allow_pickle: bool = _doc(
         "allow pickle-based weight files (.bin/.pt); safetensors only when false", default=False
     )
+    modalities: list[Literal["image", "audio", "text"]] | None = _doc(
+        "modality encoders to build into a `preset:NAME` model (as `init-model --modalities`); null = text only",
+        default=None,
+    )
 
 
 @dataclass
@@ -70,11 +74,14 @@ class AdapterSection:
         "and/or raw module or parameter names. Required."
     )
     r: int = _doc("LoRA rank", default=16)
-    alpha: int = _doc(
+    alpha: int | float = _doc(
         "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)", default=32
     )
     dropout: float = _doc("LoRA dropout on attention / linear targets (expert LoRA needs 0)", default=0.0)
-    layers: list[int] | None = _doc("decoder layer indices to adapt; null = all layers", default=None)
+    layers: list[int] | str | None = _doc(
+        "decoder layers to adapt: a list of indices or an inclusive range 'START-END'; null = all layers",
+        default=None,
+    )
     experts: dict[int, list[int]] | str | None = _doc(
         "routed experts to adapt: null = all, a mapping layer -> expert ids, or the path of the "
         "selection.json written by `moetune experts profile`",
@@ -492,7 +499,13 @@ def _check_values(recipe: Recipe, where: str) -> None:
     a = recipe.adapter
     if any(not t.strip() for t in a.targets):
         raise MoetuneError(f"{where}: adapter.targets has an empty name; list group or module names")
-    if a.layers is not None and any(i < 0 for i in a.layers):
+    if isinstance(a.layers, str):
+        bounds = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", a.layers)
+        if not bounds or int(bounds[1]) > int(bounds[2]):
+            raise MoetuneError(
+                f"{where}: adapter.layers '{a.layers}' is not a range START-END (e.g. 0-11) or a list"
+            )
+    elif a.layers is not None and any(i < 0 for i in a.layers):
         raise MoetuneError(f"{where}: adapter.layers must be layer indices >= 0, got {a.layers}")
     if isinstance(a.experts, dict) and any(i < 0 for ids in a.experts.values() for i in ids):
         raise MoetuneError(f"{where}: adapter.experts has a negative expert id; ids start at 0")
@@ -542,6 +555,11 @@ def _check_conflicts(recipe: Recipe, where: str) -> None:
     if o.private and o.push_to_hub is None:
         raise MoetuneError(
             f"{where}: output.private is set but output.push_to_hub is null; name the repo or drop private"
+        )
+    if m.modalities is not None and not m.name.startswith("preset:"):
+        raise MoetuneError(
+            f"{where}: model.modalities applies to preset:NAME models only; {m.name} has its encoders "
+            "already (or none): remove model.modalities"
         )
     if d.format == "multimodal":
         _check_multimodal(d, where)

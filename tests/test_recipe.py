@@ -84,8 +84,10 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
             "train.max_grad_norm=null",
             "output.report_to=[tensorboard, wandb]",
             "train.mixed_precision=no",
+            "model.modalities=[image, audio]",
         ],
     )
+    assert recipe.model.modalities == ["image", "audio"]
     assert recipe.train.lr == 1e-4 and isinstance(recipe.train.lr, float)
     assert recipe.adapter.r == 8 and recipe.data.packing is True
     assert recipe.adapter.experts == {0: [1, 2], 1: [3]}
@@ -163,6 +165,7 @@ def test_mistakes_name_the_file_the_key_and_the_fix(tmp_path, extra, expected):
         (["data.pad_to_multiple_of=64", "data.max_length=32"], "data.pad_to_multiple_of (64) exceeds data.max_length (32)"),
         (["train.save_every=50", "train.max_steps=10"], "train.save_every (50) exceeds train.max_steps (10)"),
         (["data.multimodal={prompt: x}"], "data.multimodal is set but data.format is text"),
+        (["model.modalities=[image]", "model.name=org/model"], "model.modalities applies to preset:NAME models only"),
         (["data.format=multimodal", "data.group_by_length=true"], "data.group_by_length is not supported with data.format: multimodal"),
     ],
 )  # fmt: skip
