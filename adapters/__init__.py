@@ -1,31 +1,36 @@
 """LoRA adapters for Mixture-of-Experts models, model-agnostic (any transformers MoE family).
 
-Public API:
+Public API (imported lazily, so `import adapters` stays cheap for the CLI):
 - `apply_lora(model, *, targets, r, alpha, ...)` -> `peft.PeftModel` with the fast routed expert path;
 - `load_adapter(model, folder, is_trainable=False)` -> `peft.PeftModel` (moetune's or plain PEFT's adapter);
 - `count_target_groups(model)` / `target_report(peft_model)`: what can be / was adapted, per group;
 - `select_experts(scores, threshold)` / `load_selection(path_or_mapping)`: ESFT expert selection;
-- `export_adapter(adapter_dir, output, fmt="per-expert")`: one LoRA pair per expert, for serving stacks.
+- `export_adapter(adapter_dir, output, fmt="per-expert")`: one LoRA pair per expert, for serving stacks;
+- `install_fast_path` / `remove_fast_path` / `fast_path_modules`: switch the routed expert path.
 """
 
-from adapters.errors import MoetuneError
-from adapters.experts import fast_path_modules, install_fast_path, remove_fast_path
-from adapters.export import export_adapter
-from adapters.inject import apply_lora, load_adapter
-from adapters.selection import load_selection, select_experts
-from adapters.targets import GROUPS, count_target_groups, target_report
+from importlib import import_module
 
-__all__ = [
-    "GROUPS",
-    "MoetuneError",
-    "apply_lora",
-    "count_target_groups",
-    "export_adapter",
-    "fast_path_modules",
-    "install_fast_path",
-    "load_adapter",
-    "load_selection",
-    "remove_fast_path",
-    "select_experts",
-    "target_report",
-]
+from adapters.errors import MoetuneError
+
+_LAZY = {
+    "apply_lora": "adapters.inject",
+    "load_adapter": "adapters.inject",
+    "count_target_groups": "adapters.targets",
+    "target_report": "adapters.targets",
+    "GROUPS": "adapters.targets",
+    "select_experts": "adapters.selection",
+    "load_selection": "adapters.selection",
+    "export_adapter": "adapters.export",
+    "install_fast_path": "adapters.experts",
+    "remove_fast_path": "adapters.experts",
+    "fast_path_modules": "adapters.experts",
+}
+
+__all__ = ["MoetuneError", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'adapters' has no attribute {name!r}")

@@ -235,26 +235,19 @@ def routed_experts_forward(
     def factors(name):
         weight = getattr(experts, name)
         weight_t = weight if transposed else weight.transpose(-2, -1)  # (E, in, out)
-        bias = getattr(experts, f"{name}_bias") if has_bias else None
+        bias = getattr(experts, f"{name}_bias").detach() if has_bias else None  # frozen like the weight
         if name not in lora:
             return weight_t.detach(), bias, None, None, 0.0, None
         f = lora[name]
         # PEFT's B is a strided view (columns e, e+E, ...): one small contiguous copy per forward keeps
         # every per-expert GEMM on the BLAS fast path.
-        return (
-            weight_t.detach(),
-            bias,
-            f.lora_a.to(dtype).contiguous(),
-            f.lora_b.to(dtype).contiguous(),
-            f.scaling,
-        )
+        lora_a, lora_b = f.lora_a.to(dtype).contiguous(), f.lora_b.to(dtype).contiguous()
+        return weight_t.detach(), bias, lora_a, lora_b, f.scaling, f.mask
 
     w_up, b_up, a_up, bb_up, s_up, m_up = factors(up_name)
-    b_up = None if b_up is None else b_up.detach()
     proj = _GatherProject.apply(hidden_states, w_up, b_up, a_up, bb_up, s_up, routing, m_up)  # (S, [2]I)
     h = experts._apply_gate(proj) if has_gate else experts.act_fn(proj)  # (S, I)
     w_dn, b_dn, a_dn, bb_dn, s_dn, m_dn = factors(DOWN_NAME)
-    b_dn = None if b_dn is None else b_dn.detach()
     return _ProjectScatter.apply(h, routing.weights, w_dn, b_dn, a_dn, bb_dn, s_dn, routing, m_dn)
 
 

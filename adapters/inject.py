@@ -36,6 +36,9 @@ def _quiet_peft():
     """PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing`; that FutureWarning is theirs."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # rank/alpha patterns keyed by parameter names work (ParamWrapper reads them), but PEFT's
+        # check looks at module names only; apply_lora verifies every target itself.
+        warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
         yield
 
 
@@ -83,10 +86,10 @@ def apply_lora(
         _apply_selection_to_targets(model, resolved, selection)
 
     expert_params = [n for n, g in resolved.parameters.items() if g == "experts"]
-    if dropout and resolved.parameters:
+    if dropout and expert_params:
         raise MoetuneError(
-            f"adapter.dropout={dropout} cannot apply to expert (parameter) LoRA: the delta of a fused "
-            "expert weight cannot drop inputs per expert; set dropout: 0, or target modules only"
+            f"adapter.dropout={dropout} cannot apply to expert LoRA: PEFT adapts a fused expert weight "
+            "as W + s·B·A, where inputs cannot be dropped per expert; set dropout: 0, or leave out experts"
         )
     if expert_params and init_lora_weights not in EXPERT_INITS:
         raise MoetuneError(
@@ -104,6 +107,7 @@ def apply_lora(
             t.name.removesuffix(".weight") if t.kind == "parameter" else t.name for t in chosen
         )
 
+    _avoid_peft_v4_renames(model, resolved)
     rank_pattern, alpha_pattern = _patterns(resolved, group_overrides or {})
     config = LoraConfig(
         r=r,
@@ -222,6 +226,38 @@ def _apply_selection_to_targets(model, resolved, selection) -> None:
         )
 
 
+def _avoid_peft_v4_renames(model, resolved) -> None:
+    """Target as 2D parameters the modules that PEFT would rename to fused experts.
+
+    For MoE families whose layout changed in transformers v5 (DeepSeek-V3, Qwen3-MoE, ... map to the
+    qwen2_moe pattern), PEFT 0.21 rewrites a `target_modules` entry ending in gate_proj / up_proj /
+    down_proj into the fused `experts.gate_up_proj` / `experts.down_proj` parameters (with doubled
+    rank), both when creating and when loading an adapter: a shared-expert or dense-MLP target would
+    silently become an expert target. A `target_parameters` entry `<module>.weight` is not rewritten,
+    adapts the same nn.Linear (as W + s·B·A), and plain PEFT loads it the same way.
+    """
+    if not resolved.modules:
+        return
+    renamed = _peft_renames(model, resolved.modules)
+    for name in renamed:
+        group = resolved.modules.pop(name)
+        resolved.parameters[f"{name}.weight"] = group
+
+
+def _peft_renames(model, names) -> set[str]:
+    """The module names PEFT's v4 -> v5 config conversion would drop from target_modules for `model`."""
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except ImportError:  # a PEFT without the conversion: nothing is renamed
+        return set()
+    probe = LoraConfig(target_modules=set(names), target_parameters=None)
+    convert_peft_config_for_transformers(probe, model=model, conversions=get_model_conversion_mapping(model))
+    return set(names) - set(probe.target_modules or ())
+
+
 def _patterns(resolved, overrides):
     """Per-group rank / alpha as PEFT rank_pattern / alpha_pattern keyed by exact names (plain PEFT reads them)."""
     rank_pattern, alpha_pattern = {}, {}
@@ -261,7 +297,11 @@ def _zero_unselected(peft_model, selection, adapter_name) -> None:
 
     with torch.no_grad():
         for name, module in peft_model.named_modules():
-            if not isinstance(module, ParamWrapper) or adapter_name not in module.lora_A:
+            if (
+                not isinstance(module, ParamWrapper)
+                or adapter_name not in module.lora_A
+                or module.num_experts < 2
+            ):
                 continue
             chosen = selection.get(_layer_of(_clean(name)), None)
             if chosen is None:

@@ -297,7 +297,7 @@ def target_report(peft_model: nn.Module) -> str:
         if not active:
             continue
         adapter = active[0]
-        if isinstance(module, ParamWrapper):
+        if isinstance(module, ParamWrapper) and module.num_experts > 1:
             key = f"{clean}.{module.parameter_name}"
             row = rows[_group_of(key, groups)]
             row["params"] += 1
@@ -311,8 +311,10 @@ def target_report(peft_model: nn.Module) -> str:
             row["experts"][1] += module.num_experts
             if module.lora_A[adapter].weight.requires_grad:
                 row["trainable"] += per_expert * chosen
-        else:
+        else:  # a LoRA module, or a 2D weight adapted as a parameter (counted as its module)
             row = rows[_group_of(clean, groups)]
+            if isinstance(module, ParamWrapper) and _group_of(clean, groups) == "other":
+                row = rows[_group_of(f"{clean}.{module.parameter_name}", groups)]  # e.g. a router weight
             row["modules"] += 1
             row["trainable"] += sum(
                 p.numel()

@@ -1,0 +1,222 @@
+"""The routed expert LoRA computation: values and gradients against explicit references.
+
+Layout variants (gated gate_up_proj / ungated up_proj, [E, out, in] / transposed [E, in, out],
+with / without biases) run on synthetic transformers experts modules, both against the explicit
+per-token reference in adapters.experts and against PEFT's own ParamWrapper path through
+transformers' grouped_mm experts implementation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers.integrations import use_experts_implementation
+
+from adapters.experts import (
+    ExpertLora,
+    fast_path_modules,
+    install_fast_path,
+    reference_experts_forward,
+    remove_fast_path,
+    routed_experts_forward,
+)
+
+E, H, INTER, R = 6, 12, 8, 3
+
+
+class _Config:
+    _experts_implementation = "grouped_mm"
+    hidden_act = "silu"
+
+
+def make_experts(has_gate: bool, transposed: bool, has_bias: bool) -> nn.Module:
+    @use_experts_implementation(is_transposed=transposed, has_bias=has_bias, has_gate=has_gate)
+    class SyntheticExperts(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = E
+            up = 2 * INTER if has_gate else INTER
+            name = "gate_up_proj" if has_gate else "up_proj"
+            setattr(self, name, nn.Parameter(0.3 * torch.randn((E, H, up) if transposed else (E, up, H))))
+            self.down_proj = nn.Parameter(0.3 * torch.randn((E, INTER, H) if transposed else (E, H, INTER)))
+            if has_bias:
+                setattr(self, f"{name}_bias", nn.Parameter(0.1 * torch.randn(E, up)))
+                self.down_proj_bias = nn.Parameter(0.1 * torch.randn(E, H))
+            self.act_fn = nn.SiLU()
+
+    return SyntheticExperts(_Config())
+
+
+LAYOUTS = list(itertools.product([True, False], [False, True], [False, True]))
+LAYOUT_IDS = [
+    f"{'gated' if g else 'ungated'}-{'T' if t else 'oi'}-{'bias' if b else 'nobias'}" for g, t, b in LAYOUTS
+]
+
+
+def _routing(n: int, k: int = 2, skip: tuple[int, ...] = (4,)):
+    """Top-k routing over E experts that never picks the experts in `skip` (they get no tokens)."""
+    logits = torch.randn(n, E)
+    logits[:, list(skip)] = -1e9
+    probs = logits.softmax(-1)
+    weights, index = probs.topk(k, dim=-1)
+    return index, weights
+
+
+def _lora(experts, mask=None, scale=0.3):
+    up = "gate_up_proj" if experts.has_gate else "up_proj"
+    out = {}
+    for name in (up, "down_proj"):
+        w = getattr(experts, name)
+        d_in, d_out = (w.shape[1], w.shape[2]) if experts.is_transposed else (w.shape[2], w.shape[1])
+        a = (scale * torch.randn(E, R, d_in)).requires_grad_()
+        b = (scale * torch.randn(E, d_out, R)).requires_grad_()
+        out[name] = ExpertLora(a, b, 2.0, mask)
+    return out
+
+
+@pytest.mark.parametrize(("has_gate", "transposed", "has_bias"), LAYOUTS, ids=LAYOUT_IDS)
+def test_values_and_gradients_match_explicit_reference(has_gate, transposed, has_bias):
+    experts = make_experts(has_gate, transposed, has_bias).requires_grad_(False)
+    lora = _lora(experts)
+    index, weights = _routing(9)
+    weights.requires_grad_()
+    x = torch.randn(9, H, requires_grad=True)
+    probe = torch.randn(9, H)
+    leaves = [x, weights] + [t for f in lora.values() for t in (f.lora_a, f.lora_b)]
+
+    fast = routed_experts_forward(experts, x, index, weights, lora)
+    fast_grads = torch.autograd.grad((fast * probe).sum(), leaves)
+    ref = reference_experts_forward(experts, x, index, weights, lora)
+    ref_grads = torch.autograd.grad((ref * probe).sum(), leaves)
+
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # the expert that received no token has zero LoRA gradients
+    assert all(f.lora_a.grad is None for f in lora.values())  # autograd.grad does not accumulate
+    assert fast_grads[2][4].abs().sum() == 0 and fast_grads[3][4].abs().sum() == 0
+
+
+def test_masked_experts_get_no_delta_and_no_gradient():
+    experts = make_experts(True, False, False).requires_grad_(False)
+    mask = [True, False, True, True, False, True]
+    lora = _lora(experts, mask=mask)
+    index, weights = _routing(16, skip=())
+    x = torch.randn(16, H, requires_grad=True)
+    fast = routed_experts_forward(experts, x, index, weights, lora)
+    ref = reference_experts_forward(experts, x, index, weights, lora)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    fast.square().sum().backward()
+    for f in lora.values():
+        assert f.lora_a.grad[1].abs().sum() == 0 and f.lora_b.grad[4].abs().sum() == 0
+        assert f.lora_a.grad[0].abs().sum() > 0
+
+
+def test_base_experts_keep_no_gradient_and_weights_get_one():
+    experts = make_experts(True, False, True)  # requires_grad left on: the fast path must not use it
+    lora = _lora(experts)
+    index, weights = _routing(8)
+    weights.requires_grad_()
+    x = torch.randn(8, H, requires_grad=True)
+    routed_experts_forward(experts, x, index, weights, lora).square().sum().backward()
+    assert all(p.grad is None for p in experts.parameters())
+    assert weights.grad is not None and weights.grad.abs().sum() > 0
+    assert x.grad is not None
+
+
+def test_bf16_tracks_fp32():
+    experts = make_experts(True, False, False).requires_grad_(False)
+    lora = _lora(experts)
+    index, weights = _routing(32, skip=())
+    x = torch.randn(32, H)
+    want = routed_experts_forward(experts, x, index, weights, lora)
+    experts_bf16 = experts.to(torch.bfloat16)
+    got = routed_experts_forward(experts_bf16, x.bfloat16(), index, weights, lora)  # fp32 LoRA, bf16 compute
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
+    got.float().square().sum().backward()
+    assert all(
+        f.lora_a.grad.dtype == torch.float32 and torch.isfinite(f.lora_a.grad).all() for f in lora.values()
+    )
+
+
+class _Block(nn.Module):
+    def __init__(self, experts):
+        super().__init__()
+        self.mlp = nn.Module()
+        self.mlp.experts = experts
+
+
+class _Tiny(nn.Module):
+    """A one-layer container so PEFT can wrap the synthetic experts by parameter name."""
+
+    def __init__(self, experts):
+        super().__init__()
+        self.layers = nn.ModuleList([_Block(experts)])
+
+    def forward(self, x, index, weights):
+        return self.layers[0].mlp.experts(x, index, weights)
+
+
+@pytest.mark.parametrize(("has_gate", "transposed", "has_bias"), LAYOUTS, ids=LAYOUT_IDS)
+def test_fast_path_matches_peft_param_wrapper(has_gate, transposed, has_bias):
+    """PEFT's ParamWrapper (W + s·B·A through transformers' grouped_mm) is the semantic reference."""
+    model = _Tiny(make_experts(has_gate, transposed, has_bias))
+    up = "gate_up_proj" if has_gate else "up_proj"
+    config = LoraConfig(
+        r=R, lora_alpha=6, target_modules=[], target_parameters=[f"experts.{up}", "experts.down_proj"]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.3)
+    index, weights = _routing(10)
+    x = torch.randn(10, H, requires_grad=True)
+    probe = torch.randn(10, H)
+    lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+
+    def run():
+        out = peft_model.base_model.model(x, index, weights)
+        return out, torch.autograd.grad((out * probe).sum(), [x, *lora_params])
+
+    want, want_grads = run()
+    assert install_fast_path(peft_model) == 1
+    assert fast_path_modules(peft_model)
+    got, got_grads = run()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    remove_fast_path(peft_model)
+    assert not fast_path_modules(peft_model)
+
+
+def test_fast_path_falls_back_when_adapters_disabled():
+    model = _Tiny(make_experts(True, False, False))
+    config = LoraConfig(
+        r=R, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    install_fast_path(peft_model)
+    index, weights = _routing(6)
+    x = torch.randn(6, H)
+    with torch.no_grad():
+        adapted = peft_model.base_model.model(x, index, weights)
+        with peft_model.disable_adapter():
+            base = peft_model.base_model.model(x, index, weights)
+        plain = reference_experts_forward(model.layers[0].mlp.experts.get_base_layer(), x, index, weights, {})
+    torch.testing.assert_close(base, plain, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(adapted, base)
