@@ -39,13 +39,15 @@ SLACK_BYTES = 8 << 20
 # ----------------------------------------------------------------------------- fault injection
 
 
-def failpoint(name: str) -> None:
+def failpoint(name: str, step: int | None = None) -> None:
     """`kill -9` this process here when MOETUNE_FAILPOINT names this point (fault tests only).
 
-    The fault tests need a kill at an exact place (halfway through writing a checkpoint), which no
-    amount of polling from outside can hit reliably; the signal is real, the process dies as it would.
+    MOETUNE_FAILPOINT is `NAME` or `NAME@STEP`. The fault tests need a kill at an exact place (halfway
+    through writing a checkpoint), which no polling from outside can hit reliably; the signal is
+    real, and the process dies exactly as it would under `kill -9`.
     """
-    if os.environ.get("MOETUNE_FAILPOINT") == name:
+    wanted = os.environ.get("MOETUNE_FAILPOINT")
+    if wanted and wanted in (name, f"{name}@{step}"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -60,13 +62,17 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def estimate_checkpoint_bytes(model: torch.nn.Module, *, optimizer_states: int = 2) -> int:
+def estimate_checkpoint_bytes(
+    model: torch.nn.Module, *, optimizer_states: int = 2, frozen_too: bool = False
+) -> int:
     """Bytes a checkpoint of `model` will take: trainable weights + AdamW's two moments, in fp32.
 
-    Frozen base weights are not saved (see `trainable_state_filter`), so only trainable ones count.
+    Frozen base weights are not saved (see `trainable_state_filter`) unless `frozen_too` (FSDP's
+    sharded checkpoints hold the whole model), so normally only trainable ones count.
     """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable * 4 * (1 + optimizer_states) + SLACK_BYTES
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    return trainable * 4 * (1 + optimizer_states) + (frozen if frozen_too else 0) + SLACK_BYTES
 
 
 def check_disk_space(folder: Path, needed: int, *, what: str) -> None:
@@ -248,7 +254,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        failpoint("checkpoint-mid-write")
+        failpoint("checkpoint-mid-write", step)
         write_json(tmp / STATE_FILE, state)  # last file in: its presence marks a complete folder
         publish(tmp, final)
     accelerator.wait_for_everyone()

@@ -116,7 +116,7 @@ class TrainingRun:
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        from accelerate.utils import set_seed
+        from accelerate.utils import DistributedType, set_seed
         from torch.utils.data import DataLoader
 
         from adapters import apply_lora
@@ -127,6 +127,11 @@ class TrainingRun:
 
         r, t = self.recipe, self.recipe.train
         self.accelerator = acc = make_accelerator(r, self.run_dir)
+        if acc.distributed_type == DistributedType.DEEPSPEED and t.grad_accum > 1:
+            raise MoetuneError(
+                "train.grad_accum > 1 is not supported under DeepSpeed (its engine steps after every backward); "
+                "raise train.batch_size instead, or use recipes/accelerate/fsdp.yaml"
+            )
         checkpoint = self._checkpoint_to_resume()
 
         # Model: the same seed on every process, so randomly initialised parts agree.
@@ -164,7 +169,9 @@ class TrainingRun:
         self.scheduler = acc.prepare(make_scheduler(t, optimizer, self.total_steps))
         # Checkpoints keep only the trainable weights: the base comes back from MODEL on resume.
         acc.register_save_state_pre_hook(ckpt.trainable_state_filter(acc.unwrap_model(self.model)))
-        self.checkpoint_bytes = ckpt.estimate_checkpoint_bytes(acc.unwrap_model(self.model))
+        self.checkpoint_bytes = ckpt.estimate_checkpoint_bytes(
+            acc.unwrap_model(self.model), frozen_too=acc.distributed_type == DistributedType.FSDP
+        )
 
         if acc.is_main_process:
             ckpt.clean_stale(self.run_dir / ckpt.CHECKPOINTS)
@@ -400,13 +407,15 @@ class TrainingRun:
                 _write_card(tmp, r, metrics, images, recipe_to_dict(r))
                 ckpt.failpoint("adapter-mid-write")
             ckpt.write_json_atomic(self.run_dir / "metrics.json", metrics)
+            history = {k: self.state[k] for k in ("train_loss", "eval_loss", "skipped_steps")}
+            ckpt.write_json_atomic(self.run_dir / "history.json", history)
             if r.output.push_to_hub:
                 from adapters.hub import push_folder
 
                 acc.print(push_folder(adapter_dir, r.output.push_to_hub, private=r.output.private, revision=None,
                                       dry_run=False))  # fmt: skip
         acc.wait_for_everyone()
-        return self.summary(metrics, adapter_dir)
+        return self.summary(metrics, adapter_dir) if acc.is_main_process else ""
 
     def metrics(self) -> dict[str, Any]:
         s = self.state
@@ -437,13 +446,11 @@ class TrainingRun:
         if m["train_loss"] is not None:
             lines.append(f"train loss (last steps): {m['train_loss']:.4f}")
         if m["eval_loss_before"] is not None and m["eval_loss_after"] is not None:
-            drop = 100.0 * (1.0 - m["perplexity_after"] / m["perplexity_before"])
+            change = 100.0 * (1.0 - m["perplexity_after"] / m["perplexity_before"])
+            trend = f"{change:.1f}% lower" if change >= 0 else f"{-change:.1f}% HIGHER"
             lines.append(
-                f"eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f}; perplexity "
-                f"{m['perplexity_before']:.2f} -> {m['perplexity_after']:.2f} ({drop:+.1f}% lower)"
-                if drop >= 0
-                else f"eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f}; perplexity "
-                f"{m['perplexity_before']:.2f} -> {m['perplexity_after']:.2f} ({-drop:.1f}% HIGHER)"
+                f"held-out eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f}; perplexity "
+                f"{m['perplexity_before']:.2f} -> {m['perplexity_after']:.2f} ({trend})"
             )
         if m["skipped_steps"]:
             lines.append(f"skipped steps (non-finite): {m['skipped_steps']}")

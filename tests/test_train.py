@@ -1,0 +1,161 @@
+"""The training loop in one process: what a run writes, loss normalisation, resume rules, trackers."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from test_train_support import adapter_tensors, history, write_corpus, write_recipe
+
+from finetune.errors import MoetuneError
+from finetune.train import EpochSampler, count_label_tokens, launch_training, step_seed
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+def test_a_run_writes_adapter_metrics_plots_recipe_and_logs(tmp_path, corpus):
+    recipe = write_recipe(tmp_path, corpus, train={"eval_every": 4})
+    summary = launch_training(str(recipe))
+    run = tmp_path / "run"
+
+    adapter = run / "adapter"
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "recipe.yaml",
+        "metrics.json",
+    ):
+        assert (adapter / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in (
+        "steps",
+        "train_loss",
+        "eval_loss_before",
+        "eval_loss_after",
+        "tokens_per_second",
+        "trainable_params",
+    ):
+        assert metrics[key] is not None, key
+    assert metrics["steps"] == 8
+    assert metrics == json.loads((adapter / "metrics.json").read_text())
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert (run / "plots" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "plots" / "expert_load.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "recipe.yaml").is_file()
+    assert list((run / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"
+    # eval before, at step 4 and at the end; per-step train losses
+    h = history(run)
+    assert [s for s, _ in h["eval_loss"]] == [4, 8]
+    assert [s for s, _ in h["train_loss"]] == list(range(1, 9))
+    assert "perplexity" in summary and str(adapter) in summary
+    # Only the first checkpoint survives as a folder of its own (the last step is the adapter).
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004"]
+
+    # The adapter is plain PEFT: PeftModel.from_pretrained loads it with the trained values.
+    from peft import PeftModel
+
+    from finetune.loading import load_model
+
+    torch.manual_seed(0)
+    base, _ = load_model("preset:tiny")
+    with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        model = PeftModel.from_pretrained(base, str(adapter))
+    saved = adapter_tensors(run)
+    loaded = {k: v for k, v in model.state_dict().items() if "lora" in k}
+    assert len(loaded) == len(saved) > 0
+    for value in saved.values():
+        assert torch.isfinite(value).all()
+
+
+def test_loss_is_normalised_by_the_global_token_count(tmp_path, corpus):
+    """batch 4 x accumulation 1 and batch 2 x accumulation 2 see the same examples per step and must
+    give the same loss and the same update (a per-micro-batch mean would weight tokens differently)."""
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    settings = {"max_steps": 4, "save_every": None, "log_every": 1}
+    launch_training(str(write_recipe(one, corpus, train={**settings, "batch_size": 4, "grad_accum": 1})))
+    launch_training(str(write_recipe(two, corpus, train={**settings, "batch_size": 2, "grad_accum": 2})))
+    a, b = history(one / "run")["train_loss"], history(two / "run")["train_loss"]
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    for (_, x), (_, y) in zip(a, b):
+        assert x == pytest.approx(y, abs=1e-4)
+    # Same updates: Adam may flip the sign of a few near-zero-gradient entries (g / sqrt(v) on fp
+    # noise), so compare the mean difference against the learning rate, not every element.
+    ta, tb = adapter_tensors(one / "run"), adapter_tensors(two / "run")
+    for key in ta:
+        assert (ta[key] - tb[key]).abs().mean() < 2e-3 * 1e-2, key
+
+
+def test_existing_checkpoints_need_resume(tmp_path, corpus):
+    recipe = write_recipe(
+        tmp_path, corpus, train={"max_steps": 4, "save_every": 2}, data={"eval_fraction": None}
+    )
+    launch_training(str(recipe))
+    with pytest.raises(MoetuneError, match="--resume"):
+        launch_training(str(recipe))
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path, corpus):
+    recipe = write_recipe(
+        tmp_path, corpus, train={"max_steps": 4, "save_every": 2}, data={"eval_fraction": None}
+    )
+    launch_training(str(recipe))
+    with pytest.raises(MoetuneError, match="recipe changed.*train.seed"):
+        launch_training(str(recipe), overrides=["train.seed=1"], resume=True)
+
+
+def test_resume_without_a_checkpoint_starts_from_zero(tmp_path, corpus):
+    recipe = write_recipe(
+        tmp_path, corpus, train={"max_steps": 2, "save_every": None}, data={"eval_fraction": None}
+    )
+    launch_training(str(recipe), resume=True)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 2
+
+
+def test_a_tracker_that_is_not_installed_is_refused(tmp_path, corpus, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    recipe = write_recipe(tmp_path, corpus, output={"report_to": ["tensorboard", "wandb"]})
+    with pytest.raises(MoetuneError, match="wandb.*not installed"):
+        launch_training(str(recipe))
+
+
+def test_epoch_sampler_order_is_a_function_of_seed_and_epoch():
+    class Data:
+        group_by_length = False
+
+    sampler = EpochSampler(list(range(50)), Data(), batch_size=4, seed=3)
+    sampler.set_epoch(2)
+    first = list(sampler)
+    sampler.set_epoch(0)
+    list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) == first
+    assert sorted(first) == list(range(50))
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_step_seed_differs_per_step_and_process():
+    seeds = {step_seed(0, step, rank) for step in range(50) for rank in range(4)}
+    assert len(seeds) == 200
+    assert step_seed(0, 5, 1) == step_seed(0, 5, 1)
+
+
+def test_label_tokens_are_counted_after_the_shift():
+    labels = torch.tensor([[5, 6, 7, -100], [-100, -100, 8, 9]])
+    # position 0 never has a target; the shifted labels are [6, 7, -100] and [-100, 8, 9]
+    assert count_label_tokens(labels) == 4
