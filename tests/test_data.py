@@ -104,8 +104,17 @@ def test_malformed_json_names_the_file_and_line(tmp_path):
     message = one_line_error(load_source, str(path), what="data.train")
     assert f"data.train: {path} line 4: malformed JSON" in message
     path = jsonl(tmp_path / "list.jsonl", [{"text": "a"}, "[1, 2]"])
-    assert f"{path} line 2: expected a JSON object per line, got list" in one_line_error(
+    assert f"{path} line 2: expected a JSON object per line, got array" in one_line_error(
         load_source, str(path), what="data.train"
+    )
+    # pyarrow 26's JSON reader segfaults on a `null` line: it must be refused before the loader runs.
+    path = jsonl(tmp_path / "null.jsonl", [{"text": "a"}, "null"])
+    assert f"{path} line 2: expected a JSON object per line, got null" in one_line_error(
+        load_source, str(path), what="data.train"
+    )
+    (tmp_path / "nulls.json").write_text('[null, {"text": "a"}]')
+    assert "every item of the top-level list must be an object" in one_line_error(
+        load_source, str(tmp_path / "nulls.json"), what="data.train"
     )
     (tmp_path / "bad.json").write_text('[{"text": "a"},\n {"text": }]')
     assert "bad.json line 2: malformed JSON" in one_line_error(

@@ -152,19 +152,26 @@ def _load_structured(kind: str, files: list[Path], *, what: str) -> datasets.Dat
     for f in files:
         if f.stat().st_size == 0:
             raise MoetuneError(f"{what}: {f} is empty; it has no records")
+        if kind == "json":
+            _check_json(f, what=what)
     try:
         return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
     except Exception as err:  # noqa: BLE001  (pyarrow / datasets raise many types; find the bad line)
         if kind == "json":
             for f in files:
-                _diagnose_json(f, what=what)
+                _check_json(f, what=what, parse_objects=True)
         cause = err.__cause__ or err.__context__ or err
         names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
         raise MoetuneError(f"{what}: cannot read {names} as {kind} ({_first_line(cause)})") from err
 
 
-def _diagnose_json(path: Path, *, what: str) -> None:
-    """Raise a MoetuneError naming the first malformed line of a JSON Lines (or JSON) file, if any."""
+def _check_json(path: Path, *, what: str, parse_objects: bool = False) -> None:
+    """Raise a MoetuneError naming the first line of a JSON Lines (or JSON) file that is not an object.
+
+    Run BEFORE the `datasets` loader, not only after it fails: pyarrow's JSON reader (pyarrow 26)
+    crashes the process (a segfault, no message) on a line that is valid JSON but not an object, such
+    as `null`. A JSON Lines line that starts with `{` is only parsed when `parse_objects` is set (after
+    the loader failed), so the common case costs one pass over the bytes."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -176,23 +183,36 @@ def _diagnose_json(path: Path, *, what: str) -> None:
         except json.JSONDecodeError as err:
             raise MoetuneError(f"{what}: {path} line {err.lineno}: malformed JSON ({err.msg})") from err
         if not isinstance(doc, list | dict):
-            raise MoetuneError(f"{what}: {path}: expected a list of records, got a JSON {type(doc).__name__}")
+            raise MoetuneError(f"{what}: {path}: expected a list of records, got a JSON {_json_type(doc)}")
         if isinstance(doc, list) and not all(isinstance(r, dict) for r in doc):
             raise MoetuneError(f"{what}: {path}: every item of the top-level list must be an object")
         return
     for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+        stripped = line.strip()
+        if not stripped or (stripped.startswith("{") and not parse_objects):
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(stripped)
         except json.JSONDecodeError as err:
             raise MoetuneError(
                 f"{what}: {path} line {number}: malformed JSON ({err.msg}); fix or remove it"
             ) from err
         if not isinstance(record, dict):
             raise MoetuneError(
-                f"{what}: {path} line {number}: expected a JSON object per line, got {type(record).__name__}"
+                f"{what}: {path} line {number}: expected a JSON object per line, got {_json_type(record)}"
             )
+
+
+def _json_type(value: object) -> str:
+    names = {
+        type(None): "null",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        str: "string",
+        list: "array",
+    }
+    return names.get(type(value), type(value).__name__)
 
 
 def _text_documents(files: list[Path], *, what: str, strict: bool) -> datasets.Dataset:
