@@ -676,8 +676,19 @@ def load_recipe(path_or_name: str, overrides: Sequence[str] = ()) -> Recipe:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise MoetuneError(f"{path}: cannot read the recipe ({err.__class__.__name__}: {err})") from err
-    return recipe_from_dict(parse_yaml(text, str(path)), str(path), name=_name_of(path), overrides=overrides)
+        raise MoetuneError(
+            f"{_display(path)}: cannot read the recipe ({err.__class__.__name__}: {err})"
+        ) from err
+    where = _display(path)
+    return recipe_from_dict(parse_yaml(text, where), where, name=_name_of(path), overrides=overrides)
+
+
+def _display(path: Path) -> str:
+    """The path as errors show it: relative to the working directory when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, dict[str, Any]]:

@@ -355,8 +355,8 @@ def _report(stats: SplitStats, data: DataSection) -> None:
             "%s: skipped %d bad record(s) of %d (data.on_bad_record: skip); first: %s",
             stats.what, stats.skipped, stats.records, stats.first_problem,
         )  # fmt: skip
-    if stats.empty:
-        logger.warning("%s: dropped %d empty document(s)", stats.what, stats.empty)
+    if stats.empty:  # an empty __init__.py in a code folder: nothing lost, so not a warning
+        logger.info("%s: dropped %d empty document(s)", stats.what, stats.empty)
     if stats.truncated:
         logger.warning(
             "%s: truncated %d example(s) longer than data.max_length=%d (longest: %d tokens)",
