@@ -37,12 +37,17 @@ STDLIB = "stdlib:python"
 
 @contextlib.contextmanager
 def quiet_datasets() -> Iterator[None]:
-    """No `datasets` progress bars while loading (they would bury the one-line errors and warnings)."""
+    """No `datasets` progress bars or error logs while loading: they would bury the one-line errors and
+    warnings (a loader failure becomes a MoetuneError that names the file and line anyway)."""
     was_disabled = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
+    library_logger = logging.getLogger("datasets")
+    level = library_logger.level
+    library_logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
+        library_logger.setLevel(level)
         if not was_disabled:
             datasets.enable_progress_bars()
 
