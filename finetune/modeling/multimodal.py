@@ -167,16 +167,21 @@ class MoetuneMultimodalConfig(MoetuneConfig):
 
 
 class MoetuneProjector(nn.Module):
-    """One modality's encoder features -> the shared space: Linear -> GELU -> Linear."""
+    """One modality's encoder features -> the shared space: LayerNorm -> Linear -> GELU -> Linear.
+
+    The LayerNorm puts every encoder (post-ReLU ResNet maps, Wav2Vec2 / BERT states) on one scale;
+    the linears are Xavier-initialised so the image / audio / text differences survive the projection.
+    """
 
     def __init__(self, in_features: int, fusion_dim: int) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(in_features)
         self.linear_1 = nn.Linear(in_features, fusion_dim)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(fusion_dim, fusion_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(features)))
+        return self.linear_2(self.act(self.linear_1(self.norm(features))))
 
 
 class MoetuneFusionGate(nn.Module):
@@ -312,6 +317,10 @@ class MoetuneMultimodalForCausalLM(MoetunePreTrainedModel, GenerationMixin):
         super()._init_weights(module)
         if isinstance(module, MoetuneContrastive):
             nn.init.constant_(module.logit_scale, module.logit_scale_init)
+        elif isinstance(module, MoetuneProjector):
+            for linear in (module.linear_1, module.linear_2):
+                nn.init.xavier_uniform_(linear.weight)
+                nn.init.zeros_(linear.bias)
 
     @classmethod
     def _from_config(cls, config, **kwargs):
