@@ -80,11 +80,11 @@ def lora_config(model: MoetuneMultimodalForCausalLM, groups: list[str], r: int, 
             parameters += [f"{name}.gate_up_proj", f"{name}.down_proj"]
         if name in groups and isinstance(module, torch.nn.Linear):  # a raw module name, e.g. lm_head
             modules.append(name)
-        if "encoders" in groups and name.startswith("encoders."):
-            if isinstance(module, torch.nn.Linear) or (
-                parts[1] == "image" and isinstance(module, torch.nn.Conv2d)
-            ):
-                modules.append(name)
+        encoder_layer = isinstance(module, torch.nn.Linear) or (
+            len(parts) > 1 and parts[1] == "image" and isinstance(module, torch.nn.Conv2d)
+        )
+        if "encoders" in groups and name.startswith("encoders.") and encoder_layer:
+            modules.append(name)
     if "projector" in groups:
         save = [f"projectors.{m}" for m in model.config.modalities] + [
             g for g in GLUE if getattr(model, g, None) is not None
@@ -179,7 +179,7 @@ def train(model, dataset, collate, steps: int, batch_size: int, lr: float, seed:
     order: list[int] = []
     model.train()
     losses, started = [], time.perf_counter()
-    for step in range(steps):
+    for _ in range(steps):
         if len(order) < batch_size:
             order += torch.randperm(len(dataset), generator=generator).tolist()
         idx, order = order[:batch_size], order[batch_size:]
