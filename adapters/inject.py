@@ -22,7 +22,7 @@ from torch import nn
 from adapters.errors import MoetuneError
 from adapters.experts import install_fast_path
 from adapters.selection import load_selection
-from adapters.targets import GROUPS, find_targets, resolve_targets
+from adapters.targets import ALL_GROUPS, find_targets, resolve_targets
 
 logger = logging.getLogger("moetune")
 
@@ -59,8 +59,9 @@ def apply_lora(
 ) -> PeftModel:
     """Attach a LoRA adapter to `model` and return the `PeftModel` (fast expert path installed).
 
-    targets: group names (attention, experts, shared_experts, router, dense_mlp) and/or raw module
-        or parameter names. A group that matches nothing raises MoetuneError naming the groups present.
+    targets: group names (attention, experts, shared_experts, router, dense_mlp; multimodal models:
+        encoders, projector) and/or raw module or parameter names. A group that matches nothing
+        raises MoetuneError naming the groups present.
     layers: None (all), a list of layer indices, or a "start-end" range (inclusive).
     experts: None (all experts), or an ESFT selection {layer: [expert ids]} / a path to selection.json:
         expert LoRA only on the selected experts (others get zero, untrained factors), and only in
@@ -97,13 +98,13 @@ def apply_lora(
             "true (kaiming A, zero B), false, gaussian"
         )
 
-    modules_to_save = None
+    modules_to_save = sorted(resolved.full)  # trained whole: e.g. the multimodal projector group
     if router == "train":
         found = [t for t in find_targets(model) if t.group == "router"]
         chosen = _filter_layers(found, layers)
         if not chosen:
             raise MoetuneError("adapter.router: train, but this model has no router in the chosen layers")
-        modules_to_save = sorted(
+        modules_to_save += sorted(
             t.name.removesuffix(".weight") if t.kind == "parameter" else t.name for t in chosen
         )
 
@@ -118,7 +119,7 @@ def apply_lora(
         use_rslora=use_rslora,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
-        modules_to_save=modules_to_save,
+        modules_to_save=modules_to_save or None,
         init_lora_weights=init_lora_weights,
         bias="none",
     )
@@ -173,9 +174,9 @@ def _check_settings(r, alpha, dropout, router, group_overrides) -> None:
     if router not in ROUTER_MODES:
         raise MoetuneError(f"adapter.router={router!r} must be one of {', '.join(ROUTER_MODES)}")
     for group, values in (group_overrides or {}).items():
-        if group not in GROUPS:
+        if group not in ALL_GROUPS:
             raise MoetuneError(
-                f"adapter.group_overrides: unknown group '{group}'; groups: {', '.join(GROUPS)}"
+                f"adapter.group_overrides: unknown group '{group}'; groups: {', '.join(ALL_GROUPS)}"
             )
         if not isinstance(values, dict) or set(values) - {"r", "alpha"}:
             raise MoetuneError(f"adapter.group_overrides.{group} takes only r and alpha, got {values!r}")

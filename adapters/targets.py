@@ -8,22 +8,31 @@ Groups (the names recipes use):
   non-fused experts ModuleList contributes its nn.Linear modules instead;
 - `shared_experts`: nn.Linear inside `shared_experts` / `shared_expert`;
 - `router`: the gating network (`mlp.gate` / `mlp.router`): its nn.Linear, or its 2D weight;
-- `dense_mlp`: nn.Linear of the feed-forward of dense (non-MoE) decoder layers.
+- `dense_mlp`: nn.Linear of the feed-forward of dense (non-MoE) decoder layers;
+- multimodal models only: `encoders` (LoRA on the nn.Linear / nn.Conv2d of the modality encoders
+  under `encoders.`) and `projector` (the modality projections, fusion gate, prefix projector,
+  contrastive temperature and classification head, trained fully and saved as PEFT
+  `modules_to_save`).
 
-Only decoder layers are searched (a ModuleList whose items have an `mlp`-like child), so modality
-encoders never end up in `attention` by accident. Raw module or parameter names stay possible.
+Decoder groups come from the decoder layers only (a ModuleList whose items have attention and an
+`mlp`-like child, outside any encoder), so modality encoders never end up in `attention` by
+accident. Raw module or parameter names stay possible.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from adapters.errors import MoetuneError
 
 GROUPS = ("attention", "experts", "shared_experts", "router", "dense_mlp")
+MULTIMODAL_GROUPS = ("encoders", "projector")
+ALL_GROUPS = GROUPS + MULTIMODAL_GROUPS
+ENCODER_ROOTS = ("encoders",)  # where modality encoders live (the built-in multimodal model)
+PROJECTOR_NAMES = ("projectors", "prefix_projector", "fusion_gate", "contrastive", "classifier")
 ATTENTION_NAMES = ("self_attn", "attention", "attn")
 FFN_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "moe")
 ROUTER_NAMES = ("gate", "router")
@@ -37,8 +46,8 @@ class Target:
 
     name: str  # full module name, or full parameter name for kind == "parameter"
     group: str
-    layer: int
-    kind: str  # "module" | "parameter"
+    layer: int  # decoder layer index; -1 outside the decoder (encoders, projector)
+    kind: str  # "module" (LoRA) | "parameter" (LoRA on a weight) | "full" (trained whole)
     numel: int  # base weights it covers
 
 
@@ -74,6 +83,8 @@ def decoder_layers(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """(name, ModuleList) of the decoder layer stacks: lists whose items have an mlp-like child."""
     stacks = []
     for name, module in model.named_modules():
+        if set(_clean(name).split(".")) & set(ENCODER_ROOTS):
+            continue  # a modality encoder's own layers
         if isinstance(module, nn.ModuleList) and len(module) and ".base_layer" not in name:
             first = _children(module[0])
             if any(f in first for f in FFN_NAMES) and any(a in first for a in ATTENTION_NAMES):
@@ -105,7 +116,39 @@ def find_targets(model: nn.Module) -> list[Target]:
                 if ffn_name in kids:
                     targets += _ffn_targets(kids[ffn_name], f"{prefix}.{ffn_name}", index)
                     break
-    return targets
+    return targets + _multimodal_targets(model)
+
+
+def _multimodal_targets(model: nn.Module) -> list[Target]:
+    """Encoder Linear / Conv2d layers (LoRA) and the fusion modules (trained whole)."""
+    found = []
+    for name, module in model.named_modules():
+        clean = _clean(name)
+        parts = clean.split(".")
+        if "lora_" in clean or "modules_to_save" in parts or ".base_layer" in name:
+            continue
+        if parts[-1] in ENCODER_ROOTS and isinstance(module, nn.ModuleDict):
+            for lname, layer in _encoder_layers(module, clean):
+                found.append(Target(lname, "encoders", -1, "module", layer.weight.numel()))
+        elif parts[-1] in PROJECTOR_NAMES and not (set(parts[:-1]) & set(ENCODER_ROOTS)):
+            # PEFT wraps called modules: the items of a ModuleDict, not the dict itself
+            items = module.items() if isinstance(module, nn.ModuleDict) else [(None, module)]
+            for key, item in items:
+                numel = sum(p.numel() for p in item.parameters())
+                if numel:
+                    found.append(
+                        Target(clean if key is None else f"{clean}.{key}", "projector", -1, "full", numel)
+                    )
+    return found
+
+
+def _encoder_layers(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    found = []
+    for name, child in _unwrap(module).named_modules():
+        child = _unwrap(child)
+        if isinstance(child, (nn.Linear, nn.Conv2d)) and "lora_" not in name and "base_layer" not in name:
+            found.append((f"{prefix}.{name}", child))
+    return found
 
 
 def _ffn_targets(ffn: nn.Module, prefix: str, index: int) -> list[Target]:
@@ -144,10 +187,13 @@ def _ffn_targets(ffn: nn.Module, prefix: str, index: int) -> list[Target]:
 
 
 def count_target_groups(model: nn.Module) -> dict[str, int]:
-    """Number of adaptable modules / parameters per group (all five keys, zeros included)."""
+    """Number of adaptable modules / parameters per group.
+
+    Always the five decoder groups (zeros included); `encoders` / `projector` only when present.
+    """
     counts = dict.fromkeys(GROUPS, 0)
     for target in find_targets(model):
-        counts[target.group] += 1
+        counts[target.group] = counts.get(target.group, 0) + 1
     return counts
 
 
@@ -185,15 +231,16 @@ def parse_layers(layers, num_layers: int | None = None) -> set[int] | None:
 class Resolved:
     """What a `targets` list resolved to: exact names for PEFT, and the group of each."""
 
-    modules: dict[str, str]  # module name -> group
-    parameters: dict[str, str]  # parameter name -> group
+    modules: dict[str, str]  # module name -> group (LoRA)
+    parameters: dict[str, str]  # parameter name -> group (LoRA on the weight)
+    full: dict[str, str] = field(default_factory=dict)  # module name -> group (trained whole)
 
     def names_in(self, group: str) -> list[str]:
         return sorted(n for n, g in {**self.modules, **self.parameters}.items() if g == group)
 
 
 def _groups_summary(targets: list[Target]) -> str:
-    counts = {g: sum(t.group == g for t in targets) for g in GROUPS}
+    counts = {g: sum(t.group == g for t in targets) for g in ALL_GROUPS}
     present = [f"{g} ({n})" for g, n in counts.items() if n]
     return ", ".join(present) if present else "none (no decoder layers with attention and mlp found)"
 
@@ -203,17 +250,17 @@ def resolve_targets(model: nn.Module, targets, layers=None) -> Resolved:
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     if not targets:
-        raise MoetuneError(f"adapter.targets is empty; choose from {', '.join(GROUPS)} or module names")
+        raise MoetuneError(f"adapter.targets is empty; choose from {', '.join(ALL_GROUPS)} or module names")
     found = find_targets(model)
     num_layers = max((t.layer for t in found), default=-1) + 1
     chosen_layers = parse_layers(layers, num_layers)
     model_name = type(_unwrap(model)).__name__
     resolved = Resolved({}, {})
     for request in targets:
-        if request in GROUPS:
+        if request in ALL_GROUPS:
             hits = [t for t in found if t.group == request]
-            if chosen_layers is not None:
-                hits = [t for t in hits if t.layer in chosen_layers]
+            if chosen_layers is not None:  # layers select decoder layers; encoders / projector stay
+                hits = [t for t in hits if t.layer < 0 or t.layer in chosen_layers]
             if not hits:
                 where = f" in layers {_fmt_layers(chosen_layers)}" if chosen_layers is not None else ""
                 raise MoetuneError(
@@ -221,7 +268,9 @@ def resolve_targets(model: nn.Module, targets, layers=None) -> Resolved:
                     f"groups in this model: {_groups_summary(found)}"
                 )
             for t in hits:
-                (resolved.parameters if t.kind == "parameter" else resolved.modules)[t.name] = t.group
+                {"parameter": resolved.parameters, "module": resolved.modules, "full": resolved.full}[t.kind][
+                    t.name
+                ] = t.group
         else:
             _resolve_raw(model, request, found, chosen_layers, resolved, model_name)
     return resolved
@@ -264,7 +313,7 @@ def _resolve_raw(model, request, found, chosen_layers, resolved, model_name) -> 
             hit = True
     if not hit:
         raise MoetuneError(
-            f"adapter.targets: '{request}' is neither a group ({', '.join(GROUPS)}) nor a module or "
+            f"adapter.targets: '{request}' is neither a group ({', '.join(ALL_GROUPS)}) nor a module or "
             f"parameter name in {model_name}; groups in this model: {_groups_summary(found)}"
         )
 
@@ -286,7 +335,7 @@ def target_report(peft_model: nn.Module) -> str:
     from adapters.experts import expert_lora_mask
 
     groups = {t.name: t.group for t in find_targets(peft_model)}
-    rows = {g: {"modules": 0, "params": 0, "trainable": 0, "experts": [0, 0]} for g in (*GROUPS, "other")}
+    rows = {g: {"modules": 0, "params": 0, "trainable": 0, "experts": [0, 0]} for g in (*ALL_GROUPS, "other")}
     adapter_names = set()
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer):
@@ -331,7 +380,9 @@ def target_report(peft_model: nn.Module) -> str:
             rows[group]["modules"] += 1
             rows[group]["trainable"] += sum(p.numel() for p in module.parameters() if p.requires_grad)
 
-    total = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" not in n)
+    total = sum(
+        p.numel() for n, p in peft_model.named_parameters() if "lora_" not in n and "modules_to_save" not in n
+    )
     trainable = sum(r["trainable"] for r in rows.values())
     lines = [f"LoRA targets ({', '.join(sorted(adapter_names)) or 'no active adapter'}):"]
     lines.append(f"  {'group':<15}{'adapted':<34}{'trainable params':>18}{'share':>10}")

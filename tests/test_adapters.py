@@ -293,3 +293,26 @@ def test_load_adapter_refuses_wrong_base_and_non_adapter(tmp_path):
         load_adapter(build("deepseek_v3"), tmp_path / "qwen")
     with pytest.raises(MoetuneError, match="does not (fit|match) Qwen3MoeForCausalLM"):
         load_adapter(build("qwen3_moe", hidden_size=48), tmp_path / "qwen")
+
+
+def test_multimodal_groups_encoders_and_projector():
+    from transformers import AutoModelForCausalLM
+
+    from finetune.modeling.multimodal import multimodal_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        multimodal_config("tiny", ["image", "audio", "text"], vocab_size=128)
+    )
+    counts = count_target_groups(model)
+    assert counts["attention"] == 8  # the decoder's only: the Wav2Vec2 / BERT layers are encoders
+    assert counts["encoders"] > 0 and counts["projector"] >= 3
+    peft_model = apply_lora(model, targets=["encoders", "projector"], r=4)
+    lora_names = [n for n, _ in peft_model.named_parameters() if "lora_A" in n]
+    assert lora_names and all(".encoders." in n for n in lora_names)
+    trained_whole = [
+        n for n, p in peft_model.named_parameters() if p.requires_grad and "modules_to_save" in n
+    ]
+    assert any(".projectors.image." in n for n in trained_whole)
+    report = target_report(peft_model)
+    assert "encoders" in report and "projector" in report
