@@ -81,10 +81,8 @@ class DataStats:
         parts = []
         for s in (self.train, self.eval):
             if s is not None:
-                parts.append(
-                    f"{s.what}: {s.records} records -> {s.examples} examples, {s.tokens} tokens "
-                    f"({s.trained_tokens} trained)"
-                )
+                tokens = f", {s.tokens} tokens ({s.trained_tokens} trained)" if s.tokens else ""
+                parts.append(f"{s.what}: {s.records} records -> {s.examples} examples{tokens}")
         return "; ".join(parts)
 
 
@@ -92,7 +90,7 @@ class DataStats:
 class PreparedData:
     train: datasets.Dataset
     eval: datasets.Dataset | None
-    stats: DataStats = field(repr=False, default=None)  # type: ignore[assignment]
+    stats: DataStats = field(repr=False)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -113,10 +111,12 @@ def prepare_datasets(data: DataSection, tokenizer: Any, *, seed: int) -> Prepare
 
 
 def _prepare(data: DataSection, tokenizer: Any, *, seed: int) -> PreparedData:
-    raw_train = _load(data.train, "data.train", data)
+    train_specs = _resolve(data.train, "data.train", data)
+    eval_specs = _resolve(data.eval, "data.eval", data) if data.eval is not None else None
+    raw_train = load_source(train_specs, what="data.train")
     raw_eval = None
-    if data.eval is not None:
-        raw_eval = _load(data.eval, "data.eval", data)
+    if eval_specs is not None:
+        raw_eval = load_source(eval_specs, what="data.eval")
     elif data.eval_fraction is not None:
         raw_train, raw_eval = _hold_out(raw_train, data.eval_fraction, seed)
     raw_train = _cap(raw_train, data.max_examples, seed)
@@ -124,9 +124,9 @@ def _prepare(data: DataSection, tokenizer: Any, *, seed: int) -> PreparedData:
         raw_eval = _cap(raw_eval, data.max_eval_examples, seed)
 
     if data.format == "multimodal":  # records -> checked media + tokens: finetune.data.multimodal
+        # `source` names the files the records came from: media paths are relative to them.
         build = _multimodal("build_multimodal_dataset")
-        train_source = _label(data.train)
-        eval_source = _label(data.eval) if data.eval is not None else train_source
+        train_source, eval_source = _label(train_specs), _label(eval_specs or train_specs)
         train = build(raw_train, data, tokenizer, source=train_source)
         evals = build(raw_eval, data, tokenizer, source=eval_source) if raw_eval is not None else None
         stats = DataStats(SplitStats("data.train", train_source, records=len(raw_train), examples=len(train)))
@@ -186,21 +186,22 @@ def _multimodal(name: str) -> Callable[..., Any]:
     return getattr(module, name)
 
 
-def _load(spec: str | list[str], what: str, data: DataSection) -> datasets.Dataset:
-    """load_source, with `synthetic:KIND[:N[:SEED]]` (generated multimodal data) materialised first."""
+def _resolve(spec: str | list[str], what: str, data: DataSection) -> list[str]:
+    """The sources as a list, with `synthetic:KIND[:N[:SEED]]` (generated multimodal data, see
+    finetune.data.synthetic_mm) materialised to the records file it writes."""
     specs = spec if isinstance(spec, list) else [spec]
-    if data.format == "multimodal" and any(s.startswith("synthetic:") for s in specs):
-        from finetune.data.synthetic_mm import materialize
+    if data.format != "multimodal" or not any(s.startswith("synthetic:") for s in specs):
+        return specs
+    from finetune.data.synthetic_mm import materialize
 
-        cache_dir = (data.multimodal or {}).get("cache_dir")
-        try:
-            specs = [
-                str(materialize(s, what=what, cache_dir=cache_dir)) if s.startswith("synthetic:") else s
-                for s in specs
-            ]
-        except ValueError as err:
-            raise MoetuneError(f"{what}: {err}") from err
-    return load_source(specs if isinstance(spec, list) else specs[0], what=what)
+    cache_dir = (data.multimodal or {}).get("cache_dir")
+    try:
+        return [
+            str(materialize(s, what=what, cache_dir=cache_dir)) if s.startswith("synthetic:") else s
+            for s in specs
+        ]
+    except ValueError as err:
+        raise MoetuneError(f"{what}: {err}") from err
 
 
 def _hold_out(raw: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
