@@ -387,3 +387,22 @@ def test_multimodal_format_hands_each_split_of_records_to_the_multimodal_module(
     assert "finetune.data.multimodal has no build_multimodal_dataset()" in one_line_error(
         build_datasets, data, tok, seed=0
     )
+
+
+def test_synthetic_multimodal_sources_are_materialised_and_named_by_their_records_file(
+    tmp_path, tok, monkeypatch
+):
+    import finetune.data.synthetic_mm as synthetic_mm
+
+    def materialize(spec, *, what, cache_dir):
+        return jsonl(tmp_path / f"{what}-{spec.split(':')[1]}.jsonl", [{"image": "a.png", "target": "x"}] * 4)
+
+    seen = []
+    fake = types.ModuleType("finetune.data.multimodal")
+    fake.build_multimodal_dataset = lambda raw, data, processor, *, source: seen.append(source) or list(raw)
+    monkeypatch.setitem(sys.modules, "finetune.data.multimodal", fake)
+    monkeypatch.setattr(synthetic_mm, "materialize", materialize)
+    data = DataSection(train="synthetic:shapes", eval="synthetic:tones", format="multimodal")
+    prepared = prepare_datasets(data, tok, seed=0)
+    assert seen == [str(tmp_path / "data.train-shapes.jsonl"), str(tmp_path / "data.eval-tones.jsonl")]
+    assert len(prepared.train) == len(prepared.eval) == 4
