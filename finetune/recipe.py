@@ -20,7 +20,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -274,11 +274,13 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
     seen: set = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
-        if isinstance(key, typing.Hashable) and key in seen:
+        if not isinstance(key, Hashable):
+            continue  # SafeLoader's own construct_mapping reports unhashable keys
+        if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}; keep one", key_node.start_mark
             )
-        seen.add(key) if isinstance(key, typing.Hashable) else None
+        seen.add(key)
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
 
@@ -389,8 +391,12 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _all_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+def _home_of(name: str) -> str | None:
+    """The full key path of a key name in whichever section has it (`max_length` -> `data.max_length`)."""
+    return next(
+        (f"{s}.{name}" for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}),
+        None,
+    )
 
 
 def _suggest(key: str, candidates: Sequence[str]) -> str:
@@ -401,9 +407,9 @@ def _suggest(key: str, candidates: Sequence[str]) -> str:
 def _unknown_key(where: str, section: str, key: str) -> MoetuneError:
     known = [f.name for f in dataclasses.fields(SECTIONS[section])]
     path = f"{section}.{key}"
-    elsewhere = [k for k in _all_keys() if k.split(".", 1)[1] == key]
-    if elsewhere:
-        hint = f"; did you mean '{elsewhere[0]}'?"
+    home = _home_of(key)
+    if home:
+        hint = f"; did you mean '{home}'?"
     else:
         close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
         hint = f"; did you mean '{section}.{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
@@ -468,10 +474,7 @@ def _build_section(section: str, body: Any, where: str, overridden: set[str]) ->
         ):
             what = f.metadata["help"].removesuffix(" Required.")
             raise MoetuneError(f"{where}: missing required key '{path}' ({what})")
-    try:
-        return cls(**values)
-    except TypeError as err:  # a required field given as null reaches here only through a bug
-        raise MoetuneError(f"{where}: section '{section}': {err}") from err
+    return cls(**values)
 
 
 def _check_values(recipe: Recipe, where: str) -> None:
@@ -539,19 +542,13 @@ def _check_conflicts(recipe: Recipe, where: str) -> None:
     for clash, a, b in both:
         if clash:
             raise MoetuneError(f"{where}: {a} and {b} both set; keep one")
-    has_eval = d.eval is not None or d.eval_fraction is not None
-    if t.eval_every is not None and not has_eval:
-        raise MoetuneError(
-            f"{where}: train.eval_every is set but there is no eval data; set data.eval or data.eval_fraction"
-        )
-    if d.max_eval_examples is not None and not has_eval:
-        raise MoetuneError(
-            f"{where}: data.max_eval_examples is set but there is no eval data; set data.eval or data.eval_fraction"
-        )
-    if t.eval_batches is not None and not has_eval:
-        raise MoetuneError(
-            f"{where}: train.eval_batches is set but there is no eval data; set data.eval or data.eval_fraction"
-        )
+    if d.eval is None and d.eval_fraction is None:
+        for key, value in (("train.eval_every", t.eval_every), ("train.eval_batches", t.eval_batches),
+                           ("data.max_eval_examples", d.max_eval_examples)):  # fmt: skip
+            if value is not None:
+                raise MoetuneError(
+                    f"{where}: {key} is set but there is no eval data; set data.eval or data.eval_fraction"
+                )
     if o.private and o.push_to_hub is None:
         raise MoetuneError(
             f"{where}: output.private is set but output.push_to_hub is null; name the repo or drop private"
@@ -610,8 +607,9 @@ def recipe_from_dict(
     for section in raw:
         if section not in SECTIONS:
             hint = _suggest(str(section), list(SECTIONS))
-            if any(str(section) == f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)):
-                hint = f"; keys live inside a section, e.g. '{_all_key_for(str(section))}'"
+            home = _home_of(str(section))
+            if home:
+                hint = f"; keys live inside a section, e.g. '{home}'"
             raise MoetuneError(f"{where}: unknown section '{section}'{hint}")
     sections = {s: _build_section(s, raw.get(s), where, overridden) for s in SECTIONS}
     recipe = Recipe(**sections)
@@ -623,10 +621,6 @@ def recipe_from_dict(
     if recipe.output.dir is None:
         recipe.output.dir = str(Path("runs") / name)
     return recipe
-
-
-def _all_key_for(key: str) -> str:
-    return next(k for k in _all_keys() if k.split(".", 1)[1] == key)
 
 
 # ----------------------------------------------------------------------------- files and names
