@@ -1,0 +1,188 @@
+"""Push an adapter or merged-model folder to the Hugging Face Hub, with a validated model card.
+
+The token comes from HF_TOKEN or the huggingface_hub login (`hf auth login`) and is only ever handed
+to huggingface_hub: it is never printed, logged or written, error messages are scrubbed of it, and a
+push refuses a folder in which any file contains it. `dry_run` lists what would be uploaded and
+validates the card without a token or a network. Every failure is one MoetuneError line (exit 2).
+
+The upload is one commit (`create_repo(exist_ok=True)`, `create_branch` for a revision, then
+`create_commit`); the card's loading snippet gets the repo id in place of "path/to/this/folder" in
+the uploaded copy (the local README.md is not changed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from adapters.errors import MoetuneError
+from adapters.model_card import THIS_FOLDER, hub_token, scrub, validate_model_card
+
+# Pickle-based weight files: never loaded (merge, combine) and never pushed.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_SCAN_LIMIT = 64 << 20  # files up to this size are scanned whole for the token; larger ones: head and tail
+
+
+def _files(folder: Path) -> list[tuple[str, Path, int]]:
+    """(path in repo, path, size) of every file to upload: all but hidden files and caches."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") or part == "__pycache__" for part in rel.parts) or not path.is_file():
+            continue
+        if path.suffix in PICKLE_SUFFIXES:
+            raise MoetuneError(
+                f"{path} is a pickle file; moetune pushes safetensors only (remove it or convert it to safetensors)"
+            )
+        found.append((rel.as_posix(), path, path.stat().st_size))
+    if not found:
+        raise MoetuneError(f"{folder} has no files to push")
+    return found
+
+
+def _contains(path: Path, needle: bytes, size: int) -> bool:
+    with open(path, "rb") as f:
+        if size <= _SCAN_LIMIT:
+            return needle in f.read()
+        head = f.read(_SCAN_LIMIT // 2)  # e.g. a safetensors header (its metadata)
+        f.seek(size - _SCAN_LIMIT // 2)
+        return needle in head or needle in f.read()
+
+
+def _refuse_token_in_files(files: list[tuple[str, Path, int]], token: str | None) -> None:
+    if not token:
+        return
+    for rel, path, size in files:
+        if _contains(path, token.encode(), size):
+            raise MoetuneError(
+                f"{rel} contains your Hugging Face token; remove it from the file before pushing"
+            )
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def _is_network_error(err: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(err).__mro__}
+    network = {
+        "ConnectError",
+        "ConnectTimeout",
+        "TimeoutException",
+        "NetworkError",
+        "TransportError",
+        "ConnectionError",
+    }
+    return isinstance(err, OSError) or bool(names & network)
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    dry_run: bool = False,
+) -> str:
+    """Upload `folder` to the Hub model repo `repo_id` (created if needed); return what was done."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MoetuneError(f"{folder} is not a folder; give an adapter or merged-model folder")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise MoetuneError(
+            f"--repo-id '{repo_id}' is not a valid Hub repo id (write org/name): {err}"
+        ) from err
+    if "/" not in repo_id:
+        raise MoetuneError(
+            f"--repo-id '{repo_id}' needs a namespace: write your-user/{repo_id} or org/{repo_id}"
+        )
+    files = _files(folder)
+    warnings = validate_model_card(folder)
+    token = hub_token()
+    _refuse_token_in_files(files, token)
+
+    total = sum(size for _, _, size in files)
+    where = f"{repo_id}" + (f" (branch {revision})" if revision else "") + (" [private]" if private else "")
+    if dry_run:
+        lines = [f"dry run: would upload {len(files)} files ({_human(total)}) to {where}"]
+        lines += [f"  {_human(size):>10}  {rel}" for rel, _, size in files]
+        lines.append("model card: valid" + "".join(f"\n  warning: {w}" for w in warnings))
+        if not token:
+            lines.append("note: no Hugging Face token is set; a real push needs HF_TOKEN or `hf auth login`")
+        return "\n".join(lines)
+    if not token:
+        raise MoetuneError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again (--dry-run needs none)"
+        )
+    try:
+        return _upload(
+            folder, repo_id, files, token, private=private, revision=revision, where=where, total=total
+        )
+    except MoetuneError:
+        raise
+    except Exception as err:
+        raise MoetuneError(scrub(_explain(err, repo_id), token)) from None
+
+
+def _upload(folder, repo_id, files, token, *, private, revision, where, total) -> str:
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise MoetuneError(
+            "HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (and TRANSFORMERS_OFFLINE)"
+        )
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    operations = []
+    for rel, path, _ in files:
+        content: str | bytes = str(path)
+        if rel == "README.md":  # the uploaded card loads from the repo, not from a local folder
+            content = path.read_text().replace(THIS_FOLDER, repo_id).encode()
+        operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=content))
+    kind = "adapter" if (folder / "adapter_config.json").is_file() else "model"
+    info = api.create_commit(
+        repo_id,
+        operations=operations,
+        commit_message=f"Upload {kind} with moetune",
+        revision=revision,
+        repo_type="model",
+    )
+    return f"pushed {len(files)} files ({_human(total)}) to {where}: {info.commit_url}"
+
+
+def _explain(err: Exception, repo_id: str) -> str:
+    """One line for a failed push."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(err, OfflineModeIsEnabled):
+        return "HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (and TRANSFORMERS_OFFLINE)"
+    if isinstance(err, HfHubHTTPError) and err.response is not None:
+        status = err.response.status_code
+        if status == 401:
+            return (
+                "the Hub rejected the token (401 Unauthorized); check HF_TOKEN or run `hf auth login` again"
+            )
+        if status == 403:
+            return f"the token may not write to {repo_id} (403 Forbidden); use a write token or another --repo-id"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return f"the Hub answered {status} while pushing to {repo_id}: {first}"
+    if _is_network_error(err):
+        return (
+            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:200]}); check the network or HF_ENDPOINT"
+        )
+    if isinstance(err, ValueError) and "metadata" in str(err):
+        return f"the Hub rejected README.md: {' '.join(str(err).split())}"
+    return f"push to {repo_id} failed: {type(err).__name__}: {' '.join(str(err).split())[:300]}"

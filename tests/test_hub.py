@@ -1,0 +1,432 @@
+"""`moetune push` against a local stand-in for the Hub: the real huggingface_hub client, over HTTP.
+
+`FakeHub` is an HTTP server on 127.0.0.1 that implements the endpoints a push uses (create repo,
+create branch, card validation, preupload, the LFS batch / upload / verify steps, commit), checks
+the bearer token, records every request and stores what arrives. Each test runs the CLI in a
+subprocess with HF_ENDPOINT pointing at it (huggingface_hub reads the endpoint at import), and the
+server shuts itself down when the test ends or after a deadline, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from adapters.model_card import write_model_card
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "hf_moetuneTestToken0123456789abcdefXYZ"
+MAX_REQUESTS = 200  # a push of a few files needs ~10; anything near this is a runaway loop
+MAX_BODY = 64 << 20
+DEADLINE_S = 60.0
+
+
+class FakeHub(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.requests: list[dict] = []  # method, path, authorization
+        self.repos: dict[str, dict] = {}  # repo id -> {"private": bool, "branches": {name: {path: bytes}}}
+        self.lfs: dict[str, bytes] = {}  # sha256 -> content
+        self.validated_cards: list[str] = []
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.timer = threading.Timer(DEADLINE_S, self.shutdown)
+
+    def __enter__(self):
+        self.thread.start()
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.timer.cancel()
+        self.shutdown()
+        self.server_close()
+        self.thread.join(timeout=5)
+
+    def files(self, repo_id: str, branch: str = "main") -> dict[str, bytes]:
+        return self.repos[repo_id]["branches"][branch]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 10  # an idle keep-alive connection ends its handler thread
+    server: FakeHub
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    # --------------------------------------------------------------------- plumbing
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            for _ in range(100_000):  # bounded: a chunk per iteration
+                size = int(self.rfile.readline().strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return data
+                data += self.rfile.read(size)
+                self.rfile.readline()
+                if len(data) > MAX_BODY:
+                    break
+            raise ValueError("request body too large")
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise ValueError("request body too large")
+        return self.rfile.read(length)
+
+    def _reply(self, status: int, payload=None) -> None:
+        data = json.dumps(payload if payload is not None else {}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _handle(self, method: str) -> None:
+        hub = self.server
+        body = self._body()
+        with hub.lock:
+            hub.requests.append(
+                {"method": method, "path": self.path, "authorization": self.headers.get("Authorization")}
+            )
+            too_many = len(hub.requests) > MAX_REQUESTS
+        if too_many:
+            self._reply(503, {"error": "fake hub: too many requests"})
+            threading.Thread(target=hub.shutdown, daemon=True).start()
+            return
+        path = self.path.split("?")[0]
+        if path.startswith("/lfs-upload/"):  # pre-signed storage URL: no token, like S3
+            oid = path.rsplit("/", 1)[1]
+            if hashlib.sha256(body).hexdigest() != oid:
+                return self._reply(400, {"error": "sha256 mismatch"})
+            with hub.lock:
+                hub.lfs[oid] = body
+            return self._reply(200)
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._reply(401, {"error": "Invalid credentials in Authorization header"})
+        try:
+            payload = (
+                json.loads(body) if body and "ndjson" not in self.headers.get("Content-Type", "") else None
+            )
+        except ValueError:
+            return self._reply(400, {"error": "bad json"})
+        return self._route(method, path, payload, body)
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    # --------------------------------------------------------------------- the Hub
+    def _route(self, method: str, path: str, payload, body: bytes) -> None:
+        hub = self.server
+        parts = path.strip("/").split("/")
+        if path == "/api/repos/create":
+            repo_id = f"{payload['organization']}/{payload['name']}"
+            if repo_id in hub.repos:
+                return self._reply(
+                    409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"}
+                )
+            hub.repos[repo_id] = {"private": payload.get("visibility") == "private", "branches": {"main": {}}}
+            return self._reply(200, {"url": f"{hub.url}/{repo_id}"})
+        if path == "/api/validate-yaml":
+            hub.validated_cards.append(payload["content"])
+            return self._reply(200, {"errors": [], "warnings": []})
+        if path == "/lfs-verify":
+            return self._reply(200 if payload["oid"] in hub.lfs else 404, {})
+        if parts[:2] == ["api", "models"] and len(parts) >= 6:
+            repo_id, action, ref = f"{parts[2]}/{parts[3]}", parts[4], "/".join(parts[5:])
+            repo = hub.repos.get(repo_id)
+            if repo is None:
+                return self._reply(404, {"error": "Repository not found"})
+            if action == "branch":
+                if ref in repo["branches"]:
+                    return self._reply(409, {"error": "Reference already exists"})
+                repo["branches"][ref] = dict(repo["branches"]["main"])
+                return self._reply(200, {})
+            if action == "preupload":
+                files = [
+                    {"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(".safetensors") else "regular",
+                     "shouldIgnore": False, "oid": None}
+                    for f in payload["files"]
+                ]  # fmt: skip
+                return self._reply(200, {"files": files})
+            if action == "commit":
+                return self._commit(repo_id, repo, ref, body)
+        if path.endswith(".git/info/lfs/objects/batch"):
+            objects = [
+                {"oid": o["oid"], "size": o["size"], "authenticated": True,
+                 "actions": {"upload": {"href": f"{hub.url}/lfs-upload/{o['oid']}"},
+                             "verify": {"href": f"{hub.url}/lfs-verify"}}}
+                for o in payload["objects"]
+            ]  # fmt: skip
+            return self._reply(200, {"transfer": "basic", "objects": objects})
+        return self._reply(404, {"error": f"fake hub: no route for {method} {path}"})
+
+    def _commit(self, repo_id: str, repo: dict, ref: str, body: bytes) -> None:
+        hub = self.server
+        branch = repo["branches"].get(ref)
+        if branch is None:
+            return self._reply(404, {"error": f"Invalid rev id: {ref}"})
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        if not lines or lines[0]["key"] != "header":
+            return self._reply(400, {"error": "commit payload must start with a header"})
+        for line in lines[1:]:
+            value = line["value"]
+            if line["key"] == "file":
+                branch[value["path"]] = base64.b64decode(value["content"])
+            elif line["key"] == "lfsFile":
+                if value["oid"] not in hub.lfs:
+                    return self._reply(400, {"error": f"LFS object {value['oid']} was never uploaded"})
+                branch[value["path"]] = hub.lfs[value["oid"]]
+            else:
+                return self._reply(400, {"error": f"fake hub: unsupported commit entry {line['key']}"})
+        return self._reply(
+            200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{'a' * 40}", "commitOid": "a" * 40}
+        )
+
+
+# ----------------------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture
+def hub():
+    with FakeHub() as server:
+        yield server
+
+
+@pytest.fixture
+def adapter_folder(tmp_path: Path) -> Path:
+    """A small adapter folder as moetune writes it: config, weights, metrics, recipe, card."""
+    folder = tmp_path / "my-adapter"
+    folder.mkdir()
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 32),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(32, 4),
+        },
+        str(folder / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    config = {
+        "peft_type": "LORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj"],
+        "base_model_name_or_path": "org/base",
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "metrics.json").write_text(json.dumps({"eval_loss": 1.25, "perplexity": 3.49}))
+    write_model_card(
+        folder, base_model="org/base", datasets=["org/data"], recipe={"model": "org/base", "lr": 1e-4}
+    )
+    return folder
+
+
+def run_cli(*args: str, endpoint: str | None = None, token: str | None = TOKEN, home: Path, **env_extra):
+    """Run `moetune ARGS` in a fresh interpreter with a hub environment; (returncode, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
+    env.update(
+        HF_HOME=str(home),  # no stored login from the machine running the tests
+        HF_HUB_OFFLINE="0",
+        TRANSFORMERS_OFFLINE="0",
+        HF_HUB_DISABLE_XET="1",  # exercise the LFS upload protocol (the fake hub has no Xet storage)
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        PYTHONPATH=str(ROOT),
+    )
+    if endpoint:
+        env["HF_ENDPOINT"] = endpoint
+    if token:
+        env["HF_TOKEN"] = token
+    env.update(env_extra)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args], env=env, capture_output=True, text=True, timeout=60
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("moetune: error: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again on exit: connections are refused
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_push_uploads_every_file_through_the_real_client(hub, adapter_folder, tmp_path):
+    code, out, err = run_cli(
+        "push", str(adapter_folder), "--repo-id", "alice/moe-lora", "--private", "--revision", "dev",
+        endpoint=hub.url, home=tmp_path / "hf", HF_HUB_VERBOSITY="debug",  # the token must not show even there
+    )  # fmt: skip
+    assert code == 0, err
+    assert "pushed 4 files" in out and "alice/moe-lora (branch dev) [private]" in out
+    assert hub.repos["alice/moe-lora"]["private"] is True
+    arrived = hub.files("alice/moe-lora", "dev")
+    local = {p.name: p.read_bytes() for p in adapter_folder.iterdir()}
+    assert set(arrived) == set(local)
+    for name, content in local.items():
+        if name != "README.md":
+            assert arrived[name] == content, name
+    # the card that arrived loads from the repo, and the Hub was asked to validate exactly it
+    card = arrived["README.md"].decode()
+    assert 'PeftModel.from_pretrained(base, "alice/moe-lora")' in card and "path/to/this/folder" not in card
+    assert hub.validated_cards == [card]
+    # safetensors went through the LFS protocol (batch, upload, verify), the rest inline in the commit
+    paths = [r["path"] for r in hub.requests]
+    assert any(p.endswith(".git/info/lfs/objects/batch") for p in paths)
+    assert any(p.startswith("/lfs-upload/") for p in paths)
+    # the token went with every call of the push (the client's own registry lookups need none), shown nowhere
+    push_calls = [
+        r for r in hub.requests if r["path"].startswith(("/api/repos/", "/api/models/", "/api/validate"))
+    ]
+    assert len(push_calls) >= 5
+    assert all(r["authorization"] == f"Bearer {TOKEN}" for r in push_calls)
+    assert TOKEN not in out + err
+    assert all(TOKEN.encode() not in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_push_to_an_existing_repo_and_branch(hub, adapter_folder, tmp_path):
+    for _ in range(2):  # the second push finds repo and branch there already
+        code, out, err = run_cli(
+            "push", str(adapter_folder), "--repo-id", "alice/moe-lora", "--revision", "dev",
+            endpoint=hub.url, home=tmp_path / "hf",
+        )  # fmt: skip
+        assert code == 0, err
+    assert hub.repos["alice/moe-lora"]["private"] is False
+    assert "adapter_model.safetensors" in hub.files("alice/moe-lora", "dev")
+
+
+def test_dry_run_lists_files_and_sizes_without_token_or_network(hub, adapter_folder, tmp_path):
+    code, out, err = run_cli(
+        "push", str(adapter_folder), "--repo-id", "alice/moe-lora", "--dry-run",
+        endpoint=hub.url, token=None, home=tmp_path / "hf",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "dry run: would upload 4 files" in out
+    for path in adapter_folder.iterdir():
+        line = next(line for line in out.splitlines() if line.endswith(f"  {path.name}"))
+        assert line.split()[-2] in ("B", "KB")  # a size column
+    assert "model card: valid" in out and "no Hugging Face token" in out
+    assert hub.requests == []
+
+
+def test_no_token_is_one_line_exit_2(adapter_folder, tmp_path):
+    code, out, err = run_cli(
+        "push",
+        str(adapter_folder),
+        "--repo-id",
+        "alice/x",
+        endpoint="http://127.0.0.1:9",
+        token=None,
+        home=tmp_path,
+    )
+    assert code == 2
+    assert "no Hugging Face token: set HF_TOKEN or run `hf auth login`" in one_error_line(err)
+
+
+def test_no_network_is_one_line_exit_2(adapter_folder, tmp_path):
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    code, out, err = run_cli(
+        "push", str(adapter_folder), "--repo-id", "alice/x", endpoint=endpoint, home=tmp_path
+    )
+    assert code == 2
+    line = one_error_line(err)
+    assert "cannot reach the Hugging Face Hub" in line and endpoint in line
+    assert TOKEN not in out + err
+
+
+def test_offline_mode_is_one_line_exit_2(adapter_folder, tmp_path):
+    code, _, err = run_cli(
+        "push", str(adapter_folder), "--repo-id", "alice/x", endpoint="http://127.0.0.1:9", home=tmp_path,
+        HF_HUB_OFFLINE="1",
+    )  # fmt: skip
+    assert code == 2 and "HF_HUB_OFFLINE is set" in one_error_line(err)
+
+
+def test_rejected_token_is_one_line_and_never_shown(hub, adapter_folder, tmp_path):
+    bad = "hf_wrongTokenABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    code, out, err = run_cli(
+        "push", str(adapter_folder), "--repo-id", "alice/x", endpoint=hub.url, token=bad, home=tmp_path
+    )
+    assert code == 2
+    assert "rejected the token (401" in one_error_line(err)
+    assert bad not in out + err
+    assert hub.repos == {}
+
+
+def test_a_folder_holding_the_token_is_refused(hub, adapter_folder, tmp_path):
+    (adapter_folder / "notes.txt").write_text(f"my token is {TOKEN}\n")
+    code, out, err = run_cli(
+        "push", str(adapter_folder), "--repo-id", "alice/x", endpoint=hub.url, home=tmp_path
+    )
+    assert code == 2
+    line = one_error_line(err)
+    assert "notes.txt contains your Hugging Face token" in line and TOKEN not in out + err
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda f: (f / "README.md").unlink(), "has no model card"),
+        (lambda f: (f / "README.md").write_text("# no metadata\n"), "no YAML metadata"),
+        (lambda f: (f / "README.md").write_text("---\ntags: [moe, lora]\nlicense: mit\n---\nx\n"), "library_name"),
+        (lambda f: (f / "README.md").write_text("---\nlibrary_name: peft\nlicense: mit\n---\nx\n"), "tags lack moe, lora"),
+        (lambda f: (f / "README.md").write_text("---\nlibrary_name: peft\ntags: [moe, lora]\nlicense: mit\nbase_model: /home/me/base\n---\n"), "not a Hub id"),
+        (lambda f: (f / "README.md").write_text("---\n[unclosed\n---\n"), "does not parse"),
+        (lambda f: (f / "weights.bin").write_bytes(b"pickle"), "pickle file"),
+    ],
+)  # fmt: skip
+def test_dry_run_validates_the_card(adapter_folder, breakage, message):
+    from adapters.errors import MoetuneError
+    from adapters.hub import push_folder
+
+    breakage(adapter_folder)
+    with pytest.raises(MoetuneError, match=message) as err:
+        push_folder(adapter_folder, "alice/x", dry_run=True)
+    assert "\n" not in str(err.value)
+
+
+def test_an_invalid_card_fails_the_cli_dry_run_in_one_line(adapter_folder, tmp_path):
+    (adapter_folder / "README.md").write_text("# no metadata\n")
+    code, _, err = run_cli(
+        "push", str(adapter_folder), "--repo-id", "alice/x", "--dry-run", token=None, home=tmp_path
+    )
+    assert code == 2 and "no YAML metadata" in one_error_line(err)
+
+
+def test_bad_repo_id_is_refused(adapter_folder, tmp_path):
+    from adapters.errors import MoetuneError
+    from adapters.hub import push_folder
+
+    with pytest.raises(MoetuneError, match="needs a namespace"):
+        push_folder(adapter_folder, "just-a-name", dry_run=True)
+    with pytest.raises(MoetuneError, match="not a valid Hub repo id"):
+        push_folder(adapter_folder, "alice/bad name!", dry_run=True)
