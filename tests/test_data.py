@@ -279,6 +279,9 @@ def test_packing_fills_rows_restarts_positions_and_never_predicts_across_documen
             else:
                 assert row["labels"][i] == row["input_ids"][i]
     assert prepared.stats.train.split_documents > 0 and prepared.stats.train.truncated == 0
+    stats = prepared.stats.train
+    assert stats.tokens == sum(rows["length"]) and stats.examples == len(rows)  # counted once each
+    assert stats.trained_tokens == sum(label != IGNORE_INDEX for row in rows["labels"] for label in row)
 
 
 def test_packed_chat_keeps_conversations_whole(tmp_path, tok):

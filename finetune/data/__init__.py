@@ -230,10 +230,10 @@ def _permutation(n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).permutation(n).tolist()
 
 
-def _features(packed: bool) -> datasets.Features:
-    """Token columns as int32 lists (half of int64's memory; vocabularies fit easily)."""
-    names = ("input_ids", "labels", "position_ids") if packed else ("input_ids", "labels")
-    return datasets.Features({name: datasets.List(datasets.Value("int32")) for name in names})
+def _features(names: tuple[str, ...]) -> datasets.Features:
+    """Token columns as int32 lists (half of int64's memory; vocabularies fit easily), and `length`."""
+    token_lists = {name: datasets.List(datasets.Value("int32")) for name in names}
+    return datasets.Features({**token_lists, "length": datasets.Value("int32")})
 
 
 def _fingerprint(raw: datasets.Dataset, data: DataSection, tokenizer: Any, template: str | None) -> str:
@@ -252,7 +252,16 @@ def _tokenize(
     split_long = data.packing and data.format == "text"  # text flows across rows; other formats stay whole
     packer = Packer(data.max_length, split_long=split_long) if data.packing else None
     specials = set(text_tokenizer(tokenizer).all_special_ids)
-    lengths: list[int] = []
+    lengths: list[int] = []  # of every example before truncation
+    names = ("input_ids", "labels", "position_ids") if packer is not None else ("input_ids", "labels")
+
+    def columns(rows: list[dict[str, list[int]]]) -> dict[str, list]:
+        """Rows -> output columns, with their `length`; counts the tokens as they leave."""
+        out: dict[str, list] = {name: [row[name] for row in rows] for name in names}
+        out["length"] = [len(ids) for ids in out["input_ids"]]
+        stats.tokens += sum(out["length"])
+        stats.trained_tokens += sum(label != IGNORE_INDEX for row in out["labels"] for label in row)
+        return out
 
     def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         records = [dict(zip(batch, values)) for values in zip(*batch.values())]
@@ -264,7 +273,7 @@ def _tokenize(
             )
         else:
             converted = chat_examples(records, tokenizer, data.messages_field, template)
-        out: dict[str, list] = {"input_ids": [], "labels": []}
+        rows: list[dict[str, list[int]]] = []
         for index, item in zip(indices, converted):
             if isinstance(item, BadRecord):
                 _bad_record(stats, data, index, item)
@@ -281,14 +290,13 @@ def _tokenize(
                     stats.no_target += 1
                     continue
             if packer is None:
-                out["input_ids"].append(ids)
-                out["labels"].append(labels)
+                rows.append({"input_ids": ids, "labels": labels})
             else:
                 packer.add(ids, labels)
         if packer is not None:  # hand over the rows completed so far; the open row continues
-            out = {key: [row[key] for row in packer.rows] for key in ("input_ids", "labels", "position_ids")}
+            rows = list(packer.rows)
             packer.rows.clear()
-        return out
+        return columns(rows)
 
     examples = raw.map(
         convert,
@@ -299,12 +307,12 @@ def _tokenize(
         keep_in_memory=True,
         load_from_cache_file=False,
         new_fingerprint=_fingerprint(raw, data, tokenizer, template),
-        features=_features(data.packing),
+        features=_features(names),
     )
     if packer is not None:
         last = packer.finish()
         if last:
-            tail = datasets.Dataset.from_list(last, features=examples.features)
+            tail = datasets.Dataset.from_dict(columns(last), features=examples.features)
             examples = datasets.concatenate_datasets([examples, tail])
         stats.split_documents = packer.split_documents
     if lengths:
@@ -330,13 +338,7 @@ def _tokenize(
             f"{stats.what} ({stats.source}): no examples left after filtering ({'; '.join(reasons)}{first}); "
             "check the data"
         )
-    lengths_column = [len(x) for x in examples["input_ids"]]
-    examples = examples.add_column(
-        "length", lengths_column, new_fingerprint=_fingerprint(examples, data, tokenizer, "length")
-    )
     stats.examples = len(examples)
-    stats.tokens = sum(lengths_column)
-    stats.trained_tokens = sum(sum(1 for x in row if x != IGNORE_INDEX) for row in examples["labels"])
     return examples
 
 
