@@ -1,0 +1,292 @@
+"""Loss / perplexity, routing statistics, and the expert profile behind ESFT selection.
+
+- `evaluate_loss`: next-token loss normalised by the number of real label tokens (labels == -100
+  ignored), so batches of different lengths weigh by their tokens, not by the batch;
+- `routing_stats`: per MoE layer, how many routed slots each expert received, its token selection
+  ratio and its average gate score, read at the experts modules' inputs (the same place in every
+  transformers family and in the built-in model, with or without adapters);
+- `profile_experts`: `moetune experts profile`: runs text through a model, writes the statistics
+  (JSON), a heatmap of expert load per layer (PNG) and an ESFT selection (selection.json) that
+  `adapter.experts` accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune.errors import MoetuneError
+
+IGNORE_INDEX = -100
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Mean next-token cross-entropy over all real label tokens of `batches`, and its perplexity.
+
+    Each batch holds the model inputs and `labels` (B, T) aligned with `input_ids` (the model shifts
+    by one, as transformers does); positions labelled -100 do not count. The loss is summed over
+    every batch and divided once by the total number of counted tokens.
+    Returns {"loss", "perplexity", "tokens"}; the model's train / eval mode is restored.
+    """
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    try:
+        for batch in batches:
+            labels = batch["labels"]
+            logits = model(**_model_inputs(batch), use_cache=False).logits  # (B, T', V)
+            if logits.shape[1] != labels.shape[1]:  # a prefix (e.g. modality embeddings) before the text
+                logits = logits[:, -labels.shape[1] :]
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:].to(shift_logits.device)
+            total += float(
+                F.cross_entropy(
+                    shift_logits.reshape(-1, shift_logits.shape[-1]),
+                    shift_labels.reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+            )
+            tokens += int((shift_labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    loss = total / tokens if tokens else float("nan")
+    return {"loss": loss, "perplexity": _perplexity(loss), "tokens": tokens}
+
+
+def _perplexity(loss: float) -> float:
+    if math.isnan(loss):
+        return float("nan")
+    return math.exp(min(loss, 50.0))  # beyond e^50 the number says nothing more
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def expert_call_sites(model: nn.Module) -> list[tuple[int, nn.Module, int]]:
+    """(layer index, the module that is called with the routing, num experts) per MoE layer.
+
+    That module is the experts module itself, or the outermost PEFT ParamWrapper around it (the
+    one that receives `(hidden_states, top_k_index, top_k_weights)`).
+    """
+    from adapters.targets import EXPERT_PARAM_NAMES
+
+    sites, inside = [], set()
+    for name, module in model.named_modules():
+        if id(module) in inside:
+            continue
+        chain = [module]
+        while isinstance(getattr(chain[-1], "base_layer", None), nn.Module):
+            chain.append(chain[-1].base_layer)
+        base = chain[-1]
+        fused = [
+            p for n, p in base.named_parameters(recurse=False) if n in EXPERT_PARAM_NAMES and p.ndim == 3
+        ]
+        if not fused or name.rsplit(".", 1)[-1] != "experts":
+            continue
+        inside.update(id(m) for m in chain)
+        match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+        sites.append((int(match[1]) if match else len(sites), module, fused[0].shape[0]))
+    return sites
+
+
+@torch.no_grad()
+def routing_stats(model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Per MoE layer: routed slots per expert, token selection ratio and average gate score.
+
+    Returns {"layers": [layer indices], "num_experts", "top_k", "tokens": real tokens seen,
+    "counts": [[slots per expert] per layer], "token_ratio": [[counts / tokens]] (sums to top_k),
+    "gate_score": [[sum of the expert's routing weights / tokens]] (ESFT's average gate score;
+    zero where the expert was not chosen)}. Padding (attention_mask == 0) is not counted.
+    """
+    sites = expert_call_sites(model)
+    if not sites:
+        raise MoetuneError(f"{type(model).__name__} has no routed experts to profile")
+    counts = [torch.zeros(e, dtype=torch.float64) for _, _, e in sites]
+    gates = [torch.zeros(e, dtype=torch.float64) for _, _, e in sites]
+    seen = [0] * len(sites)
+    state: dict[str, Any] = {"mask": None, "top_k": 0}
+
+    def make_hook(i: int, num_experts: int):
+        def hook(module, args, kwargs):
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]  # (N, k)
+            weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]  # (N, k)
+            mask = state["mask"]
+            if mask is not None and mask.numel() == index.shape[0]:
+                index, weights = index[mask], weights[mask]
+            state["top_k"] = index.shape[-1]
+            flat = index.reshape(-1).cpu()
+            counts[i] += torch.bincount(flat, minlength=num_experts)[:num_experts].double()
+            gates[i].index_add_(0, flat, weights.reshape(-1).double().cpu())
+            seen[i] += index.shape[0]
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(make_hook(i, e), with_kwargs=True) for i, (_, m, e) in enumerate(sites)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            state["mask"] = None if mask is None else mask.reshape(-1).bool().to(batch["input_ids"].device)
+            model(**_model_inputs(batch), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    tokens = [max(n, 1) for n in seen]
+    return {
+        "layers": [layer for layer, _, _ in sites],
+        "num_experts": sites[0][2],
+        "top_k": state["top_k"],
+        "tokens": seen[0],
+        "counts": [c.tolist() for c in counts],
+        "token_ratio": [(c / n).tolist() for c, n in zip(counts, tokens)],
+        "gate_score": [(g / n).tolist() for g, n in zip(gates, tokens)],
+    }
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+def read_texts(data: str | Path, max_examples: int | None = None) -> list[str]:
+    """Texts from a .jsonl file (a "text" field per line), a text file, or a folder of those."""
+    path = Path(data)
+    if not path.exists():
+        raise MoetuneError(f"--data {path}: no such file or folder")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    texts: list[str] = []
+    for file in files:
+        if file.suffix == ".jsonl":
+            texts += _jsonl_texts(file)
+        elif file.suffix in TEXT_SUFFIXES or (not path.is_dir()):
+            try:
+                text = file.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise MoetuneError(
+                    f"{file}: not UTF-8 text; give .jsonl with a 'text' field or text files"
+                ) from None
+            if text.strip():
+                texts.append(text)
+        if max_examples is not None and len(texts) >= max_examples:
+            break
+    if not texts:
+        raise MoetuneError(f"--data {path}: no text found (.jsonl with a 'text' field, .txt/.md files)")
+    return texts[:max_examples] if max_examples is not None else texts
+
+
+def _jsonl_texts(file: Path) -> list[str]:
+    texts = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MoetuneError(f"{file}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise MoetuneError(f'{file}:{number}: expected an object with a "text" string field')
+        texts.append(record["text"])
+    return texts
+
+
+def _batches(tokenizer, texts: list[str], max_length: int, device) -> list[dict[str, torch.Tensor]]:
+    """One example per batch: no padding, so every routed token is a real one."""
+    batches = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        if len(ids) < 2:
+            continue
+        input_ids = torch.tensor([ids], device=device)
+        batches.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})
+    return batches
+
+
+def profile_experts(
+    model_spec: str,
+    data: str | Path,
+    output: str | Path,
+    threshold: float = 0.2,
+    metric: str = "token_ratio",
+    max_examples: int = 256,
+    max_length: int = 512,
+) -> str:
+    """`moetune experts profile`: routing statistics + heatmap + ESFT selection; returns a summary line."""
+    from adapters.selection import METRICS, select_experts
+    from finetune import load_model
+
+    if metric not in METRICS:
+        raise MoetuneError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
+    if max_examples < 1 or max_length < 2:
+        raise MoetuneError("--max-examples must be >= 1 and --max-length >= 2")
+    texts = read_texts(data, max_examples)
+    model, tokenizer = load_model(model_spec)
+    if tokenizer is None:
+        raise MoetuneError(f"{model_spec}: no tokenizer found next to the model; profile needs one")
+    device = next(model.parameters()).device
+    batches = _batches(tokenizer, texts, max_length, device)
+    if not batches:
+        raise MoetuneError(f"--data {data}: every text is shorter than 2 tokens")
+    stats = routing_stats(model, batches)
+    scores = dict(zip(stats["layers"], stats[metric]))
+    selection = select_experts(scores, threshold)
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    stats_doc = {"model": str(model_spec), "data": str(data), "examples": len(batches), **stats}
+    (out / "expert_stats.json").write_text(json.dumps(stats_doc, indent=1) + "\n")
+    selection_doc = {
+        "model": str(model_spec),
+        "data": str(data),
+        "metric": metric,
+        "threshold": threshold,
+        "layers": {str(layer): ids for layer, ids in selection.items()},
+    }
+    (out / "selection.json").write_text(json.dumps(selection_doc, indent=2) + "\n")
+    _heatmap(stats, out / "expert_load.png", title=f"{model_spec}: expert load on {Path(data).name}")
+    chosen = sum(len(v) for v in selection.values())
+    return (
+        f"profiled {stats['tokens']} tokens ({len(batches)} examples) over {len(stats['layers'])} MoE layers; "
+        f"selected {chosen} of {len(stats['layers']) * stats['num_experts']} experts ({metric} >= {threshold} "
+        f"per layer); wrote {out / 'expert_stats.json'}, {out / 'expert_load.png'}, {out / 'selection.json'}"
+    )
+
+
+def _heatmap(stats: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    load = torch.tensor(stats["token_ratio"]) / max(
+        stats["top_k"], 1
+    )  # share of routed slots (rows sum to 1)
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 2 + 0.12 * load.shape[1])), 1.5 + 0.4 * load.shape[0]))
+    image = ax.imshow(load.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(len(stats["layers"])), [str(v) for v in stats["layers"]])
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="share of routed tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
