@@ -20,6 +20,7 @@ from adapters.model_card import THIS_FOLDER, hub_token, scrub, validate_model_ca
 
 # Pickle-based weight files: never loaded (merge, combine) and never pushed.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_OFFLINE = "HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (and TRANSFORMERS_OFFLINE)"
 _SCAN_LIMIT = 64 << 20  # files up to this size are scanned whole for the token; larger ones: head and tail
 
 
@@ -60,11 +61,11 @@ def _refuse_token_in_files(files: list[tuple[str, Path, int]], token: str | None
 
 
 def _human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    raise AssertionError("unreachable")
+    units = ("B", "KB", "MB", "GB")
+    step = 0
+    while size >= 1000 and step < len(units) - 1:
+        size, step = size / 1000, step + 1
+    return f"{size:.0f} B" if step == 0 else f"{size:.1f} {units[step]}"
 
 
 def _is_network_error(err: BaseException) -> bool:
@@ -137,9 +138,7 @@ def _upload(folder, repo_id, files, token, *, private, revision, where, total) -
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
     if constants.HF_HUB_OFFLINE:
-        raise MoetuneError(
-            "HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (and TRANSFORMERS_OFFLINE)"
-        )
+        raise MoetuneError(_OFFLINE)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision:
@@ -167,7 +166,7 @@ def _explain(err: Exception, repo_id: str) -> str:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     if isinstance(err, OfflineModeIsEnabled):
-        return "HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (and TRANSFORMERS_OFFLINE)"
+        return _OFFLINE
     if isinstance(err, HfHubHTTPError) and err.response is not None:
         status = err.response.status_code
         if status == 401:

@@ -154,11 +154,9 @@ def _uses_builtin_architecture(folder: Path, base_model: str | None) -> bool:
             config = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        library = (
-            ((config.get("auto_mapping") or {}).get("parent_library") or "")
-            if isinstance(config, dict)
-            else ""
-        )
+        if not isinstance(config, dict):
+            continue
+        library = str((config.get("auto_mapping") or {}).get("parent_library") or "")
         if config.get("model_type") == "moetune" or library.startswith("finetune"):
             return True
     return False
@@ -263,7 +261,7 @@ def write_model_card(
     JSON path, or None to use folder/recipe.yaml if present. images: pictures to show (expert load);
     PNGs named *expert* inside the folder are found on their own. license: default the base folder's
     card license, else "other". details: extra Markdown (e.g. the merge report), shown last. title:
-    the heading and model-index name (default: the folder's name).
+    the heading and model-index name (default: the folder's name, without a temporary-folder marker).
     """
     folder = Path(folder)
     if kind not in KINDS:
@@ -276,14 +274,16 @@ def write_model_card(
     pictures = _collect_images(folder, images)
     license = license or _base_license(base_model) or "other"
     builtin = _uses_builtin_architecture(folder, base_model)
-    title = title or folder.name
+    title = title or re.sub(
+        r"^\.(tmp-)?|\.tmp-\d+$", "", folder.name
+    )  # callers write into a temporary folder
 
     if not base_model:
         base = "the Mixture-of-Experts model it was trained on"
     elif is_hub_id(base_model):
         base = f"the Mixture-of-Experts model [{base_model}](https://huggingface.co/{base_model})"
-    else:  # a local folder: named, never its path; the metadata cannot link it
-        base = f"the Mixture-of-Experts model `{Path(base_model).name}` (a local folder, so the metadata names no base_model)"
+    else:  # a local folder or a preset: named, never by its path; the metadata cannot link it
+        base = f"the Mixture-of-Experts model `{Path(base_model).name}` (not on the Hub, so the metadata names no base_model)"
     what = (
         f"A LoRA adapter for {base}, trained with moetune: LoRA in the routed experts (fused expert tensors) "
         "and wherever else the recipe put it (attention, shared experts, ...)."

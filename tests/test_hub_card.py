@@ -94,7 +94,7 @@ def test_defaults_read_the_folder_and_local_bases_stay_out_of_metadata(tmp_path)
     assert meta["metrics"] == ["train_loss"]
     text = body(folder)
     assert (
-        "`my-base` (a local folder, so the metadata names no base_model)" in text
+        "`my-base` (not on the Hub, so the metadata names no base_model)" in text
         and str(tmp_path) not in text
     )
     assert "import finetune" in text  # the built-in architecture needs registering
@@ -106,13 +106,16 @@ def test_defaults_read_the_folder_and_local_bases_stay_out_of_metadata(tmp_path)
 
 
 def test_merged_card(tmp_path):
+    folder = tmp_path / ".tmp-merged"  # callers write into a temporary folder and rename it
+    folder.mkdir()
     write_model_card(
-        tmp_path, base_model="org/base", kind="merged", details="## Merge details\n\nrounding: none"
+        folder, base_model="org/base", kind="merged", details="## Merge details\n\nrounding: none"
     )
-    meta = metadata(tmp_path)
+    meta = metadata(folder)
     assert meta["library_name"] == "transformers" and meta["base_model_relation"] == "finetune"
     assert {"moe", "lora", "merged-lora"} <= set(meta["tags"])
-    text = body(tmp_path)
+    text = body(folder)
+    assert text.startswith("\n# merged\n")  # the title, without the temporary-folder marker
     assert 'AutoModelForCausalLM.from_pretrained("path/to/this/folder"' in text and "PeftModel" not in text
     assert text.rstrip().endswith("rounding: none")
 
