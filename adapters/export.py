@@ -139,7 +139,7 @@ def _to_per_expert(config: dict, weights: dict, source: Path):
     )
     summary = f"{written} per-expert LoRA pairs from {len(wrappers)} fused weights"
     if skipped:
-        summary += f", {skipped} experts without LoRA left out"
+        summary += f", {skipped} (weight, expert) pairs without LoRA left out"
     return new_config, out, meta, summary
 
 
