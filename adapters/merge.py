@@ -82,6 +82,8 @@ def _read_header(path: Path) -> dict[str, _Entry]:
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100_000_000:  # safetensors caps headers at 100 MB: this is not one
+                raise ValueError(f"header size {size} is not plausible")
             header = json.loads(f.read(size))
     except (OSError, ValueError, struct.error) as err:
         raise MoetuneError(f"{path} is not a readable safetensors file: {err}") from err
