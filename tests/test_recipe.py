@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from finetune.recipe import (
     keys_markdown,
     list_recipes,
     load_recipe,
+    parse_yaml,
     recipe_from_dict,
     recipe_to_dict,
     save_recipe,
@@ -302,3 +304,18 @@ def test_random_yaml_text_either_loads_or_fails_with_moetune_error(tmp_path_fact
         load_recipe(str(path))
     except MoetuneError as err:
         assert "\n" not in str(err)
+
+
+def test_the_docs_example_recipe_and_override_commands_are_valid():
+    docs = (ROOT / "docs" / "recipes-and-data.md").read_text()
+    example = re.search(r"```yaml\n(.*?)```", docs, re.S)[1]
+    recipe = recipe_from_dict(parse_yaml(example, "docs example"), "docs example")
+    assert recipe.data.format == "instruction" and recipe.train.lr == 2e-4
+    for command in re.findall(r"^moetune train (.+?)(?:\s+#.*)?$", docs, re.M):
+        words = shlex.split(command)
+        overrides = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+        target = words[0] if words[0] != "my.yaml" else None
+        if target is None:
+            recipe_from_dict(parse_yaml(example, "my.yaml"), "my.yaml", overrides=overrides)
+        else:
+            load_recipe(target, overrides)
