@@ -71,6 +71,23 @@ class Routing:
             top_k=top_k,
         )
 
+    def gather(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows of x (N, d) for the sorted pairs start:end -> (end - start, d)."""
+        return torch.index_select(x, 0, self.token_idx[start:end])
+
+    def sum_per_token(self, y: torch.Tensor) -> torch.Tensor:
+        """(S, d) per sorted pair -> (N, d) in y's dtype: the sum of each token's k pairs.
+
+        On CPU a serial index_add_ (deterministic, 3x faster than gather + sum), accumulated in fp32
+        for 16-bit inputs; on accelerators the inverse-permutation gather + sum (index_add_ there is
+        atomic, hence not deterministic), as transformers does.
+        """
+        if y.device.type != "cpu":
+            return y[self.inv_perm].view(self.num_tokens, self.top_k, -1).sum(1)
+        acc = torch.float32 if y.dtype in (torch.bfloat16, torch.float16) else y.dtype
+        out = torch.zeros(self.num_tokens, y.shape[-1], dtype=acc, device=y.device)
+        return out.index_add_(0, self.token_idx, y.to(acc)).to(y.dtype)
+
     def segments(self, lora_mask: list[bool] | None = None):
         """(expert, start, end) of every expert that received tokens, in sorted order."""
         start = 0
@@ -140,7 +157,7 @@ class _GatherProject(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_t, bias, lora_a, lora_b, scaling, routing, lora_mask):
-        out, u = _project(x[routing.token_idx], weight_t, bias, lora_a, lora_b, scaling, routing, lora_mask)
+        out, u = _project(routing.gather(x), weight_t, bias, lora_a, lora_b, scaling, routing, lora_mask)
         ctx.save_for_backward(x, u, weight_t, lora_a, lora_b)
         ctx.scaling, ctx.routing, ctx.lora_mask = scaling, routing, lora_mask
         return out
@@ -152,15 +169,14 @@ class _GatherProject(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
 
         def rows(s0, s1):  # re-gathered: cheaper than keeping the (S, H) gather alive
-            return x[routing.token_idx[s0:s1]]
+            return routing.gather(x, s0, s1)
 
         grad_xs, grad_a, grad_b = _project_backward(
             grad.contiguous(), rows, u, weight_t, lora_a, lora_b, ctx.scaling, routing, ctx.lora_mask, needs
         )
         grad_x = None
         if grad_xs is not None:
-            # back to token order: pair (t, j) sits at inv_perm[t * k + j]; sum over the k slots
-            grad_x = grad_xs[routing.inv_perm].view(routing.num_tokens, routing.top_k, -1).sum(1)
+            grad_x = routing.sum_per_token(grad_xs)  # each token collects its k pairs' gradients
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
@@ -171,7 +187,7 @@ class _ProjectScatter(torch.autograd.Function):
     def forward(ctx, h, weights, weight_t, bias, lora_a, lora_b, scaling, routing, lora_mask):
         y, u = _project(h, weight_t, bias, lora_a, lora_b, scaling, routing, lora_mask)  # (S, H)
         y = y.to(torch.promote_types(y.dtype, weights.dtype)).mul_(weights.unsqueeze(-1))
-        out = y[routing.inv_perm].view(routing.num_tokens, routing.top_k, -1).sum(1)  # (N, H)
+        out = routing.sum_per_token(y)  # (N, H)
         ctx.save_for_backward(h, u, weights, weight_t, bias, lora_a, lora_b)
         ctx.scaling, ctx.routing, ctx.lora_mask = scaling, routing, lora_mask
         return out.to(h.dtype)
@@ -181,7 +197,7 @@ class _ProjectScatter(torch.autograd.Function):
         h, u, weights, weight_t, bias, lora_a, lora_b = ctx.saved_tensors
         routing = ctx.routing
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g = grad_out.contiguous()[routing.token_idx].to(h.dtype)  # (S, H): dL/d(w_s * y_s) per pair
+        g = routing.gather(grad_out.contiguous()).to(h.dtype)  # (S, H): dL/d(w_s * y_s) per pair
         scale = weights.to(h.dtype)  # dL/dy_s = w_s * g_s
         # q_s = g_s W_e + s (g_s B_e) A_e: dh_s = w_s q_s, and it gives the routing-weight gradient
         q, grad_a, grad_b = _project_backward(
