@@ -316,3 +316,53 @@ def test_multimodal_groups_encoders_and_projector():
     assert any(".projectors.image." in n for n in trained_whole)
     report = target_report(peft_model)
     assert "encoders" in report and "projector" in report
+
+
+def test_fast_path_under_ddp_and_fsdp2_wrapping():
+    """One-process gloo group on the CPU: DDP and FSDP2 (fully_shard) see the same gradients."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        batch = random_batch()
+        model = apply_lora(build("moetune"), targets=["attention", "experts"], r=4)
+        _randomise_lora(model)
+        model.train()
+        _, _, want = _loss_and_grads(model, batch)
+
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        _, _, got = _loss_and_grads(ddp, batch)
+        assert {n.removeprefix("module."): g for n, g in got.items()}.keys() == want.keys()
+        for name, grad in got.items():
+            torch.testing.assert_close(grad, want[name.removeprefix("module.")], msg=name)
+
+        sharded = apply_lora(build("moetune"), targets=["attention", "experts"], r=4)
+        sharded.load_state_dict(model.state_dict())
+        sharded.train()
+        for layer in sharded.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(sharded)
+        assert fast_path_modules(sharded)
+        _, _, got = _loss_and_grads(sharded, batch)
+        for name, grad in got.items():
+            torch.testing.assert_close(grad.full_tensor(), want[name], msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rslora_scaling_on_the_fast_path():
+    model = apply_lora(build("mixtral"), targets=["experts"], r=4, alpha=8, use_rslora=True)
+    experts = model.base_model.model.model.layers[0].mlp.experts
+    assert experts.scaling["default"] == 8 / 4**0.5
+    _randomise_lora(model)
+    batch = random_batch()
+    with torch.no_grad():
+        fast = model(**batch).logits
+        remove_fast_path(model)
+        torch.testing.assert_close(model(**batch).logits, fast, rtol=1e-5, atol=1e-5)
