@@ -73,12 +73,18 @@ def test_matches_the_token_by_token_definition(kv_heads, length):
     torch.testing.assert_close(out, reference(module, config, hidden, 0, length), rtol=1e-4, atol=1e-5)
 
 
-def test_gradients_match_the_definition():
-    config = sparse_config()
+@pytest.mark.parametrize("kv_heads", [2, 4])
+@pytest.mark.parametrize("layout", ["one document", "left padded"])
+def test_gradients_match_the_definition(kv_heads, layout):
+    config = sparse_config(num_key_value_heads=kv_heads)
     module = attention(config)
     hidden = torch.randn(1, 23, config.hidden_size)
+    pads = 0 if layout == "one document" else 2  # the padded row takes the general (masked) path
+    padded = torch.cat([torch.randn(1, pads, config.hidden_size), hidden], dim=1)
+    mask = torch.cat([torch.zeros(1, pads), torch.ones(1, 23)], dim=1).long()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     grads = []
-    for fn in (lambda: run(module, config, hidden, torch.arange(23)[None]),
+    for fn in (lambda: run(module, config, padded, position_ids, mask)[:, pads:],
                lambda: reference(module, config, hidden, 0, 23)):  # fmt: skip
         module.zero_grad()
         fn().square().sum().backward()

@@ -31,8 +31,8 @@ block_size, every phase is a plain *causal* attention of n / block_size queries 
 summaries. All phases go through one `scaled_dot_product_attention(is_causal=True)` call (phases are
 folded into the head axis and share the summaries as GQA groups), whose kernel skips the masked blocks
 and keeps memory O(n). Padded, packed or cached inputs take an exact general path with an explicit
-block mask of shape (queries x summaries). The local branch works on chunks of `_LOCAL_CHUNK` queries
-against their chunk plus the `local_window - 1` keys before it: memory and time linear in n.
+block mask of shape (queries x summaries). The local branch takes one elementwise pass over q and
+the shifted keys per window offset: memory and time linear in n.
 
 Padding and packing: `padding_mask` (1 = real token) and `position_ids` restarting at 0 mark the
 documents; tokens never attend across documents or to padding, and blocks are counted from each
@@ -50,8 +50,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 from transformers.models.qwen3_moe.modeling_qwen3_moe import apply_rotary_pos_emb
-
-_LOCAL_CHUNK = 16  # queries per local-attention chunk; each chunk reads its own keys + local_window - 1
 
 
 @dataclass
@@ -94,6 +92,214 @@ class _Layout:
         return cls(real=real, doc=start.cumsum(dim=1), local_idx=local_idx, regular=regular)
 
 
+def _window_steps(length: int, base: int, window: int):
+    """Per offset o: the first query with a key o steps back, and the slice of those keys.
+
+    Queries are 0 .. length-1 and query i's own key sits at index base + i of the key tensor.
+    """
+    for o in range(window):
+        first = max(0, o - base)
+        yield o, first, slice(first + base - o, length + base - o)
+
+
+def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-row dot products: x (B, nKV, g, T, D) . y (B, nKV, 1, T, D) over D -> (B, nKV, g, T).
+
+    One batched matmul per batch row over the (T, nKV) axes, which for q / k / v laid out as the
+    projections write them (B, T, heads, D) are plain views: no product tensor, no copy.
+    """
+    rows = [torch.matmul(xb.permute(2, 0, 1, 3), yb.permute(2, 0, 3, 1)) for xb, yb in zip(x, y)]
+    return torch.stack([r[..., 0].permute(1, 2, 0) for r in rows])  # (T, nKV, g, 1) -> (nKV, g, T)
+
+
+def _group_sum(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum over the GQA group of weight (B, nKV, g, T, 1) * x (B, nKV, g, T, D) -> (B, nKV, 1, T, D)."""
+    rows = [torch.matmul(wb.permute(2, 0, 3, 1), xb.permute(2, 0, 1, 3)) for wb, xb in zip(weight, x)]
+    return torch.stack([r.permute(1, 2, 0, 3) for r in rows])  # (T, nKV, 1, D) -> (nKV, 1, T, D)
+
+
+def _local_forward(query, key, value, allowed, base: int, scale: float):
+    """Local window attention without autograd: (out (B, nKV, g, T, D), probs (B, nKV, g, T, w) fp32).
+
+    query (B, nKV, g, T, D); key / value (B, nKV, 1, base + T, D); allowed (B, 1, 1, T, w) bool, offset
+    o = the key o steps behind the query, False wherever base + i - o < 0. One pass per offset over q
+    and the shifted keys: no (T, w, D) copy of the keys is ever made.
+    """
+    length, window = query.shape[-2], allowed.shape[-1]
+    scores = query.new_zeros((*query.shape[:-1], window), dtype=torch.float32)
+    for o, first, keys in _window_steps(length, base, window):
+        scores[..., first:, o] = _rowdot(query[..., first:, :], key[..., keys, :])
+    probs = scores.mul_(scale).masked_fill_(~allowed, float("-inf")).softmax(dim=-1)
+    out = torch.zeros_like(query)
+    for o, first, keys in _window_steps(length, base, window):
+        out[..., first:, :].addcmul_(probs[..., first:, o, None].to(value.dtype), value[..., keys, :])
+    return out, probs
+
+
+def _local_backward(grad_out, query, key, value, probs, base: int, scale: float, grads, weight=None):
+    """Adds the local branch's gradients into grads = (grad_query, grad_key, grad_value).
+
+    With `weight` (B, 1, 1, T, 1), the branch's output was `weight * out` (the gate's local share):
+    the gradients include it, and the return value is d loss / d weight as (B, T).
+    """
+    grad_q, grad_k, grad_v = grads
+    length, window = query.shape[-2], probs.shape[-1]
+    grad_probs = torch.zeros_like(probs)  # d loss / d probs of the unweighted output
+    steps = list(_window_steps(length, base, window))
+    for o, first, keys in steps:
+        grad_probs[..., first:, o] = _rowdot(grad_out[..., first:, :], value[..., keys, :])
+    grad_weight = None
+    if weight is not None:
+        grad_weight = torch.einsum("bkgtw,bkgtw->bt", probs, grad_probs)  # <grad_out, out> per token
+        grad_probs *= weight
+    # softmax backward, in place: grad_scores = probs * (grad_probs - <probs, grad_probs>) * scale
+    grad_scores = grad_probs.sub_((probs * grad_probs).sum(-1, keepdim=True)).mul_(probs).mul_(scale)
+    grad_scores = grad_scores.to(query.dtype)
+
+    def add_to_kv(grad: torch.Tensor, step_weight: torch.Tensor, x: torch.Tensor) -> None:
+        """grad (B, nKV, 1, n, D) += step_weight * x, summed over the GQA group axis."""
+        if x.shape[2] == 1:
+            grad.addcmul_(step_weight, x)
+        else:
+            grad += _group_sum(step_weight, x)
+
+    for o, first, keys in steps:
+        p = (
+            probs[..., first:, o, None]
+            if weight is None
+            else probs[..., first:, o, None] * weight[..., first:, :]
+        )
+        add_to_kv(grad_v[..., keys, :], p.to(value.dtype), grad_out[..., first:, :])
+        d = grad_scores[..., first:, o, None]
+        grad_q[..., first:, :].addcmul_(d, key[..., keys, :])
+        add_to_kv(grad_k[..., keys, :], d, query[..., first:, :])
+    return grad_weight
+
+
+class _LocalWindow(torch.autograd.Function):
+    """The local branch alone (general path); saves only the (T, w) probabilities besides its inputs."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, allowed, base: int, scale: float):
+        out, probs = _local_forward(query, key, value, allowed, base, scale)
+        ctx.save_for_backward(query, key, value, probs)
+        ctx.base, ctx.scale = base, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, probs = ctx.saved_tensors
+        grads = (torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value))
+        _local_backward(grad_out, query, key, value, probs, ctx.base, ctx.scale, grads)
+        return *grads, None, None, None
+
+
+_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+class _BlockSparse(torch.autograd.Function):
+    """Fast path, fused: local window + block-causal global attention + gate mix, O(T) memory.
+
+    For one document per row starting at index 0, without cache. Query t sees the summaries of blocks
+    j < a, where t + 1 = a * block + r. Put query (a, r) for a >= 1 at row a - 1 of *phase* r: row i
+    then sees summaries j <= i, which is `is_causal` attention of m queries over m summaries (m = T //
+    block) whose kernel skips the masked tiles. The phases are a strided view of the queries (batch =
+    phase), and the kernel writes its output already in token order; one (batch, head) at a time, so
+    no buffer larger than one head's is ever allocated. Saved for backward: the global output and
+    log-sum-exp, the local probabilities (T, w); the local output is recomputed (w passes).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, gate, allowed, block: int, scale: float):
+        # query (B, nH, T, D); key / value (B, nKV, T, D); gate (B, T, 2) probabilities (local, global)
+        batch, heads, length, dim = query.shape
+        kv_heads = key.shape[1]
+        groups, m = heads // kv_heads, length // block
+        q5, k5, v5 = query.view(batch, kv_heads, groups, length, dim), key[:, :, None], value[:, :, None]
+        local, probs = _local_forward(q5, k5, v5, allowed, 0, scale)
+        mixed = local.view(batch, heads, length, dim).mul_(gate[:, None, :, 0, None].to(query.dtype))
+        sum_k = key[:, :, : m * block].unflatten(2, (m, block)).mean(dim=3)  # (B, nKV, m, D)
+        sum_v = value[:, :, : m * block].unflatten(2, (m, block)).mean(dim=3)
+        outs, lses = [], []
+        rows = length - block + 1  # queries t = block-1 .. T-1 see at least one summary
+        for b in range(batch if m else 0):
+            for h in range(heads):
+                out, lse = _flash_forward(
+                    _BlockSparse._phases(query[b, h], block, m), sum_k[b, h // groups].expand(block, 1, m, dim),
+                    sum_v[b, h // groups].expand(block, 1, m, dim), 0.0, True, scale=scale,
+                )  # fmt: skip
+                out_tokens = _BlockSparse._tokens(out)[:rows]  # queries t = block-1 .. block-2+rows
+                mixed[b, h, block - 1 :].addcmul_(out_tokens, gate[b, block - 1 :, 1, None].to(query.dtype))
+                outs.append(out)
+                lses.append(lse)
+        ctx.save_for_backward(query, key, value, gate, probs, sum_k, sum_v, *lses)
+        ctx.outs = outs  # intermediates, kept on ctx so backward can free each one once used
+        ctx.block, ctx.scale = block, scale
+        return mixed
+
+    @staticmethod
+    def _phases(query_head: torch.Tensor, block: int, m: int) -> torch.Tensor:
+        """(T, D) queries of one head -> (block, 1, m, D) view-like tensor: [r, 0, a - 1] = query a*block+r-1."""
+        length, dim = query_head.shape
+        padded = F.pad(query_head, (0, 0, 1, (m + 1) * block - 1 - length))  # row u holds query u - 1
+        return padded.view(m + 1, block, dim)[1:].transpose(0, 1)[:, None]
+
+    @staticmethod
+    def _tokens(phased: torch.Tensor) -> torch.Tensor:
+        """(block, 1, m, D) in phase order -> (m * block, D) rows for queries t = block-1, block, ..."""
+        block, _, m, dim = phased.shape
+        return phased[:, 0].transpose(0, 1).reshape(m * block, dim)
+
+    @staticmethod
+    def backward(ctx, grad_mixed):
+        query, key, value, gate, probs, sum_k, sum_v, *lses = ctx.saved_tensors
+        block, scale, outs = ctx.block, ctx.scale, ctx.outs
+        batch, heads, length, dim = query.shape
+        kv_heads = key.shape[1]
+        groups, m = heads // kv_heads, length // block
+        gate_q = gate.to(query.dtype)
+        grad_q, grad_gate = torch.zeros_like(query), torch.zeros_like(gate)
+
+        # Global branch first, one (batch, head) at a time, freeing each saved output once used: the
+        # key / value gradients are allocated only afterwards, so the peak stays near dense sdpa's.
+        grad_sum_k, grad_sum_v = torch.zeros_like(sum_k), torch.zeros_like(sum_v)
+        rows = length - block + 1
+        for i, lse in enumerate(lses):
+            b, h = divmod(i, heads)
+            out, outs[i] = outs[i], None
+            grad_rows = grad_mixed[b, h, block - 1 :]  # (rows, D)
+            grad_gate[b, block - 1 :, 1] += (grad_rows * _BlockSparse._tokens(out)[:rows]).sum(-1)
+            grad_out = grad_rows.new_zeros(m * block, dim)
+            torch.mul(grad_rows, gate_q[b, block - 1 :, 1, None], out=grad_out[:rows])
+            grad_out = grad_out.view(m, block, dim).transpose(0, 1)[:, None]  # phase order, like `out`
+            dq, dk, dv = _flash_backward(
+                grad_out, _BlockSparse._phases(query[b, h], block, m),
+                sum_k[b, h // groups].expand(block, 1, m, dim), sum_v[b, h // groups].expand(block, 1, m, dim),
+                out, lse, 0.0, True, scale=scale,
+            )  # fmt: skip
+            del out, grad_out
+            grad_q[b, h, block - 1 :] += _BlockSparse._tokens(dq)[:rows]
+            grad_sum_k[b, h // groups] += dk.sum(dim=(0, 1))
+            grad_sum_v[b, h // groups] += dv.sum(dim=(0, 1))
+            del dq, dk, dv
+
+        # local branch, with the gate's local share folded in (no local output is rebuilt)
+        q5, k5, v5 = query.view(batch, kv_heads, groups, length, dim), key[:, :, None], value[:, :, None]
+        grad_k, grad_v = torch.zeros_like(k5), torch.zeros_like(v5)
+        weight = gate_q[:, None, None, :, 0, None]  # (B, 1, 1, T, 1)
+        grads = (grad_q.view(q5.shape), grad_k, grad_v)
+        grad_gate[..., 0] = _local_backward(
+            grad_mixed.reshape(q5.shape), q5, k5, v5, probs, 0, scale, grads, weight
+        )
+
+        # a summary is the mean of its block: each member gets 1 / block of the summary's gradient
+        grad_k, grad_v = grad_k[:, :, 0], grad_v[:, :, 0]  # (B, nKV, T, D)
+        grad_k[:, :, : m * block].unflatten(2, (m, block)).add_(grad_sum_k[:, :, :, None] / block)
+        grad_v[:, :, : m * block].unflatten(2, (m, block)).add_(grad_sum_v[:, :, :, None] / block)
+        return grad_q, grad_k, grad_v, grad_gate, None, None, None
+
+
 class HierarchicalSparseAttention(nn.Module):
     """Local window + block-summary global attention mixed by a learned per-token gate (GQA)."""
 
@@ -103,6 +309,10 @@ class HierarchicalSparseAttention(nn.Module):
             raise ValueError(f"local_window={config.local_window}; it must be at least 1 token")
         if not 0 < config.global_ratio <= 1:
             raise ValueError(f"global_ratio={config.global_ratio}; it must be in (0, 1], e.g. 0.1")
+        if config.attention_dropout:
+            raise ValueError(
+                "hierarchical_sparse attention has no attention dropout; set attention_dropout=0"
+            )
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
@@ -139,100 +349,58 @@ class HierarchicalSparseAttention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)  # (B, nKV, T_all, D)
-        total = key.shape[2]
-        past = total - length
-        layout = _Layout.build(padding_mask, position_ids, batch, past, total, hidden_states.device)
-        dropout = self.config.attention_dropout if self.training else 0.0
-
-        local = self._local(query, key, value, layout, past, dropout)  # (B, nH, T, D)
-        if layout.regular:
-            glob, has_global = self._global_block_causal(query, key, value, dropout)
-        else:
-            glob, has_global = self._global_masked(query, key, value, layout, past, dropout)
-
-        gate_logits = self.mix_gate(hidden_states).float()  # (B, T, 2)
-        no_global = torch.stack([torch.zeros_like(has_global), ~has_global], dim=-1)
-        gate = gate_logits.masked_fill(no_global, float("-inf")).softmax(dim=-1).to(query.dtype)
-        mixed = local * gate[:, None, :, 0, None]  # (B, nH, T, D)
-        if glob is not None:
-            mixed = mixed + glob * gate[:, None, :, 1, None]
+        past = key.shape[2] - length
+        layout = _Layout.build(padding_mask, position_ids, batch, past, key.shape[2], hidden_states.device)
+        mixed = self.attend(query, key, value, self.mix_gate(hidden_states), layout)  # (B, nH, T, D)
         attn_output = mixed.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(attn_output), None
 
-    # ------------------------------------------------------------------------------ local branch
-
-    def _local(
+    def attend(
         self,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
+        gate_logits: torch.Tensor,
         layout: _Layout,
-        past: int,
-        dropout: float,
     ) -> torch.Tensor:
-        """Each query attends to offsets 0 .. window-1 behind it, inside its document, real keys only."""
-        batch, heads, length, dim = query.shape
-        kv_heads, window = key.shape[1], self.local_window
-        chunk = min(_LOCAL_CHUNK, length)
-        n_chunks = -(-length // chunk)
-        padded = n_chunks * chunk
-        span = chunk + window - 1  # keys one chunk of queries can reach
-        # Keys from `window - 1` before the first query to the last query, front-padded where the
-        # sequence starts later, end-padded to whole chunks: kp[i + window - 1 - o] is query i's offset o.
-        lo = max(0, past - (window - 1))
-        front = window - 1 - (past - lo)
-        keys = F.pad(key[:, :, lo:], (0, 0, front, padded - length))  # (B, nKV, window-1+padded, D)
-        values = F.pad(value[:, :, lo:], (0, 0, front, padded - length))
-        keys = keys.unfold(2, span, chunk)  # (B, nKV, n_chunks, D, span), overlapping view
-        values = values.unfold(2, span, chunk)
+        """The attention proper: (B, nH, T, D) queries over (B, nKV, T_all, D) keys -> (B, nH, T, D).
 
-        real = F.pad(layout.real[:, lo:], (front, padded - length), value=False).unfold(1, span, chunk)
-        local_idx = F.pad(layout.local_idx[:, past:], (0, padded - length)).view(batch, n_chunks, chunk, 1)
-        i = torch.arange(chunk, device=query.device)[:, None]
-        j = torch.arange(span, device=query.device)[None, :]
-        offset = i + window - 1 - j  # (chunk, span): how far key j lies behind query i
-        in_window = (offset >= 0) & (offset < window)
-        allowed = in_window & ((offset == 0) | ((offset <= local_idx) & real[:, :, None, :]))
-        allowed = allowed[:, None, None]  # (B, 1, 1, n_chunks, chunk, span)
-
-        groups = heads // kv_heads
-        q = F.pad(query, (0, 0, 0, padded - length)).view(batch, kv_heads, groups, n_chunks, chunk, dim)
-        scores = torch.einsum("bkgncd,bkndj->bkgncj", q, keys) * self.scaling
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        probs = F.dropout(probs, p=dropout, training=dropout > 0)
-        out = torch.einsum("bkgncj,bkndj->bkgncd", probs, values)  # (B, nKV, g, n_chunks, chunk, D)
-        return out.reshape(batch, heads, padded, dim)[:, :, :length]
-
-    # ----------------------------------------------------------------------------- global branch
-
-    def _global_block_causal(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Fast path (one document per row from index 0, no cache): phases fold into causal sdpa.
-
-        With u = t + 1 = a * block + r, query t sees the summaries j < a. Put query (a, r) for a >= 1
-        at row a - 1 of phase r: row i sees j <= i, which is exactly `is_causal` on an m x m problem.
+        The last T of the T_all keys belong to the queries; `gate_logits` (B, T, 2) are the mix_gate's.
         """
         batch, heads, length, dim = query.shape
-        block = self.block_size
-        m = length // block  # complete blocks = summaries = rows per phase
-        has_global = (torch.arange(length, device=query.device) >= block - 1).expand(batch, length)
-        if m == 0:
-            return None, has_global
-        kv_heads = key.shape[1]
-        sum_k = key[:, :, : m * block].reshape(batch, kv_heads, m, block, dim).mean(dim=3)  # (B, nKV, m, D)
-        sum_v = value[:, :, : m * block].reshape(batch, kv_heads, m, block, dim).mean(dim=3)
-        # Row u of q holds query t = u - 1; rows u = 0 .. block - 1 (a = 0) see no summary: dropped.
-        q = F.pad(query, (0, 0, 1, (m + 1) * block - 1 - length))  # (B, nH, (m+1)*block, D)
-        q = q.view(batch, heads, m + 1, block, dim)[:, :, 1:]  # (B, nH, m, block, D): [a - 1, r]
-        q = q.transpose(2, 3).reshape(batch, heads * block, m, dim)  # head-major, then phase
-        out = F.scaled_dot_product_attention(
-            q, sum_k, sum_v, dropout_p=dropout, is_causal=True, scale=self.scaling, enable_gqa=True
-        )  # (B, nH*block, m, D); query head h*block + r reads kv head h // (nH / nKV)
-        out = out.view(batch, heads, block, m, dim).transpose(2, 3).reshape(batch, heads, m * block, dim)
-        out = F.pad(out, (0, 0, block - 1, 0))[:, :, :length]  # back to t = 0 .. T-1
-        return out, has_global
+        past = key.shape[2] - length
+        lo = max(0, past - (self.local_window - 1))  # the first key any query's window reaches
+        allowed = self._window_mask(layout, past, lo, length)[:, None, None]  # (B, 1, 1, T, w)
+        if layout.regular:  # fused fast path; every token from index block-1 on sees a summary
+            has_global = torch.arange(length, device=query.device) >= self.block_size - 1
+            gate = self._gate(gate_logits, has_global.expand(batch, length))
+            return _BlockSparse.apply(query, key, value, gate, allowed, self.block_size, self.scaling)
+
+        q5 = query.view(batch, key.shape[1], -1, length, dim)  # (B, nKV, g, T, D)
+        k5, v5 = key[:, :, None, lo:], value[:, :, None, lo:]  # (B, nKV, 1, past - lo + T, D)
+        local = _LocalWindow.apply(q5, k5, v5, allowed, past - lo, self.scaling).view_as(query)
+        glob, has_global = self._global_masked(query, key, value, layout, past)
+        gate = self._gate(gate_logits, has_global).to(query.dtype)
+        mixed = local * gate[:, None, :, 0, None]
+        if glob is not None:
+            mixed = mixed + glob * gate[:, None, :, 1, None]
+        return mixed
+
+    @staticmethod
+    def _gate(gate_logits: torch.Tensor, has_global: torch.Tensor) -> torch.Tensor:
+        """Per-token mix (B, T, 2) in fp32; tokens that see no summary yet take the local branch alone."""
+        no_global = torch.stack([torch.zeros_like(has_global), ~has_global], dim=-1)
+        return gate_logits.float().masked_fill(no_global, float("-inf")).softmax(dim=-1)
+
+    def _window_mask(self, layout: _Layout, past: int, lo: int, length: int) -> torch.Tensor:
+        """(B, T, w) bool: may query i see the key o steps behind it (same document, a real token)?"""
+        window, device = self.local_window, layout.real.device
+        offset = torch.arange(window, device=device)
+        key_pos = torch.arange(past - lo, past - lo + length, device=device)[:, None] - offset  # from lo
+        batch = layout.real.shape[0]
+        real = layout.real[:, lo:].gather(1, key_pos.clamp(min=0).flatten()[None].expand(batch, -1))
+        allowed = (offset <= layout.local_idx[:, past:, None]) & real.view(batch, length, window)
+        return allowed | (offset == 0)  # a token always sees itself (padding too: no empty row)
 
     def _global_masked(
         self,
@@ -241,7 +409,6 @@ class HierarchicalSparseAttention(nn.Module):
         value: torch.Tensor,
         layout: _Layout,
         past: int,
-        dropout: float,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """General path (padding, packed documents, KV cache): summaries at each block's last token."""
         batch, heads, length, dim = query.shape
@@ -266,7 +433,7 @@ class HierarchicalSparseAttention(nn.Module):
         has_global = visible.any(dim=-1)
         visible |= ~has_global[..., None]  # rows without a summary read all (finite); the gate drops them
         out = F.scaled_dot_product_attention(
-            query, sum_k, sum_v, attn_mask=visible[:, None], dropout_p=dropout, scale=self.scaling,
+            query, sum_k, sum_v, attn_mask=visible[:, None], scale=self.scaling,
             enable_gqa=True,
         )  # fmt: skip
         return out, has_global
