@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 200), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -64,11 +64,11 @@ def shape_caption(colour: str, shape: str, cell: tuple[int, int]) -> str:
 def draw_shape(
     rng: np.random.Generator, colour: str, shape: str, cell: tuple[int, int] | None, size: int = 64
 ):
-    """A PIL image: light noisy background, one filled shape in `cell` of a 3 x 3 grid (or anywhere)."""
+    """A PIL image: a plain light background (its shade varies a little), one filled shape in `cell` of
+    a 3 x 3 grid (or anywhere)."""
     from PIL import Image, ImageDraw
 
-    background = rng.integers(225, 256, size=(size, size, 3), dtype=np.uint8)
-    image = Image.fromarray(background)
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(225, 256, size=3)))
     draw = ImageDraw.Draw(image)
     cell_size = size / 3
     radius = rng.uniform(0.28, 0.4) * cell_size

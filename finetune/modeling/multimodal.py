@@ -73,7 +73,10 @@ class MoetuneMultimodalConfig(MoetuneConfig):
         num_labels_mm: classes of the multi-label head (0 = no head); `mm_label_names` names them.
         prefix_tokens: modality -> decoder prefix tokens it contributes (image: a square number, a grid).
         contrastive_pairs: modality pairs aligned by InfoNCE; None = every pair of configured modalities.
-        contrastive_loss_coef / classification_loss_coef: weights of those losses in `loss`.
+        contrastive_loss_coef / classification_loss_coef: weights of those losses in `loss`. The contrastive
+            weight defaults to 0.1: where the pairs are not one-to-one (a plot and its poster), a full-weight
+            InfoNCE swamps the classification / LM losses that share the projections; alone (mm-align) the
+            weight does not matter to AdamW.
         logit_scale_init / logit_scale_max: initial value of the log inverse temperature (CLIP: ln(1/0.07))
             and the cap of its exponential.
         image_size: side of the square images fed to the image encoder (the image processor resizes to it).
@@ -94,7 +97,7 @@ class MoetuneMultimodalConfig(MoetuneConfig):
         mm_label_names: list[str] | None = None,
         prefix_tokens: dict[str, int] | None = None,
         contrastive_pairs: list[list[str]] | None = None,
-        contrastive_loss_coef: float = 1.0,
+        contrastive_loss_coef: float = 0.1,
         classification_loss_coef: float = 1.0,
         logit_scale_init: float = math.log(1 / 0.07),
         logit_scale_max: float = 100.0,
@@ -240,7 +243,8 @@ class MultimodalEncoding(ModelOutput):
 
     embeds (B, M, D) pooled shared-space embeddings (rows of absent modalities are placeholders, never
     used); present (B, M) bool; fused (B, D); gate_weights (B, M); tokens (B, P, D) prefix tokens in the
-    shared space and token_mask (B, P) their validity (the first token is the fused one).
+    shared space, left-packed per row (absent slots first, then the fused token and the modality tokens
+    in order), and token_mask (B, P) their validity.
     """
 
     embeds: torch.Tensor | None = None
@@ -441,6 +445,11 @@ class MoetuneMultimodalForCausalLM(MoetunePreTrainedModel, GenerationMixin):
         any_present = present.any(dim=1, keepdim=True)  # (B, 1)
         tokens = torch.cat([fused.unsqueeze(1), *token_list], dim=1)  # (B, P, D)
         token_mask = torch.cat([any_present, *token_masks], dim=1)  # (B, P)
+        # Left-pack each row: absent slots first, then the present ones in order, so the prefix looks like
+        # ordinary left padding to every attention implementation (dense, sparse, flash).
+        order = torch.sort(token_mask.to(torch.int8), dim=1, stable=True).indices  # (B, P)
+        tokens = tokens.gather(1, order.unsqueeze(-1).expand_as(tokens))
+        token_mask = token_mask.gather(1, order)
         return MultimodalEncoding(
             embeds=embeds, present=present, fused=fused, gate_weights=gate_weights, tokens=tokens,
             token_mask=token_mask,
