@@ -188,7 +188,11 @@ def test_alignment_and_classification_run_without_the_decoder(model):
     with torch.no_grad():
         out = model(**inputs)
     assert out.logits is None and out.lm_loss is None
-    torch.testing.assert_close(out.loss, out.contrastive_loss + out.classification_loss)
+    c = model.config
+    expected = (
+        c.contrastive_loss_coef * out.contrastive_loss + c.classification_loss_coef * out.classification_loss
+    )
+    torch.testing.assert_close(out.loss, expected)
 
 
 def test_frozen_batchnorm_statistics_do_not_drift_in_training(model):
