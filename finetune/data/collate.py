@@ -23,11 +23,12 @@ def pad_id_of(tokenizer: Any) -> int:
     return 0
 
 
-def _padded_length(lengths: Sequence[int], multiple: int | None) -> int:
-    longest = max(lengths)
-    if multiple:
-        longest = -(-longest // multiple) * multiple
-    return longest
+def _padded(rows: Sequence[Sequence[int]], width: int, fill: int) -> torch.Tensor:
+    """Right-pad `rows` to `width` with `fill`: (B, T) long."""
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
 
 
 class PaddingCollator:
@@ -38,40 +39,33 @@ class PaddingCollator:
         self.pad_id = pad_id
         self.pad_to_multiple_of = pad_to_multiple_of
 
+    def width(self, features: Sequence[dict[str, Any]]) -> int:
+        longest = max(len(f["input_ids"]) for f in features)
+        multiple = self.pad_to_multiple_of
+        return -(-longest // multiple) * multiple if multiple else longest
+
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        lengths = [len(f["input_ids"]) for f in features]
-        width = _padded_length(lengths, self.pad_to_multiple_of)
-        input_ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)  # (B, T)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
-        for row, (f, n) in enumerate(zip(features, lengths)):
-            input_ids[row, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            labels[row, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
-            attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        width = self.width(features)
+        return {
+            "input_ids": _padded([f["input_ids"] for f in features], width, self.pad_id),
+            "attention_mask": _padded([[1] * len(f["input_ids"]) for f in features], width, 0),
+            "labels": _padded([f["labels"] for f in features], width, IGNORE_INDEX),
+        }
 
 
-class PackedCollator:
+class PackedCollator(PaddingCollator):
     """Packed rows -> `input_ids`, `labels`, `position_ids` (B, T) and no attention mask: transformers
     derives the block-diagonal causal mask from position ids that restart at every document. Padding
     at the end of a short row is one more (ignored) document: its positions restart at 0 too."""
 
-    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None) -> None:
-        self.pad_id = pad_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        lengths = [len(f["input_ids"]) for f in features]
-        width = _padded_length(lengths, self.pad_to_multiple_of)
-        input_ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)  # (B, T)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((len(features), width), dtype=torch.long)
-        for row, (f, n) in enumerate(zip(features, lengths)):
-            input_ids[row, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            labels[row, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
-            position_ids[row, :n] = torch.as_tensor(f["position_ids"], dtype=torch.long)
-            position_ids[row, n:] = torch.arange(width - n)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        width = self.width(features)
+        positions = [list(f["position_ids"]) + list(range(width - len(f["position_ids"]))) for f in features]
+        return {
+            "input_ids": _padded([f["input_ids"] for f in features], width, self.pad_id),
+            "labels": _padded([f["labels"] for f in features], width, IGNORE_INDEX),
+            "position_ids": _padded(positions, width, 0),
+        }
 
 
 def length_grouped_sampler(lengths: Sequence[int], batch_size: int, seed: int) -> torch.utils.data.Sampler:
