@@ -246,7 +246,9 @@ def routed_experts_forward(
     has_bias = getattr(experts, "has_bias", False)
     num_experts = getattr(experts, up_name).shape[0]
     routing = Routing.build(top_k_index, top_k_weights, num_experts)
-    dtype = hidden_states.dtype
+    # Like transformers' grouped_mm path: compute in the expert weights' dtype (also under autocast,
+    # which the GEMMs below bypass), and hand back the caller's dtype.
+    dtype = getattr(experts, up_name).dtype
 
     def factors(name):
         weight = getattr(experts, name)
@@ -261,10 +263,13 @@ def routed_experts_forward(
         return weight_t.detach(), bias, lora_a, lora_b, f.scaling, f.mask
 
     w_up, b_up, a_up, bb_up, s_up, m_up = factors(up_name)
-    proj = _GatherProject.apply(hidden_states, w_up, b_up, a_up, bb_up, s_up, routing, m_up)  # (S, [2]I)
-    h = experts._apply_gate(proj) if has_gate else experts.act_fn(proj)  # (S, I)
     w_dn, b_dn, a_dn, bb_dn, s_dn, m_dn = factors(DOWN_NAME)
-    return _ProjectScatter.apply(h, routing.weights, w_dn, b_dn, a_dn, bb_dn, s_dn, routing, m_dn)
+    x = hidden_states.to(dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        proj = _GatherProject.apply(x, w_up, b_up, a_up, bb_up, s_up, routing, m_up)  # (S, [2]I)
+        h = experts._apply_gate(proj) if has_gate else experts.act_fn(proj)  # (S, I)
+        out = _ProjectScatter.apply(h, routing.weights, w_dn, b_dn, a_dn, bb_dn, s_dn, routing, m_dn)
+    return out.to(hidden_states.dtype)
 
 
 # ----------------------------------------------------------------------------- PEFT ParamWrapper glue
@@ -356,6 +361,8 @@ def fast_path_supports(experts: nn.Module) -> bool:
     """A transformers fused-experts module whose computation `routed_experts_forward` reproduces."""
     has_gate = getattr(experts, "has_gate", None)
     if has_gate is None or getattr(experts, "has_post_expert_norm", False):
+        return False
+    if getattr(experts, "_is_expert_parallel", False):  # EP sentinels: transformers' own path handles them
         return False
     if has_gate and not hasattr(experts, "_apply_gate"):
         return False

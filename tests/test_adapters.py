@@ -122,6 +122,14 @@ def test_bf16_and_gradient_checkpointing_train_the_fast_path():
     expert_grads = [g for n, g in bf16_grads.items() if ".experts." in n]
     assert expert_grads and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in expert_grads)
 
+    # fp32 weights under bf16 autocast (mixed-precision training): experts compute in their weights'
+    # dtype, like transformers' grouped_mm path, so fast and PEFT paths agree
+    model.activation_checkpointing_disable()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = model(**batch).loss
+        remove_fast_path(model)
+        torch.testing.assert_close(model(**batch).loss, fast)
+
 
 def test_count_target_groups_per_family():
     counts = {family: count_target_groups(build(family)) for family in FAMILIES}
