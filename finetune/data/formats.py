@@ -30,11 +30,16 @@ def text_tokenizer(tokenizer: Any) -> Any:
     return getattr(tokenizer, "tokenizer", tokenizer)
 
 
-def _string_field(record: dict, name: str) -> str:
-    if name not in record or record[name] is None:
+def _field(record: dict, name: str) -> Any:
+    """record[name]; missing or null is a BadRecord that lists the fields the record has."""
+    if record.get(name) is None:
         present = ", ".join(k for k, v in record.items() if v is not None) or "none"
         raise BadRecord(f"missing field '{name}' (fields present: {present})")
-    value = record[name]
+    return record[name]
+
+
+def _string_field(record: dict, name: str) -> str:
+    value = _field(record, name)
     if not isinstance(value, str):
         raise BadRecord(f"field '{name}' must be a string, got {type(value).__name__}")
     return value
@@ -138,10 +143,7 @@ def resolve_chat_template(tokenizer: Any, setting: str | None) -> str:
 
 
 def _messages(record: dict, field: str) -> list[dict]:
-    if field not in record or record[field] is None:
-        present = ", ".join(k for k, v in record.items() if v is not None) or "none"
-        raise BadRecord(f"missing field '{field}' (fields present: {present})")
-    messages = record[field]
+    messages = _field(record, field)
     if not isinstance(messages, list) or not messages:
         raise BadRecord(f"field '{field}' must be a non-empty list of {{role, content}} messages")
     clean = []
