@@ -77,6 +77,12 @@ def test_text_files_folders_and_globs_are_one_document_per_file(tmp_path, caplog
     assert load_source(str(corpus / "a.py"), what="data.train")["source"] == [str(corpus / "a.py")]
 
 
+def test_home_relative_sources_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    jsonl(tmp_path / "h.jsonl", [{"text": "x"}])
+    assert load_source("~/h.jsonl", what="data.train")["text"] == ["x"]
+
+
 def test_stdlib_source_is_the_standard_library_sorted_without_tests():
     docs = load_source("stdlib:python", what="data.train")
     sources = docs["source"]

@@ -76,7 +76,8 @@ def _load_one(spec: str, *, what: str) -> datasets.Dataset:
     if spec == STDLIB:
         return stdlib_documents()
     if spec.startswith("stdlib:"):
-        raise MoetuneError(f"{what}: unknown special source '{spec}'; the one there is is '{STDLIB}'")
+        raise MoetuneError(f"{what}: unknown special source '{spec}'; the only one is '{STDLIB}'")
+    spec = os.path.expanduser(spec)  # `--set data.train=~/corpus`: the shell leaves that ~ alone
     path, split = _split_suffix(spec)
     if path.is_file():
         return _load_files([path], what=what, named=True)
