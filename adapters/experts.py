@@ -296,8 +296,10 @@ def expert_lora_mask(wrapper: nn.Module, adapter: str) -> list[bool] | None:
     for both factors, so they stay zero under AdamW); deriving the mask from the weights keeps it
     right after save / load with no extra state. None when every expert carries LoRA.
     """
+    weight_a = wrapper.lora_A[adapter].weight
+    if weight_a.device.type == "meta":  # a model built for planning has no values to look at
+        return None
     with torch.no_grad():
-        weight_a = wrapper.lora_A[adapter].weight
         mask = weight_a.view(wrapper.num_experts, -1).ne(0).any(dim=1).tolist()
     return None if all(mask) else mask
 
