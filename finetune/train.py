@@ -122,6 +122,7 @@ class TrainingRun:
         from adapters import apply_lora
         from adapters.targets import target_report
         from finetune.data import build_datasets, make_collator
+        from finetune.evaluate import expert_call_sites
         from finetune.loading import load_model
         from finetune.recipe import save_recipe
 
@@ -150,7 +151,8 @@ class TrainingRun:
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.total_params = sum(p.numel() for p in self.model.parameters())
         acc.print(target_report(self.model))
-        self.routes = getattr(self.base_config, "output_router_logits", None) is not None
+        self.routes = getattr(self.base_config, "output_router_logits", None) is not None  # returns aux loss
+        self.has_experts = bool(expert_call_sites(self.model))
         self.aux_coef = float(getattr(self.base_config, "router_aux_loss_coef", 0.0) or 0.0)
 
         # Data: a sampler whose order depends only on (seed, epoch), sharded over processes by prepare.
@@ -221,7 +223,7 @@ class TrainingRun:
             self.state["eval_loss_before"] = before["loss"]
             self.state["expert_load_before"] = self.expert_load()
             self.log({"eval/loss": before["loss"], "eval/perplexity": before["perplexity"]}, 0)
-        progress = tqdm(
+        self.progress = progress = tqdm(
             total=self.total_steps,
             initial=self.state["step"],
             desc="train",
@@ -314,7 +316,7 @@ class TrainingRun:
                     f"(last good checkpoint: {last or 'none'}); lower train.lr, check the data, or set "
                     "train.nan_policy: skip"
                 )
-            acc.print(f"step {step}: {what} is not finite; skipping this step (train.nan_policy: skip)")
+            self.say(f"step {step}: {what} is not finite; skipping this step (train.nan_policy: skip)")
             self.state["skipped_steps"].append(step)
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
@@ -348,7 +350,7 @@ class TrainingRun:
         """Share of routed tokens per expert per MoE layer on the eval batches (None for dense models)."""
         from finetune.evaluate import routing_stats
 
-        if not self.routes or not self.eval_batches:
+        if not self.has_experts or not self.eval_batches:
             return None
         was_training = self.model.training
         batches = [_to_device(b, self.accelerator.device) for b in self.eval_batches]
@@ -360,9 +362,7 @@ class TrainingRun:
         result = self.evaluate()
         self.state["eval_loss"].append([step, result["loss"]])
         self.log({"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]}, step)
-        self.accelerator.print(
-            f"step {step}: eval loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f})"
-        )
+        self.say(f"step {step}: eval loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f})")
 
     def save_checkpoint(self, step: int) -> None:
         acc = self.accelerator
@@ -371,6 +371,16 @@ class TrainingRun:
         if acc.is_main_process:
             ckpt.prune_checkpoints(self.run_dir, self.recipe.output.keep_checkpoints)
         acc.wait_for_everyone()
+
+    def say(self, text: str) -> None:
+        """A line on the main process, written above the progress bar rather than through it."""
+        if not self.accelerator.is_main_process:
+            return
+        progress = getattr(self, "progress", None)
+        if progress is not None and not progress.disable:
+            progress.write(text)
+        else:
+            print(text, flush=True)
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.accelerator.log(values, step=step)
@@ -399,8 +409,10 @@ class TrainingRun:
                 load_after=after_load,
             )
             with ckpt.atomic_folder(adapter_dir) as tmp:
+                # save_embedding_layers=False: the vocabulary is never resized here, so a frozen
+                # lm_head / embedding is the base's own and does not belong in the adapter.
                 acc.unwrap_model(self.model).save_pretrained(
-                    tmp, state_dict=state_dict, safe_serialization=True
+                    tmp, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False
                 )
                 save_recipe(r, tmp / "recipe.yaml")
                 ckpt.write_json(tmp / "metrics.json", metrics)
