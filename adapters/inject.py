@@ -72,7 +72,8 @@ def apply_lora(
     if isinstance(model, PeftModel):
         raise MoetuneError("apply_lora got a model that already has adapters; pass the base model")
     _check_settings(r, alpha, dropout, router, group_overrides)
-    requested = [targets] if isinstance(targets, str) else list(targets or [])
+    requested = targets.split(",") if isinstance(targets, str) else list(targets or [])
+    requested = [t.strip() for t in requested if t.strip()]
     if router == "lora" and "router" not in requested:
         requested.append("router")
     if router != "lora" and "router" in requested:
