@@ -163,11 +163,14 @@ def load_model(
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    modalities: list[str] | None = None,
 ) -> tuple[PreTrainedModel, Any]:
     """MODEL spec -> (model, tokenizer or processor).
 
-    `preset:NAME` builds the built-in architecture with random weights and the offline tokenizer;
-    `preset:full` is refused on a CPU-only machine (it is ~16B parameters: use `moetune info`).
+    `preset:NAME` builds the built-in architecture with random weights and the offline tokenizer
+    (with `modalities`, the multimodal model and its processor); `preset:full` is refused on a
+    CPU-only machine (it is ~19B parameters: use `moetune info`). A folder's own config decides its
+    modalities, so asking for others there is refused rather than silently ignored.
     """
     spec = str(spec)
     torch_dtype = parse_dtype(dtype)
@@ -180,15 +183,27 @@ def load_model(
             )
         from finetune.tokenizer import build_tokenizer
 
-        config = preset_config(name)
+        config = _preset_or_multimodal_config(name, modalities)
         model = AutoModelForCausalLM.from_config(
             config, dtype=torch_dtype if isinstance(torch_dtype, torch.dtype) else None
         )
         if device_map not in (None, "cpu"):
             model = model.to("cuda" if device_map == "auto" else device_map)
-        return model, build_tokenizer(config.vocab_size)
+        tokenizer = build_tokenizer(config.vocab_size)
+        if modalities:
+            from finetune.modeling.multimodal import build_processor
+
+            return model, build_processor(config, tokenizer)
+        return model, tokenizer
 
     folder = resolve_model_folder(spec, allow_pickle=allow_pickle)
+    if modalities:
+        saved = list(getattr(AutoConfig.from_pretrained(folder), "modalities", None) or [])
+        if sorted(saved) != sorted(modalities):
+            raise MoetuneError(
+                f"{folder} was saved with modalities {saved or 'none'} but {list(modalities)} were asked for; "
+                "drop model.modalities for a saved model, or init a model with those modalities"
+            )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder,
@@ -205,6 +220,19 @@ def load_model(
             ) from err
         raise
     return model, load_tokenizer(folder, trust_remote_code=trust_remote_code)
+
+
+def _preset_or_multimodal_config(
+    name: str, modalities: list[str] | None, **overrides: Any
+) -> PretrainedConfig:
+    try:
+        if modalities:
+            from finetune.modeling.multimodal import multimodal_config
+
+            return multimodal_config(name, modalities, **overrides)
+        return preset_config(name, **overrides)
+    except ValueError as err:
+        raise MoetuneError(f"preset {name!r}: {err}") from err
 
 
 def init_model(
@@ -229,15 +257,7 @@ def init_model(
     overrides: dict[str, Any] = {}
     if attention is not None:
         overrides["attention_type"] = attention
-    try:
-        if modalities:
-            from finetune.modeling.multimodal import multimodal_config
-
-            config = multimodal_config(name, modalities, **overrides)
-        else:
-            config = preset_config(name, **overrides)
-    except ValueError as err:
-        raise MoetuneError(f"init-model --preset {name}: {err}") from err
+    config = _preset_or_multimodal_config(name, modalities, **overrides)
 
     from finetune.tokenizer import build_tokenizer
 

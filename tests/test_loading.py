@@ -135,3 +135,16 @@ def test_remote_code_never_runs_unless_asked(tmp_path):
     with pytest.raises(MoetuneError, match="--trust-remote-code"):
         load_model(str(tmp_path))
     assert not marker.exists()
+
+
+def test_preset_with_modalities_builds_the_multimodal_model_and_processor():
+    model, processor = load_model("preset:tiny", modalities=["image", "text"])
+    assert model.config.model_type == "moetune_multimodal"
+    assert sorted(model.config.modalities) == ["image", "text"]
+    assert hasattr(processor, "tokenizer")
+
+
+def test_saved_folder_refuses_other_modalities(tmp_path):
+    init_model("tiny", tmp_path / "m")
+    with pytest.raises(MoetuneError, match="modalities"):
+        load_model(str(tmp_path / "m"), modalities=["image"])
