@@ -144,7 +144,11 @@ class TrainingRun:
             allow_pickle=r.model.allow_pickle,
         )
         if r.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.base_config = model.config
         self.model = apply_lora(model, **dataclasses.asdict(r.adapter))

@@ -159,3 +159,59 @@ def test_label_tokens_are_counted_after_the_shift():
     labels = torch.tensor([[5, 6, 7, -100], [-100, -100, 8, 9]])
     # position 0 never has a target; the shifted labels are [6, 7, -100] and [-100, 8, 9]
     assert count_label_tokens(labels) == 4
+
+
+def test_tensorboard_gets_loss_lr_aux_loss_and_expert_load(tmp_path, corpus):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    launch_training(str(write_recipe(tmp_path, corpus, train={"max_steps": 2, "save_every": None})))
+    (events,) = [
+        p.parent for p in (tmp_path / "run" / "logs").rglob("events.out.tfevents.*") if "moetune" in str(p)
+    ][:1]
+    tags = set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/aux_loss",
+        "train/grad_norm",
+        "train/tokens_per_second",
+        "eval/loss",
+        "eval/perplexity",
+        "expert_load/layer_0/max_over_mean",
+        "expert_load/layer_1/cv",
+    ):
+        assert tag in tags, (tag, sorted(tags))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [["model.gradient_checkpointing=true"], ["train.mixed_precision=bf16"]],
+    ids=["gradient_checkpointing", "bf16"],
+)
+def test_memory_and_precision_settings_train_the_same_model(tmp_path, corpus, settings, monkeypatch):
+    """Gradient checkpointing recomputes the same numbers; bf16 autocast stays close to fp32."""
+    import transformers.modeling_utils as hf
+
+    recipe = write_recipe(tmp_path, corpus, train={"max_steps": 3, "save_every": None, "log_every": 1})
+    launch_training(str(recipe), output_dir=tmp_path / "plain")
+    real, calls = hf.checkpoint, []  # what transformers' activation checkpointing calls per layer
+    monkeypatch.setattr(hf, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    launch_training(str(recipe), output_dir=tmp_path / "other", overrides=settings)
+    assert bool(calls) == ("gradient_checkpointing" in settings[0])  # layers really were recomputed
+    plain, other = history(tmp_path / "plain")["train_loss"], history(tmp_path / "other")["train_loss"]
+    exact = "gradient_checkpointing" in settings[0]
+    for (_, a), (_, b) in zip(plain, other):
+        if exact:
+            assert a == pytest.approx(b, abs=1e-5)
+        else:
+            assert a == pytest.approx(b, abs=5e-2) and a != b  # autocast really ran in bf16
+
+
+def test_epochs_run_every_example_once_per_epoch(tmp_path, corpus):
+    recipe = write_recipe(
+        tmp_path, corpus, data={"eval_fraction": None},
+        train={"max_steps": None, "epochs": 2, "batch_size": 8, "grad_accum": 2, "save_every": None},
+    )  # fmt: skip
+    launch_training(str(recipe))
+    # 96 examples / (8 x 2) = 6 steps per epoch
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 12
