@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 200), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -71,7 +71,7 @@ def draw_shape(
     image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(225, 256, size=3)))
     draw = ImageDraw.Draw(image)
     cell_size = size / 3
-    radius = rng.uniform(0.28, 0.4) * cell_size
+    radius = rng.uniform(0.38, 0.46) * cell_size
     if cell is None:
         cx, cy = rng.uniform(radius, size - radius, size=2)
     else:
