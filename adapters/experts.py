@@ -49,12 +49,19 @@ class Routing:
     token_idx: torch.Tensor  # (S,) token of each sorted pair
     inv_perm: torch.Tensor  # (S,) position of pair (token t, slot j) = t * k + j in the sorted order
     weights: torch.Tensor  # (S,) routing weight of each sorted pair
-    counts: list[int]  # tokens per expert (E,), host side: the loops below skip experts with 0
+    offsets: torch.Tensor  # (E,) int32 cumulative pairs per expert, for grouped_mm
+    counts: list[int] | None  # pairs per expert, host side, for the per-expert loop (None: grouped)
     num_tokens: int
     top_k: int
 
+    @property
+    def grouped(self) -> bool:
+        return self.counts is None
+
     @classmethod
-    def build(cls, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> Routing:
+    def build(
+        cls, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int, grouped: bool
+    ) -> Routing:
         num_tokens, top_k = top_k_index.shape
         expert_ids = top_k_index.reshape(-1)  # (S,)
         sorted_ids, perm = torch.sort(expert_ids, stable=True)
@@ -66,7 +73,8 @@ class Routing:
             token_idx=perm // top_k,
             inv_perm=inv_perm,
             weights=top_k_weights.reshape(-1)[perm],
-            counts=counts.tolist(),  # the one host sync of the forward
+            offsets=torch.cumsum(counts, 0, dtype=torch.int32),
+            counts=None if grouped else counts.tolist(),  # the loop's one host sync per layer
             num_tokens=num_tokens,
             top_k=top_k,
         )
@@ -102,6 +110,16 @@ def _project(inp, weight_t, bias, lora_a, lora_b, scaling, routing, lora_mask):
 
     Per hit expert: y_e = inp_e @ W_e^T (+ b_e) + scaling * u_e @ B_e^T, u_e = inp_e @ A_e^T.
     """
+    if routing.grouped:  # one grouped GEMM per product; experts outside a selection have zero factors
+        offs = routing.offsets
+        out = F.grouped_mm(inp, weight_t, offs=offs)  # weight_t: (E, in, out)
+        if bias is not None:
+            out += bias[routing.expert_ids]
+        u = None
+        if lora_a is not None:
+            u = F.grouped_mm(inp, lora_a.transpose(1, 2), offs=offs)  # (S, r)
+            out.add_(F.grouped_mm(u, lora_b.transpose(1, 2), offs=offs), alpha=scaling)
+        return out, u
     out = inp.new_empty(inp.shape[0], weight_t.shape[-1])
     u = inp.new_zeros(inp.shape[0], lora_a.shape[1]) if lora_a is not None else None
     for e, s0, s1, with_lora in routing.segments(lora_mask):
@@ -129,6 +147,10 @@ def _project_backward(
     """
     need_input, need_a, need_b = needs
     has_lora = lora_a is not None and (need_a or need_b or need_input)
+    if routing.grouped:
+        return _project_backward_grouped(
+            grad, inp, u, weight_t, lora_a, lora_b, scaling, routing, needs, row_scale
+        )
     grad_inp = grad.new_empty(grad.shape[0], weight_t.shape[1]) if need_input else None
     grad_a = torch.zeros_like(lora_a) if lora_a is not None and need_a else None
     grad_b = torch.zeros_like(lora_b) if lora_b is not None and need_b else None
@@ -149,6 +171,26 @@ def _project_backward(
         if need_b:
             u_e = u[s0:s1] if scale_e is None else u[s0:s1] * scale_e
             torch.mm(g_e.t(), u_e, out=grad_b[e]).mul_(scaling)
+    return grad_inp, grad_a, grad_b
+
+
+def _project_backward_grouped(grad, inp, u, weight_t, lora_a, lora_b, scaling, routing, needs, row_scale):
+    """`_project_backward` with grouped GEMMs; the 2D x 2D form groups the pair dimension (dA, dB)."""
+    need_input, need_a, need_b = needs
+    offs = routing.offsets
+    grad_inp = F.grouped_mm(grad, weight_t.transpose(1, 2), offs=offs) if need_input else None
+    grad_a = grad_b = None
+    if lora_a is not None and (need_input or need_a or need_b):
+        gb = F.grouped_mm(grad, lora_b, offs=offs)  # (S, r)
+        if need_input:
+            grad_inp.add_(F.grouped_mm(gb, lora_a, offs=offs), alpha=scaling)
+        if row_scale is not None:
+            gb = gb * row_scale[:, None]
+            u = u * row_scale[:, None]
+        if need_a:
+            grad_a = F.grouped_mm(gb.t(), inp(0, None), offs=offs).mul_(scaling)  # (E, r, in)
+        if need_b:
+            grad_b = F.grouped_mm(grad.t(), u, offs=offs).mul_(scaling)  # (E, out, r)
     return grad_inp, grad_a, grad_b
 
 
@@ -216,6 +258,23 @@ class _ProjectScatter(torch.autograd.Function):
         return grad_h, grad_w, None, None, grad_a, grad_b, None, None, None
 
 
+# "auto": grouped GEMMs on CUDA (one kernel per product instead of a Python loop over experts), the
+# per-expert loop on the CPU (where torch's grouped_mm is itself a loop and measured no faster, and
+# the loop can skip experts outside an ESFT selection). "always" / "never" force one (tests use both).
+GROUPED_MM = "auto"
+
+
+def use_grouped_mm(x: torch.Tensor, dims: list[int] | None = None) -> bool:
+    """Whether to run the grouped backend for input x; `dims` (widths, ranks) must give 16-byte rows."""
+    if dims is not None and any(d * x.element_size() % 16 for d in dims):
+        return False  # grouped_mm needs 16-byte aligned strides
+    if GROUPED_MM != "auto":
+        return GROUPED_MM == "always"
+    if not hasattr(F, "grouped_mm") or x.device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
 @dataclass
 class ExpertLora:
     """The LoRA factors of one fused expert parameter, in per-expert form (views of PEFT's tensors)."""
@@ -245,7 +304,10 @@ def routed_experts_forward(
     transposed = getattr(experts, "is_transposed", False)
     has_bias = getattr(experts, "has_bias", False)
     num_experts = getattr(experts, up_name).shape[0]
-    routing = Routing.build(top_k_index, top_k_weights, num_experts)
+    dims = [*getattr(experts, up_name).shape[1:], *getattr(experts, DOWN_NAME).shape[1:]]
+    dims += [f.lora_a.shape[1] for f in lora.values()]  # ranks
+    grouped = use_grouped_mm(hidden_states, dims)
+    routing = Routing.build(top_k_index, top_k_weights, num_experts, grouped)
     # Like transformers' grouped_mm path: compute in the expert weights' dtype (also under autocast,
     # which the GEMMs below bypass), and hand back the caller's dtype.
     dtype = getattr(experts, up_name).dtype
@@ -275,7 +337,7 @@ def routed_experts_forward(
 # ----------------------------------------------------------------------------- PEFT ParamWrapper glue
 
 
-def peft_factors(wrapper: nn.Module, adapter: str) -> ExpertLora:
+def peft_factors(wrapper: nn.Module, adapter: str, with_mask: bool = True) -> ExpertLora:
     """Per-expert views of a PEFT ParamWrapper's lora_A (r*E, in) and lora_B (out, r*E).
 
     PEFT stores expert e's A as rows e*r:(e+1)*r of lora_A, and its B as columns e, e+E, e+2E, ...
@@ -286,7 +348,8 @@ def peft_factors(wrapper: nn.Module, adapter: str) -> ExpertLora:
     weight_b = wrapper.lora_B[adapter].weight
     lora_a = weight_a.view(num_experts, -1, weight_a.shape[-1])  # (E, r, in)
     lora_b = weight_b.view(weight_b.shape[0], -1, num_experts).permute(2, 0, 1)  # (E, out, r)
-    return ExpertLora(lora_a, lora_b, float(wrapper.scaling[adapter]), expert_lora_mask(wrapper, adapter))
+    mask = expert_lora_mask(wrapper, adapter) if with_mask else None
+    return ExpertLora(lora_a, lora_b, float(wrapper.scaling[adapter]), mask)
 
 
 def expert_lora_mask(wrapper: nn.Module, adapter: str) -> list[bool] | None:
@@ -329,7 +392,9 @@ def _fast_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwar
     )
     if not usable:
         return type(self).forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-    lora = {w.parameter_name: peft_factors(w, active[0]) for w in chain}
+    # the mask only lets the per-expert loop skip unselected experts; grouped GEMMs need no host sync for it
+    with_mask = not use_grouped_mm(hidden_states)  # (a rank that forbids grouping only costs the skip)
+    lora = {w.parameter_name: peft_factors(w, active[0], with_mask) for w in chain}
     return routed_experts_forward(experts, hidden_states, top_k_index, top_k_weights, lora)
 
 
