@@ -130,6 +130,7 @@ def routing_stats(model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[s
             weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]  # (N, k)
             mask = state["mask"]
             if mask is not None and mask.numel() == index.shape[0]:
+                mask = mask.to(index.device)
                 index, weights = index[mask], weights[mask]
             state["top_k"] = index.shape[-1]
             flat = index.reshape(-1).cpu()
@@ -147,7 +148,7 @@ def routing_stats(model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[s
     try:
         for batch in batches:
             mask = batch.get("attention_mask")
-            state["mask"] = None if mask is None else mask.reshape(-1).bool().to(batch["input_ids"].device)
+            state["mask"] = None if mask is None else mask.reshape(-1).bool()
             model(**_model_inputs(batch), use_cache=False)
     finally:
         for handle in handles:
