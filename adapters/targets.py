@@ -125,8 +125,13 @@ def _multimodal_targets(model: nn.Module) -> list[Target]:
     for name, module in model.named_modules():
         clean = _clean(name)
         parts = clean.split(".")
-        if "lora_" in clean or "modules_to_save" in parts or ".base_layer" in name:
-            continue
+        if (
+            "lora_" in clean
+            or "modules_to_save" in parts
+            or ".base_layer" in name
+            or ".original_module" in name
+        ):
+            continue  # PEFT's own sub-modules: the wrapper itself is listed
         if parts[-1] in ENCODER_ROOTS and isinstance(module, nn.ModuleDict):
             for lname, layer in _encoder_layers(module, clean):
                 found.append(Target(lname, "encoders", -1, "module", layer.weight.numel()))
