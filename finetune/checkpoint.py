@@ -269,11 +269,30 @@ def prune_checkpoints(run_dir: Path, keep: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_trainable_keys(checkpoint: Path, model: torch.nn.Module) -> None:
+    """Every trainable weight must be in the checkpoint (it is loaded non-strictly: the base is not)."""
+    from safetensors import safe_open
+
+    path = Path(checkpoint) / "model.safetensors"
+    if not path.exists():  # sharded (FSDP / DeepSpeed) checkpoints are checked by their own loaders
+        return
+    with safe_open(str(path), framework="pt") as fh:
+        saved = {_strip_wrappers(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and n not in saved)
+    if missing:
+        raise MoetuneError(
+            f"checkpoint {checkpoint} lacks {len(missing)} trainable weight(s) (e.g. {missing[0]}); it was "
+            "written for another adapter: resume with the recipe that wrote it, or start a new run folder"
+        )
+
+
 def load_checkpoint(accelerator, checkpoint: Path) -> dict[str, Any]:
     """Restore model/optimizer/scheduler/RNG from `checkpoint`; returns its trainer state."""
     from accelerate.utils import DistributedType
 
     state = read_trainer_state(checkpoint)
+    for model in accelerator._models:
+        check_trainable_keys(checkpoint, accelerator.unwrap_model(model))
     # Checkpoints hold only the trainable weights, so the frozen base weights are "missing" by design.
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     kwargs = {} if sharded else {"strict": False}

@@ -188,6 +188,7 @@ class TrainingRun:
         acc.wait_for_everyone()
 
     def _checkpoint_to_resume(self) -> Path | None:
+        """The checkpoint `--resume` continues from (checked against the recipe before any loading)."""
         existing = ckpt.latest_checkpoint(self.run_dir)
         if not self.resume:
             if existing is not None:
@@ -198,20 +199,18 @@ class TrainingRun:
             return None
         if existing is None:
             self.accelerator.print(f"--resume: no checkpoint in {self.run_dir}; starting at step 0")
+            return None
+        saved, now = ckpt.read_trainer_state(existing).get("fingerprint", {}), self.state["fingerprint"]
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if changed:
+            raise MoetuneError(
+                f"cannot resume {existing}: the recipe changed ({', '.join(changed)}); "
+                "restore those keys or start a new run folder"
+            )
         return existing
 
     def _restore(self, checkpoint: Path) -> None:
         state = ckpt.load_checkpoint(self.accelerator, checkpoint)
-        if state.get("fingerprint") != self.state["fingerprint"]:
-            changed = sorted(
-                k
-                for k in set(state.get("fingerprint", {})) | set(self.state["fingerprint"])
-                if state.get("fingerprint", {}).get(k) != self.state["fingerprint"].get(k)
-            )
-            raise MoetuneError(
-                f"cannot resume {checkpoint}: the recipe changed ({', '.join(changed)}); "
-                "restore those keys or start a new run folder"
-            )
         self.state = state
         self.accelerator.print(f"resumed from {checkpoint} (step {state['step']} of {self.total_steps})")
 

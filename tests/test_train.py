@@ -102,6 +102,14 @@ def test_existing_checkpoints_need_resume(tmp_path, corpus):
     launch_training(str(recipe))
     with pytest.raises(MoetuneError, match="--resume"):
         launch_training(str(recipe))
+    # a checkpoint that lacks trainable weights is refused, not loaded half (loading is non-strict)
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "run" / "checkpoints" / "step-000002" / "model.safetensors"
+    state = load_file(str(weights))
+    save_file(dict(list(state.items())[1:]), str(weights))
+    with pytest.raises(MoetuneError, match="lacks 1 trainable weight"):
+        launch_training(str(recipe), resume=True)
 
 
 def test_resume_refuses_a_changed_recipe(tmp_path, corpus):
