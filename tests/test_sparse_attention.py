@@ -235,3 +235,19 @@ def test_bfloat16_runs():
     out = run(module, config, hidden, torch.arange(50)[None])
     reference_out = reference(module.float(), config, hidden.float(), 0, 50)
     torch.testing.assert_close(out.float(), reference_out, rtol=0.05, atol=0.02)
+
+
+# PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` in PeftModel.__init__.
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_lora_reaches_the_projections_and_the_gate():
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_config(sparse_config())
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "mix_gate"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    ids = torch.randint(3, 100, (2, 30))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    attn = peft_model.base_model.model.model.layers[0].self_attn
+    for name in targets:
+        lora_b = getattr(attn, name).lora_B["default"].weight
+        assert lora_b.grad is not None and lora_b.grad.abs().sum() > 0, name
