@@ -223,3 +223,19 @@ def test_epochs_run_every_example_once_per_epoch(tmp_path, corpus):
     launch_training(str(recipe))
     # 96 examples / (8 x 2) = 6 steps per epoch
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 12
+
+
+def test_push_to_hub_pushes_the_adapter_folder_at_the_end(tmp_path, corpus, monkeypatch):
+    import adapters.hub
+
+    pushed = []
+    monkeypatch.setattr(
+        adapters.hub, "push_folder", lambda folder, repo, **kw: pushed.append((folder, repo, kw)) or "ok"
+    )
+    recipe = write_recipe(
+        tmp_path, corpus, train={"max_steps": 1, "save_every": None}, output={"push_to_hub": "me/tiny-lora", "private": True}
+    )  # fmt: skip
+    launch_training(str(recipe))
+    assert pushed == [
+        (tmp_path / "run" / "adapter", "me/tiny-lora", {"private": True, "revision": None, "dry_run": False})
+    ]
