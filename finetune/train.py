@@ -407,7 +407,12 @@ class TrainingRun:
             images = plots.write_run_plots(
                 self.run_dir / "plots",
                 train_loss=self.state["train_loss"],
-                eval_loss=self.state["eval_loss"],
+                eval_loss=(
+                    [[0, self.state["eval_loss_before"]]]
+                    if self.state["eval_loss_before"] is not None
+                    else []
+                )
+                + self.state["eval_loss"],
                 load_before=self.state["expert_load_before"],
                 load_after=after_load,
             )
