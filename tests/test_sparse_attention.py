@@ -251,3 +251,23 @@ def test_lora_reaches_the_projections_and_the_gate():
     for name in targets:
         lora_b = getattr(attn, name).lora_B["default"].weight
         assert lora_b.grad is not None and lora_b.grad.abs().sum() > 0, name
+
+
+def test_general_path_equals_the_fused_fast_path():
+    """Other devices (and padded / packed / cached input) take the general path: same numbers, same grads."""
+    from finetune.modeling.sparse_attention import _Layout
+
+    config = sparse_config()
+    module = attention(config)
+    q, k, v = (torch.randn(2, 29, n, 16).transpose(1, 2).requires_grad_() for n in (4, 2, 2))
+    gate_logits = torch.randn(2, 29, 2, requires_grad=True)
+    results = []
+    for regular in (True, False):
+        layout = _Layout.build(None, None, 2, 0, 29, q.device)
+        assert layout.regular
+        layout.regular = regular
+        out = module.attend(q, k, v, gate_logits, layout)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v, gate_logits))
+        results.append((out, *grads))
+    for fast, general in zip(*results):
+        torch.testing.assert_close(fast, general, rtol=1e-4, atol=1e-5)

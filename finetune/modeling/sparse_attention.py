@@ -25,14 +25,17 @@ keys: it adds no parameters (so LoRA on q/k/v/o_proj and mix_gate reaches every 
 keeps relative positions exact (a summary is the block as seen from the query's frame), and over a
 10-token block only the few fastest rotary frequencies average out.
 
-Cost. The global branch is computed with the block-causal structure, never an n x n matrix: query t
-sees blocks j < (t + 1) // block_size, so after grouping the queries by their phase r = (t + 1) %
-block_size, every phase is a plain *causal* attention of n / block_size queries over n / block_size
-summaries. All phases go through one `scaled_dot_product_attention(is_causal=True)` call (phases are
-folded into the head axis and share the summaries as GQA groups), whose kernel skips the masked blocks
-and keeps memory O(n). Padded, packed or cached inputs take an exact general path with an explicit
-block mask of shape (queries x summaries). The local branch takes one elementwise pass over q and
-the shifted keys per window offset: memory and time linear in n.
+Cost. Nothing here forms an n x n matrix. Query t sees the blocks j < (t + 1) // block_size; grouping
+the queries by their phase r = (t + 1) % block_size makes every phase a plain *causal* attention of
+n / block_size queries over the n / block_size summaries. On a CPU the fast path (one document per row,
+no cache) runs exactly that through the causal flash-attention kernel, whose tiles above the diagonal
+are skipped, so the global work is about n^2 / (2 * block_size) instead of dense attention's n^2 / 2,
+in O(n) memory; it is fused with the local branch and the gate in one autograd Function whose backward
+frees each head's saved output as soon as it is used (peak memory of the module at or below dense
+sdpa's, see benchmarks/sparse_attention.py). Padded, packed or cached inputs, and other devices, take
+an exact general path: the same summaries, read through `scaled_dot_product_attention` with an explicit
+(queries x summaries) block mask. The local branch is one pass over q and the shifted keys per window
+offset (a batched matmul over views, no (n, window, D) copy): time and memory linear in n.
 
 Padding and packing: `padding_mask` (1 = real token) and `position_ids` restarting at 0 mark the
 documents; tokens never attend across documents or to padding, and blocks are counted from each
@@ -207,7 +210,8 @@ class _BlockSparse(torch.autograd.Function):
     block) whose kernel skips the masked tiles. The phases are a strided view of the queries (batch =
     phase), and the kernel writes its output already in token order; one (batch, head) at a time, so
     no buffer larger than one head's is ever allocated. Saved for backward: the global output and
-    log-sum-exp, the local probabilities (T, w); the local output is recomputed (w passes).
+    log-sum-exp and the local probabilities (T, w); the local output itself is not needed (the gate's
+    gradient is folded into the local backward).
     """
 
     @staticmethod
@@ -240,7 +244,7 @@ class _BlockSparse(torch.autograd.Function):
 
     @staticmethod
     def _phases(query_head: torch.Tensor, block: int, m: int) -> torch.Tensor:
-        """(T, D) queries of one head -> (block, 1, m, D) view-like tensor: [r, 0, a - 1] = query a*block+r-1."""
+        """(T, D) queries of one head -> (block, 1, m, D) phases: [r, 0, a - 1] = query a * block + r - 1."""
         length, dim = query_head.shape
         padded = F.pad(query_head, (0, 0, 1, (m + 1) * block - 1 - length))  # row u holds query u - 1
         return padded.view(m + 1, block, dim)[1:].transpose(0, 1)[:, None]
@@ -371,8 +375,8 @@ class HierarchicalSparseAttention(nn.Module):
         past = key.shape[2] - length
         lo = max(0, past - (self.local_window - 1))  # the first key any query's window reaches
         allowed = self._window_mask(layout, past, lo, length)[:, None, None]  # (B, 1, 1, T, w)
-        if layout.regular:  # fused fast path; every token from index block-1 on sees a summary
-            has_global = torch.arange(length, device=query.device) >= self.block_size - 1
+        if layout.regular and query.device.type == "cpu":  # fused fast path (a CPU kernel)
+            has_global = torch.arange(length, device=query.device) >= self.block_size - 1  # a block done
             gate = self._gate(gate_logits, has_global.expand(batch, length))
             return _BlockSparse.apply(query, key, value, gate, allowed, self.block_size, self.scaling)
 
