@@ -321,6 +321,8 @@ class TrainingRun:
                 )
             self.say(f"step {step}: {what} is not finite; skipping this step (train.nan_policy: skip)")
             self.state["skipped_steps"].append(step)
+            if acc.scaler is not None:  # fp16: the GradScaler sees the non-finite gradients and skips
+                self.optimizer.step()  # the update itself, keeping its own state consistent
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             return {"loss": float("nan"), "aux_loss": aux, "grad_norm": grad_norm, "tokens": tokens}
@@ -344,7 +346,9 @@ class TrainingRun:
             evaluate_loss(self.model, [_to_device(self.eval_batches[0], acc.device)])
         self.model.train(was_training)
         tokens = torch.tensor(float(result["tokens"]), device=acc.device)
-        weighted = torch.tensor(float(result["loss"]) * float(result["tokens"]), device=acc.device)
+        weighted = torch.tensor(
+            float(result["loss"]) * result["tokens"] if result["tokens"] else 0.0, device=acc.device
+        )
         total = float(acc.reduce(tokens, "sum").item())
         loss = float(acc.reduce(weighted, "sum").item()) / max(total, 1.0)
         return {"loss": loss, "perplexity": _perplexity(loss), "tokens": total}
