@@ -239,3 +239,24 @@ def test_push_to_hub_pushes_the_adapter_folder_at_the_end(tmp_path, corpus, monk
     assert pushed == [
         (tmp_path / "run" / "adapter", "me/tiny-lora", {"private": True, "revision": None, "dry_run": False})
     ]
+
+
+def test_the_commands_in_docs_training_md_parse():
+    import re
+    import shlex
+
+    from test_train_support import ROOT
+
+    from cli import build_parser
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    commands = re.findall(r"^((?:moetune train|accelerate launch) .+?)(?:\s+#.*)?$", text, re.M)
+    assert len(commands) >= 6
+    parser = build_parser()
+    for command in commands:
+        args = shlex.split(command)
+        if args[0] == "accelerate":
+            assert (ROOT / args[args.index("--config_file") + 1]).is_file(), command
+            args = ["moetune", *args[args.index("cli.py") + 1 :]]
+        parsed = parser.parse_args(args[1:])
+        assert parsed.command == "train", command
