@@ -304,12 +304,13 @@ class TrainingRun:
             )
 
         max_norm = t.max_grad_norm if t.max_grad_norm else float("inf")
-        grad_norm = _as_float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+        norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)  # None: DeepSpeed before its first step
+        grad_norm = _as_float(norm) if norm is not None else float("nan")
         train_loss = float(acc.reduce(loss_sum, "sum").item()) / denominator
         aux = float(acc.reduce(aux_sum, "mean").item()) / len(micro_batches)
         tokens = int(acc.reduce(torch.tensor(seen, device=acc.device), "sum").item())
         # fp16 overflows are the GradScaler's business (it skips the step); NaN loss never is.
-        bad_grads = acc.scaler is None and not math.isfinite(grad_norm)
+        bad_grads = acc.scaler is None and norm is not None and not math.isfinite(grad_norm)
         if not math.isfinite(train_loss) or bad_grads:
             what = f"loss {train_loss}" if not math.isfinite(train_loss) else f"gradient norm {grad_norm}"
             if t.nan_policy == "stop":

@@ -260,3 +260,15 @@ def test_the_commands_in_docs_training_md_parse():
             args = ["moetune", *args[args.index("cli.py") + 1 :]]
         parsed = parser.parse_args(args[1:])
         assert parsed.command == "train", command
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path, corpus):
+    recipe = write_recipe(
+        tmp_path, corpus, data={"eval_fraction": None},
+        train={"max_steps": 8, "save_every": 2}, output={"keep_checkpoints": 2},
+    )  # fmt: skip
+    launch_training(str(recipe))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-000004",
+        "step-000006",
+    ]
