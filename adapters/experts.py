@@ -194,68 +194,67 @@ def _project_backward_grouped(grad, inp, u, weight_t, lora_a, lora_b, scaling, r
     return grad_inp, grad_a, grad_b
 
 
-class _GatherProject(torch.autograd.Function):
-    """x (N, H) -> gather routed pairs -> grouped LoRA projection -> (S, out). Saves x, not the gather."""
+class _RoutedExpertsLora(torch.autograd.Function):
+    """x (N, H) -> gather pairs -> up projection -> activation -> down projection -> weighted sum (N, H).
+
+    One Function for the whole expert MLP so that backward keeps only x, the up projection's output
+    (S, [2]I), the thin LoRA activations (S, r) and the routing weights: the gather of x, the
+    activation and its output are recomputed (cheap elementwise work), the frozen weights get no
+    gradient, and the routing-weight gradient <dL/dy_s, y_s> comes from q_s = g_s W_e + s (g_s B_e) A_e
+    (needed for dh anyway) as <q_s, h_s> + <g_s, b_e>. `act` is the experts module's gate or
+    activation; its backward is taken by autograd on the recomputed values, so any gate works.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight_t, bias, lora_a, lora_b, scaling, routing, lora_mask):
-        out, u = _project(routing.gather(x), weight_t, bias, lora_a, lora_b, scaling, routing, lora_mask)
-        ctx.save_for_backward(x, u, weight_t, lora_a, lora_b)
-        ctx.scaling, ctx.routing, ctx.lora_mask = scaling, routing, lora_mask
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, u, weight_t, lora_a, lora_b = ctx.saved_tensors
-        routing = ctx.routing
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-
-        def rows(s0, s1):  # re-gathered: cheaper than keeping the (S, H) gather alive
-            return routing.gather(x, s0, s1)
-
-        grad_xs, grad_a, grad_b = _project_backward(
-            grad.contiguous(), rows, u, weight_t, lora_a, lora_b, ctx.scaling, routing, ctx.lora_mask, needs
-        )
-        grad_x = None
-        if grad_xs is not None:
-            grad_x = routing.sum_per_token(grad_xs)  # each token collects its k pairs' gradients
-        return grad_x, None, None, grad_a, grad_b, None, None, None
-
-
-class _ProjectScatter(torch.autograd.Function):
-    """h (S, I) -> grouped LoRA projection -> weight by routing score -> sum per token -> (N, H)."""
-
-    @staticmethod
-    def forward(ctx, h, weights, weight_t, bias, lora_a, lora_b, scaling, routing, lora_mask):
-        y, u = _project(h, weight_t, bias, lora_a, lora_b, scaling, routing, lora_mask)  # (S, H)
+    def forward(ctx, x, weights, a_up, bb_up, a_dn, bb_dn, frozen, act, routing):
+        # frozen: (W_up^T, b_up, scaling_up, mask_up, W_down^T, b_down, scaling_down, mask_down)
+        w_up, b_up, s_up, m_up, w_dn, b_dn, s_dn, m_dn = frozen
+        proj, u_up = _project(routing.gather(x), w_up, b_up, a_up, bb_up, s_up, routing, m_up)  # (S, [2]I)
+        y, u_dn = _project(act(proj), w_dn, b_dn, a_dn, bb_dn, s_dn, routing, m_dn)  # (S, H)
         y = y.to(torch.promote_types(y.dtype, weights.dtype)).mul_(weights.unsqueeze(-1))
-        out = routing.sum_per_token(y)  # (N, H)
-        ctx.save_for_backward(h, u, weights, weight_t, bias, lora_a, lora_b)
-        ctx.scaling, ctx.routing, ctx.lora_mask = scaling, routing, lora_mask
-        return out.to(h.dtype)
+        ctx.save_for_backward(x, weights, proj, u_up, u_dn, a_up, bb_up, a_dn, bb_dn)
+        ctx.frozen, ctx.act, ctx.routing = frozen, act, routing
+        return routing.sum_per_token(y).to(x.dtype)  # (N, H)
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, u, weights, weight_t, bias, lora_a, lora_b = ctx.saved_tensors
+        x, weights, proj, u_up, u_dn, a_up, bb_up, a_dn, bb_dn = ctx.saved_tensors
+        w_up, b_up, s_up, m_up, w_dn, b_dn, s_dn, m_dn = ctx.frozen
         routing = ctx.routing
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g = routing.gather(grad_out.contiguous()).to(h.dtype)  # (S, H): dL/d(w_s * y_s) per pair
-        scale = weights.to(h.dtype)  # dL/dy_s = w_s * g_s
-        # q_s = g_s W_e + s (g_s B_e) A_e: dh_s = w_s q_s, and it gives the routing-weight gradient
-        q, grad_a, grad_b = _project_backward(
-            g, lambda s0, s1: h[s0:s1], u, weight_t, lora_a, lora_b, ctx.scaling, routing, ctx.lora_mask,
-            (need_h or need_w, ctx.needs_input_grad[4], ctx.needs_input_grad[5]), row_scale=scale,
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_up, need_dn = any(ctx.needs_input_grad[2:4]), any(ctx.needs_input_grad[4:6])
+
+        with torch.enable_grad():  # the activation again, this time with its graph
+            proj = proj.detach().requires_grad_()
+            h_graph = ctx.act(proj)
+        h = h_graph.detach()  # (S, I)
+
+        # down projection: dL/dy_s = w_s * g_s with g_s the token's incoming gradient
+        g = routing.gather(grad_out.contiguous()).to(h.dtype)  # (S, H)
+        scale = weights.to(h.dtype)
+        q, grad_a_dn, grad_b_dn = _project_backward(
+            g, lambda s0, s1: h[s0:s1], u_dn, w_dn, a_dn, bb_dn, s_dn, routing, m_dn,
+            (need_x or need_w or need_up, need_dn, need_dn), row_scale=scale,
         )  # fmt: skip
-        grad_h = grad_w = None
+        grad_w = None
         if need_w:
-            # <dL/dy_s, y_s> without keeping y: <q_s, h_s> + <g_s, b_e>
             grad_w = (q.float() * h.float()).sum(-1)
-            if bias is not None:
-                grad_w += (g.float() * bias[routing.expert_ids].float()).sum(-1)
+            if b_dn is not None:
+                grad_w += (g.float() * b_dn[routing.expert_ids].float()).sum(-1)
             grad_w = grad_w.to(weights.dtype)
-        if need_h:
+        del g
+
+        grad_x = grad_a_up = grad_b_up = None
+        if need_x or need_up:
             grad_h = q.mul_(scale.unsqueeze(-1))
-        return grad_h, grad_w, None, None, grad_a, grad_b, None, None, None
+            (grad_proj,) = torch.autograd.grad(h_graph, proj, grad_h)  # (S, [2]I)
+            grad_xs, grad_a_up, grad_b_up = _project_backward(
+                grad_proj.contiguous(), lambda s0, s1: routing.gather(x, s0, s1), u_up, w_up, a_up, bb_up, s_up,
+                routing, m_up, (need_x, need_up, need_up),
+            )  # fmt: skip
+            if grad_xs is not None:
+                grad_x = routing.sum_per_token(grad_xs)  # each token collects its k pairs' gradients
+        return grad_x, grad_w, grad_a_up, grad_b_up, grad_a_dn, grad_b_dn, None, None, None
 
 
 # "auto": grouped GEMMs on CUDA (one kernel per product instead of a Python loop over experts), the
@@ -326,11 +325,11 @@ def routed_experts_forward(
 
     w_up, b_up, a_up, bb_up, s_up, m_up = factors(up_name)
     w_dn, b_dn, a_dn, bb_dn, s_dn, m_dn = factors(DOWN_NAME)
+    frozen = (w_up, b_up, s_up, m_up, w_dn, b_dn, s_dn, m_dn)
+    act = experts._apply_gate if has_gate else experts.act_fn  # (S, [2]I) -> (S, I)
     x = hidden_states.to(dtype)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        proj = _GatherProject.apply(x, w_up, b_up, a_up, bb_up, s_up, routing, m_up)  # (S, [2]I)
-        h = experts._apply_gate(proj) if has_gate else experts.act_fn(proj)  # (S, I)
-        out = _ProjectScatter.apply(h, routing.weights, w_dn, b_dn, a_dn, bb_dn, s_dn, routing, m_dn)
+        out = _RoutedExpertsLora.apply(x, routing.weights, a_up, bb_up, a_dn, bb_dn, frozen, act, routing)
     return out.to(hidden_states.dtype)
 
 
