@@ -5,9 +5,10 @@ For every routed (token, expert) pair, with X_e the tokens routed to expert e:
     Y_e = X_e W_e^T + b_e + scaling * (X_e A_e^T) B_e^T          A_e: (r, in), B_e: (out, r)
 
 computed only for the routed rows: the pairs are sorted by expert, each expert that received tokens
-runs one GEMM for its base weight and two thin GEMMs for its LoRA factors, and no E x out x in
-delta is ever formed. The base experts are frozen: backward computes the input gradient and the
-LoRA gradients, never a dense expert weight gradient (the extra GEMM that dominates plain PEFT).
+runs one GEMM for its base weight and two thin GEMMs for its LoRA factors (a Python loop over the hit
+experts on the CPU, one grouped_mm per product on CUDA), and no E x out x in delta is ever formed.
+The base experts are frozen: backward computes the input gradient and the LoRA gradients, never a
+dense expert weight gradient (the extra GEMM that dominates plain PEFT).
 
 How it plugs into PEFT (and why): the adapter is built by PEFT itself (`LoraConfig.target_parameters`,
 so `lora.ParamWrapper` owns lora_A / lora_B, the state-dict keys, save / load / merge / unload),
@@ -19,10 +20,11 @@ A plain `PeftModel.from_pretrained` therefore loads our adapters unchanged and r
 (slow, equivalent) path; anything the fast path does not cover (merged, disabled, several active
 adapters) falls back to PEFT's forward.
 
-Memory: the up projection saves the layer input x (N, H) and the sort permutation and re-gathers
-X_e in backward; the down projection saves its input h (S, I) and no output: the routing-weight
-gradient is <dY_s, Y_s> = <q_s, h_s> + <dY_s, b_e> with q_s = dY_s W_e + s (dY_s B_e) A_e, which
-backward computes anyway for dh.
+Memory: the whole expert MLP is one autograd Function whose backward keeps the layer input x (N, H),
+the up projection's output (S, [2]I), the thin LoRA activations (S, r) and the routing; the
+k-times larger gather of x, the activation and its output are recomputed, and the expert outputs are
+not kept: the routing-weight gradient <dY_s, Y_s> = <q_s, h_s> + <dY_s, b_e>, with
+q_s = dY_s W_e + s (dY_s B_e) A_e, which backward computes anyway for dh.
 
 Shapes: N tokens, k experts per token, S = N * k routed pairs, E experts, H hidden, I expert width.
 """
