@@ -102,6 +102,8 @@ def _window_steps(length: int, base: int, window: int):
     """
     for o in range(window):
         first = max(0, o - base)
+        if first >= length:  # no query reaches that far back (a sequence shorter than the window)
+            return
         yield o, first, slice(first + base - o, length + base - o)
 
 
