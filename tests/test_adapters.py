@@ -39,6 +39,15 @@ def _randomise_lora(model, std=0.2, seed=1):
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
+def _assert_plain_peft_reproduces(model, family, folder, batch):
+    """Save the adapter and load it with plain PEFT onto a fresh base (no moetune code): same logits."""
+    model.save_pretrained(folder)
+    with torch.no_grad():
+        want = model.eval()(**batch).logits
+        got = PeftModel.from_pretrained(build(family), str(folder)).eval()(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
     out = model(**batch)
@@ -171,12 +180,7 @@ def test_shared_experts_and_dense_mlp_survive_peft_v4_renames(tmp_path):
     }
     assert not any(".experts." in n for n in adapted)
     _randomise_lora(model)
-    model.save_pretrained(tmp_path / "a")
-    batch = random_batch()
-    with torch.no_grad():
-        want = model.eval()(**batch).logits
-        got = PeftModel.from_pretrained(build("deepseek_v3"), str(tmp_path / "a")).eval()(**batch).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    _assert_plain_peft_reproduces(model, "deepseek_v3", tmp_path / "a", random_batch())
     assert "3 modules" in target_report(model).split("shared_experts")[1].splitlines()[0]
 
 
@@ -207,12 +211,7 @@ def test_layers_raw_names_and_group_overrides(tmp_path):
     experts = model.base_model.model.model.layers[1].mlp.experts
     assert experts.r["default"] == 2 and experts.scaling["default"] == 2.0
     _randomise_lora(model)
-    model.save_pretrained(tmp_path / "a")
-    batch = random_batch()
-    with torch.no_grad():
-        want = model.eval()(**batch).logits
-        got = PeftModel.from_pretrained(build("moetune"), str(tmp_path / "a")).eval()(**batch).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    _assert_plain_peft_reproduces(model, "moetune", tmp_path / "a", random_batch())
     with pytest.raises(MoetuneError, match="start-end"):
         apply_lora(build("moetune"), targets=["experts"], layers="3-1")
     with pytest.raises(MoetuneError, match="layers 0-1"):
@@ -251,11 +250,7 @@ def test_router_train_and_router_lora(family, tmp_path):
     lora = apply_lora(build(family), targets=["experts"], router="lora", r=4)
     assert any("mlp.gate" in n and "lora_A" in n for n, _ in lora.named_parameters())
     _randomise_lora(lora)
-    lora.save_pretrained(tmp_path / "l")
-    with torch.no_grad():
-        want = lora.eval()(**batch).logits
-        got = PeftModel.from_pretrained(build(family), str(tmp_path / "l")).eval()(**batch).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    _assert_plain_peft_reproduces(lora, family, tmp_path / "l", batch)
 
 
 def test_router_train_keeps_aux_loss_on():
@@ -278,14 +273,8 @@ def test_expert_selection_trains_only_selected_experts_and_stays_loadable(tmp_pa
     nonzero = {e for e in range(8) if grad_b.view(grad_b.shape[0], 4, 8)[:, :, e].abs().sum() > 0}
     assert nonzero == {1, 5}
     assert experts.lora_A["default"].weight.view(8, 4, -1)[[0, 2, 3, 4, 6, 7]].abs().sum() == 0
-    model.save_pretrained(tmp_path / "esft")
-    batch = random_batch(seed=4)
-    with torch.no_grad():
-        want = model.eval()(**batch).logits
-        got = PeftModel.from_pretrained(build("moetune"), str(tmp_path / "esft")).eval()(**batch).logits
-        reloaded = load_adapter(build("moetune"), tmp_path / "esft")
-        assert "(6/32 experts)" in target_report(reloaded)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    _assert_plain_peft_reproduces(model, "moetune", tmp_path / "esft", random_batch(seed=4))
+    assert "(6/32 experts)" in target_report(load_adapter(build("moetune"), tmp_path / "esft"))
     with pytest.raises(MoetuneError, match="selects expert 9 but has 8"):
         apply_lora(build("moetune"), targets=["experts"], experts={0: [9]})
     with pytest.raises(MoetuneError, match="not found"):

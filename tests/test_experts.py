@@ -176,21 +176,26 @@ class _Tiny(nn.Module):
         return self.layers[0].mlp.experts(x, index, weights)
 
 
+def _peft_tiny(experts, params, which="lora_"):
+    """PEFT's own ParamWrappers on `params` of a one-layer container; `which` factors get random values."""
+    config = LoraConfig(r=R, lora_alpha=6, target_modules=[], target_parameters=params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(_Tiny(experts), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if which in name:
+                p.normal_(0.0, 0.3)
+    return peft_model
+
+
 @pytest.mark.parametrize(("has_gate", "transposed", "has_bias"), LAYOUTS, ids=LAYOUT_IDS)
 def test_fast_path_matches_peft_param_wrapper(has_gate, transposed, has_bias, backend):
     """PEFT's ParamWrapper (W + s·B·A through transformers' grouped_mm) is the semantic reference."""
-    model = _Tiny(make_experts(has_gate, transposed, has_bias))
     up = "gate_up_proj" if has_gate else "up_proj"
-    config = LoraConfig(
-        r=R, lora_alpha=6, target_modules=[], target_parameters=[f"experts.{up}", "experts.down_proj"]
+    peft_model = _peft_tiny(
+        make_experts(has_gate, transposed, has_bias), [f"experts.{up}", "experts.down_proj"]
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0.0, 0.3)
     index, weights = _routing(10)
     x = torch.randn(10, H, requires_grad=True)
     probe = torch.randn(10, H)
@@ -212,17 +217,10 @@ def test_fast_path_matches_peft_param_wrapper(has_gate, transposed, has_bias, ba
 
 
 def test_fast_path_falls_back_when_adapters_disabled():
-    model = _Tiny(make_experts(True, False, False))
-    config = LoraConfig(
-        r=R, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"]
+    peft_model = _peft_tiny(
+        make_experts(True, False, False), ["experts.gate_up_proj", "experts.down_proj"], "lora_B"
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3)
+    model = peft_model.base_model.model
     install_fast_path(peft_model)
     index, weights = _routing(6)
     x = torch.randn(6, H)
