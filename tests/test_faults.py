@@ -71,7 +71,9 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_same_adapter(tmp_path, se
     last = ckpt.latest_checkpoint(run_dir)
     assert last is not None and ckpt.read_trainer_state(last)["step"] >= target
 
-    launch_training(str(recipe), output_dir=run_dir, resume=True)
+    import cli
+
+    assert cli.main(["train", str(recipe), "--output", str(run_dir), "--resume"]) == 0  # in this process
     assert_same_adapter(run_dir, reference)
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == STEPS
 

@@ -157,6 +157,23 @@ def test_epoch_sampler_order_is_a_function_of_seed_and_epoch():
     assert list(sampler) != first
 
 
+def test_length_grouped_order_is_also_a_function_of_seed_and_epoch():
+    import datasets
+
+    class Data:
+        group_by_length = True
+
+    lengths = [(i * 37) % 50 + 1 for i in range(200)]
+    sampler = EpochSampler(datasets.Dataset.from_dict({"length": lengths}), Data(), batch_size=4, seed=0)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    sampler.set_epoch(0)
+    other = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) == first != other
+    assert sorted(first) == list(range(200))
+
+
 def test_step_seed_differs_per_step_and_process():
     seeds = {step_seed(0, step, rank) for step in range(50) for rank in range(4)}
     assert len(seeds) == 200

@@ -60,7 +60,7 @@ def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dist")
     corpus = write_corpus(folder / "train.jsonl", n=64)
     train = {"max_steps": 3, "batch_size": 2, "grad_accum": 1, "save_every": 2, "log_every": 1}
-    recipe = write_recipe(folder, corpus, train=train)
+    recipe = write_recipe(folder, corpus, train={**train, "eval_batches": 3})  # 3: one process gets 1 batch
     # One process, the same global batch of 4: 2 x 2 micro-batches.
     launch_training(str(recipe), output_dir=folder / "single", overrides=["train.grad_accum=2"])
     audit = folder / "audit"
