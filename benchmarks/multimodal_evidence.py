@@ -113,10 +113,11 @@ def batches(dataset, collate, batch_size: int):
 
 
 @torch.no_grad()
-def exact_match(model, dataset, collate, processor) -> tuple[float, list[tuple[str, str]]]:
-    """Greedy generation after the modality prefix; exact string match with the record's target."""
+def exact_match(model, dataset, collate, processor) -> tuple[float, float, list[tuple[str, str]]]:
+    """Greedy generation after the modality prefix: exact string match with the record's target, and the
+    share of target words right at their place (colour / shape / position get partial credit)."""
     model.eval()
-    hits, samples = 0, []
+    hits, words, samples = 0, 0.0, []
     tok = processor.tokenizer
     for start in range(0, len(dataset), 50):
         idx = range(start, min(len(dataset), start + 50))
@@ -129,9 +130,11 @@ def exact_match(model, dataset, collate, processor) -> tuple[float, list[tuple[s
             text = tok.decode(out[row, prompt.shape[1] :], skip_special_tokens=True).strip()
             target = dataset.records[i].target
             hits += text == target
+            said, wanted = text.split(), target.split()
+            words += sum(a == b for a, b in zip(said, wanted)) / len(wanted)
             if len(samples) < 4:
                 samples.append((target, text))
-    return hits / len(dataset), samples
+    return hits / len(dataset), words / len(dataset), samples
 
 
 @torch.no_grad()
@@ -223,8 +226,8 @@ def run(
 
     def measure(m):
         if task in ("caption", "audio"):
-            score, samples = exact_match(m, data.eval, collate, processor)
-            return {"exact_match": round(score, 4), "samples": samples}
+            score, words, samples = exact_match(m, data.eval, collate, processor)
+            return {"exact_match": round(score, 4), "word_accuracy": round(words, 4), "samples": samples}
         if task == "classify":
             return {"macro_f1": round(macro_f1(m, data.eval, collate), 4)}
         return {k: round(v, 4) for k, v in recall_at_1(m, data.eval, collate).items()}

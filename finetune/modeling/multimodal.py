@@ -56,8 +56,8 @@ from .presets import PRESETS
 
 # Per-preset multimodal defaults: input sizes and prefix tokens per modality.
 MULTIMODAL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(image_size=64, prefix_tokens={"image": 4, "audio": 4, "text": 4}, text_max_length=64),
-    "small": dict(image_size=128, prefix_tokens={"image": 4, "audio": 4, "text": 4}, text_max_length=128),
+    "tiny": dict(image_size=64, prefix_tokens={"image": 9, "audio": 4, "text": 4}, text_max_length=64),
+    "small": dict(image_size=128, prefix_tokens={"image": 9, "audio": 4, "text": 4}, text_max_length=128),
     "full": dict(image_size=224, prefix_tokens={"image": 16, "audio": 8, "text": 8}, text_max_length=512),
 }
 
@@ -84,6 +84,8 @@ class MoetuneMultimodalConfig(MoetuneConfig):
         text_max_length: longest text the text encoder sees.
         freeze_batchnorm: keep the image encoder's BatchNorm layers in eval mode during training, so a
             frozen encoder's running statistics (which an adapter does not save) never drift.
+        fusion_gate_floor: share of the fusion weight spread evenly over the present modalities (0 = a pure
+            learned softmax); keeps every present modality in the fused embedding.
     """
 
     model_type = "moetune_multimodal"
@@ -105,6 +107,7 @@ class MoetuneMultimodalConfig(MoetuneConfig):
         audio_sampling_rate: int = 16000,
         text_max_length: int = 128,
         freeze_batchnorm: bool = True,
+        fusion_gate_floor: float = 0.5,
         **kwargs,
     ) -> None:
         modalities = list(modalities or [])
@@ -133,6 +136,7 @@ class MoetuneMultimodalConfig(MoetuneConfig):
         self.audio_sampling_rate = audio_sampling_rate
         self.text_max_length = text_max_length
         self.freeze_batchnorm = freeze_batchnorm
+        self.fusion_gate_floor = fusion_gate_floor
         super().__init__(
             modalities=modalities,
             encoder_configs={**encoder_configs, **resolved},
@@ -192,22 +196,25 @@ class MoetuneFusionGate(nn.Module):
 
     logit_m = score(z_m) + presence(present)_m, where `presence` sees the presence pattern (B, M), so the
     weights depend on which modalities are there as well as on their content; absent modalities get -inf,
-    so they receive exactly zero weight and no gradient.
+    so they receive exactly zero weight and no gradient. A share `floor` of the weight is spread evenly
+    over the present modalities, so the gate cannot shut a modality out for good early in training (the
+    modality that is informative first would otherwise take all the weight and starve the others).
     """
 
-    def __init__(self, num_modalities: int, fusion_dim: int) -> None:
+    def __init__(self, num_modalities: int, fusion_dim: int, floor: float = 0.5) -> None:
         super().__init__()
         self.score = nn.Linear(fusion_dim, 1)
         self.presence = nn.Linear(num_modalities, num_modalities)
+        self.floor = floor
 
     def forward(self, embeds: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # embeds (B, M, D); present (B, M) bool
         embeds = embeds.masked_fill(~present.unsqueeze(-1), 0.0)
         logits = self.score(embeds).squeeze(-1) + self.presence(present.to(embeds.dtype))  # (B, M)
         logits = logits.masked_fill(~present, float("-inf"))
-        weights = (
-            torch.softmax(logits.float(), dim=-1).nan_to_num(0.0).to(embeds.dtype)
-        )  # rows with none -> 0
+        weights = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0)  # rows with no modality -> 0
+        even = present.float() / present.float().sum(-1, keepdim=True).clamp(min=1)
+        weights = ((1 - self.floor) * weights + self.floor * even).to(embeds.dtype)
         fused = torch.einsum("bm,bmd->bd", weights, embeds)  # (B, D)
         return fused, weights
 
@@ -311,7 +318,9 @@ class MoetuneMultimodalForCausalLM(MoetunePreTrainedModel, GenerationMixin):
                 for m in self.encoders
             }
         )
-        self.fusion_gate = MoetuneFusionGate(max(len(config.modalities), 1), config.fusion_dim)
+        self.fusion_gate = MoetuneFusionGate(
+            max(len(config.modalities), 1), config.fusion_dim, config.fusion_gate_floor
+        )
         self.contrastive = MoetuneContrastive(config.logit_scale_init, config.logit_scale_max)
         self.prefix_projector = nn.Linear(config.fusion_dim, config.hidden_size)
         self.classifier = nn.Linear(config.fusion_dim, config.num_labels_mm) if config.num_labels_mm else None
