@@ -408,7 +408,8 @@ class TrainingRun:
         if acc.is_main_process:
             from finetune import plots
 
-            ckpt.check_disk_space(self.run_dir, self.checkpoint_bytes, what="final adapter")
+            adapter_bytes = ckpt.estimate_checkpoint_bytes(acc.unwrap_model(self.model), optimizer_states=0)
+            ckpt.check_disk_space(self.run_dir, adapter_bytes, what="final adapter")
             images = plots.write_run_plots(
                 self.run_dir / "plots",
                 train_loss=self.state["train_loss"],

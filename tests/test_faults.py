@@ -157,6 +157,15 @@ def test_not_enough_disk_space_is_a_clear_error_and_keeps_the_previous_checkpoin
     assert not (run_dir / "adapter").exists()
 
 
+def test_not_enough_disk_space_for_the_adapter_is_refused_before_writing(tmp_path, setup, monkeypatch):
+    recipe, _ = setup
+    monkeypatch.setattr(ckpt, "free_bytes", lambda folder: 4096)
+    run_dir = tmp_path / "run"
+    with pytest.raises(MoetuneError, match="not enough disk space to write the final adapter"):
+        launch_training(str(recipe), output_dir=run_dir, overrides=["train.save_every=null"])
+    assert not (run_dir / "adapter").exists() and not (run_dir / ".tmp-adapter").exists()
+
+
 def _poisoned_forward(monkeypatch, step_of_nan, kind):
     """Make the loss (or only the gradients) non-finite in the step `step_of_nan`."""
     import finetune.train as train
