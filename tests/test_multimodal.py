@@ -144,15 +144,26 @@ def test_absent_modality_is_masked_not_zero_filled(model):
     assert not torch.allclose(zero_filled.logits[0, -6:], reference.logits[0, -6:], atol=1e-4)
 
 
-def test_gate_weights_depend_on_which_modalities_are_present(model):
+def test_gate_weights_depend_on_which_modalities_are_present():
+    from finetune.modeling.multimodal import MoetuneFusionGate
+
+    torch.manual_seed(0)
+    embeds = torch.randn(1, 3, 512)
+    learned = MoetuneFusionGate(3, 512, floor=0.0)
     with torch.no_grad():
-        model.fusion_gate.presence.weight.normal_(0, 1.0)
-        both = model(**batch(size=1, seed=3, image=[1], audio=[1], text=[1]))
-        some = model(**batch(size=1, seed=3, image=[1], audio=[1], text=[0]))
-    w_all, w_some = both.gate_weights[0], some.gate_weights[0]
-    assert w_some[2] == 0 and torch.isclose(w_some.sum(), torch.tensor(1.0))
+        learned.presence.weight.normal_(0, 1.0)
+        _, w_all = learned(embeds, torch.tensor([[True, True, True]]))
+        _, w_some = learned(embeds, torch.tensor([[True, True, False]]))
+    assert w_some[0, 2] == 0 and torch.isclose(w_some.sum(), torch.tensor(1.0))
     # Renormalising the same scores would keep this ratio; the presence term changes it.
-    assert not torch.isclose(w_all[0] / w_all[1], w_some[0] / w_some[1], rtol=1e-3)
+    assert not torch.isclose(w_all[0, 0] / w_all[0, 1], w_some[0, 0] / w_some[0, 1], rtol=1e-3)
+
+    floored = MoetuneFusionGate(3, 512, floor=0.5)
+    with torch.no_grad():
+        floored.score.weight.normal_(0, 10.0)  # a gate that would put all weight on one modality
+        fused, weights = floored(embeds, torch.tensor([[True, True, False]]))
+    assert weights[0, 2] == 0 and (weights[0, :2] >= 0.25 - 1e-6).all()
+    torch.testing.assert_close(fused[0], weights[0, 0] * embeds[0, 0] + weights[0, 1] * embeds[0, 1])
 
 
 def test_contrastive_loss_is_symmetric_infonce_with_learnable_temperature(model):
