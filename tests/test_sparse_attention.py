@@ -63,20 +63,24 @@ def reference(module, config, hidden, start, stop):
     return module.o_proj(out)
 
 
+@pytest.mark.parametrize(
+    "shape", [dict(), dict(local_window=1, global_ratio=1.0), dict(local_window=3, global_ratio=0.3)]
+)
 @pytest.mark.parametrize("kv_heads", [2, 4])
 @pytest.mark.parametrize("length", [1, 2, 5, 37])
-def test_matches_the_token_by_token_definition(kv_heads, length):
-    config = sparse_config(num_key_value_heads=kv_heads)
+def test_matches_the_token_by_token_definition(kv_heads, length, shape):
+    config = sparse_config(num_key_value_heads=kv_heads, **shape)
     module = attention(config)
     hidden = torch.randn(1, length, config.hidden_size)
     out = run(module, config, hidden, torch.arange(length)[None])
     torch.testing.assert_close(out, reference(module, config, hidden, 0, length), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [dict(), dict(local_window=1, global_ratio=1.0)])
 @pytest.mark.parametrize("kv_heads", [2, 4])
 @pytest.mark.parametrize("layout", ["one document", "left padded"])
-def test_gradients_match_the_definition(kv_heads, layout):
-    config = sparse_config(num_key_value_heads=kv_heads)
+def test_gradients_match_the_definition(kv_heads, layout, shape):
+    config = sparse_config(num_key_value_heads=kv_heads, **shape)
     module = attention(config)
     hidden = torch.randn(1, 23, config.hidden_size)
     pads = 0 if layout == "one document" else 2  # the padded row takes the general (masked) path

@@ -209,8 +209,9 @@ class _BlockSparse(torch.autograd.Function):
     For one document per row starting at index 0, without cache. Query t sees the summaries of blocks
     j < a, where t + 1 = a * block + r. Put query (a, r) for a >= 1 at row a - 1 of *phase* r: row i
     then sees summaries j <= i, which is `is_causal` attention of m queries over m summaries (m = T //
-    block) whose kernel skips the masked tiles. The phases are a strided view of the queries (batch =
-    phase), and the kernel writes its output already in token order; one (batch, head) at a time, so
+    block) whose kernel skips the masked tiles. The phases are a strided view of a padded copy of one
+    head's queries (batch = phase), and the kernel writes its output already in token order; one
+    (batch, head) at a time, so
     no buffer larger than one head's is ever allocated. Saved for backward: the global output and
     log-sum-exp and the local probabilities (T, w); the local output itself is not needed (the gate's
     gradient is folded into the local backward).
