@@ -26,9 +26,6 @@ STAGED_REPO = "your-name/moetune-quickstart-lora"
 # On top of the bundled recipe (printed, never hidden). lm_head: a random-init model's frozen output
 # layer caps how peaked its predictions can get (logits = W h, |h| fixed by the final norm), so
 # without LoRA there the held-out perplexity falls only ~25%; with it, far more in the same steps.
-QUICKSTART_SETTINGS = ("adapter.targets=[attention, experts, lm_head]", "train.eval_batches=8")
-
-
 def run_quickstart(output: str | Path | None = None, overrides: Sequence[str] = ()) -> str:
     """Run the five steps into `output` (default runs/quickstart, or the next free runs/quickstart-N)."""
     import json
@@ -45,7 +42,7 @@ def run_quickstart(output: str | Path | None = None, overrides: Sequence[str] = 
     _say(f"[1/5] init: random `tiny` MoE model + tokenizer -> {base}")
     init_model("tiny", base, seed=0)
 
-    settings = [f"model.name={base}", *QUICKSTART_SETTINGS, *overrides]
+    settings = [f"model.name={base}", *overrides]
     _say(
         f"[2/5] train: recipe `quickstart` (code from the standard library) with --set {' --set '.join(settings)}"
     )

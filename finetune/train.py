@@ -142,6 +142,7 @@ class TrainingRun:
             dtype=r.model.dtype,
             trust_remote_code=r.model.trust_remote_code,
             allow_pickle=r.model.allow_pickle,
+            modalities=r.model.modalities or None,
         )
         if r.model.gradient_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
