@@ -153,13 +153,13 @@ def _local_backward(grad_out, query, key, value, probs, base: int, scale: float,
     steps = list(_window_steps(length, base, window))
     for o, first, keys in steps:
         grad_probs[..., first:, o] = _rowdot(grad_out[..., first:, :], value[..., keys, :])
+    inner = torch.einsum("...w,...w->...", probs, grad_probs)[..., None]  # <probs, grad_probs> (.., T, 1)
     grad_weight = None
-    if weight is not None:
-        grad_weight = torch.einsum("bkgtw,bkgtw->bt", probs, grad_probs)  # <grad_out, out> per token
+    if weight is not None:  # d out / d weight = the unweighted output: <grad_out, out> per token
+        grad_weight = inner.sum(dim=(1, 2))[..., 0]  # (B, T)
         grad_probs *= weight
-    # softmax backward, in place: grad_scores = probs * (grad_probs - <probs, grad_probs>) * scale
-    grad_scores = grad_probs.sub_((probs * grad_probs).sum(-1, keepdim=True)).mul_(probs).mul_(scale)
-    grad_scores = grad_scores.to(query.dtype)
+        inner *= weight
+    grad_scores = grad_probs.sub_(inner).mul_(probs).mul_(scale).to(query.dtype)  # softmax backward
 
     def add_to_kv(grad: torch.Tensor, step_weight: torch.Tensor, x: torch.Tensor) -> None:
         """grad (B, nKV, 1, n, D) += step_weight * x, summed over the GQA group axis."""
@@ -213,8 +213,8 @@ class _BlockSparse(torch.autograd.Function):
     head's queries (batch = phase), and the kernel writes its output already in token order; one
     (batch, head) at a time, so
     no buffer larger than one head's is ever allocated. Saved for backward: the global output and
-    log-sum-exp and the local probabilities (T, w); the local output itself is not needed (the gate's
-    gradient is folded into the local backward).
+    log-sum-exp and the local probabilities (T, w); the summaries are rebuilt, and the local output
+    itself is not needed (the gate's gradient is folded into the local backward).
     """
 
     @staticmethod
@@ -226,8 +226,7 @@ class _BlockSparse(torch.autograd.Function):
         q5, k5, v5 = query.view(batch, kv_heads, groups, length, dim), key[:, :, None], value[:, :, None]
         local, probs = _local_forward(q5, k5, v5, allowed, 0, scale)
         mixed = local.view(batch, heads, length, dim).mul_(gate[:, None, :, 0, None].to(query.dtype))
-        sum_k = key[:, :, : m * block].unflatten(2, (m, block)).mean(dim=3)  # (B, nKV, m, D)
-        sum_v = value[:, :, : m * block].unflatten(2, (m, block)).mean(dim=3)
+        sum_k, sum_v = _BlockSparse._summaries(key, value, block, m)
         outs, lses = [], []
         rows = length - block + 1  # queries t = block-1 .. T-1 see at least one summary
         for b in range(batch if m else 0):
@@ -240,10 +239,15 @@ class _BlockSparse(torch.autograd.Function):
                 mixed[b, h, block - 1 :].addcmul_(out_tokens, gate[b, block - 1 :, 1, None].to(query.dtype))
                 outs.append(out)
                 lses.append(lse)
-        ctx.save_for_backward(query, key, value, gate, probs, sum_k, sum_v, *lses)
+        ctx.save_for_backward(query, key, value, gate, probs, *lses)
         ctx.outs = outs  # intermediates, kept on ctx so backward can free each one once used
         ctx.block, ctx.scale = block, scale
         return mixed
+
+    @staticmethod
+    def _summaries(key: torch.Tensor, value: torch.Tensor, block: int, m: int):
+        """Mean key / value of each of the m complete blocks: (B, nKV, m, D) each."""
+        return tuple(x[:, :, : m * block].unflatten(2, (m, block)).mean(dim=3) for x in (key, value))
 
     @staticmethod
     def _phases(query_head: torch.Tensor, block: int, m: int) -> torch.Tensor:
@@ -260,7 +264,7 @@ class _BlockSparse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_mixed):
-        query, key, value, gate, probs, sum_k, sum_v, *lses = ctx.saved_tensors
+        query, key, value, gate, probs, *lses = ctx.saved_tensors
         block, scale, outs = ctx.block, ctx.scale, ctx.outs
         batch, heads, length, dim = query.shape
         kv_heads = key.shape[1]
@@ -269,7 +273,9 @@ class _BlockSparse(torch.autograd.Function):
         grad_q, grad_gate = torch.zeros_like(query), torch.zeros_like(gate)
 
         # Global branch first, one (batch, head) at a time, freeing each saved output once used: the
-        # key / value gradients are allocated only afterwards, so the peak stays near dense sdpa's.
+        # summaries are rebuilt (a mean, cheap) and the key / value gradients allocated only after the
+        # loop, so that the peak stays near dense sdpa's.
+        sum_k, sum_v = _BlockSparse._summaries(key, value, block, m)
         grad_sum_k, grad_sum_v = torch.zeros_like(sum_k), torch.zeros_like(sum_v)
         rows = length - block + 1
         for i, lse in enumerate(lses):
@@ -291,19 +297,29 @@ class _BlockSparse(torch.autograd.Function):
             grad_sum_v[b, h // groups] += dv.sum(dim=(0, 1))
             del dq, dk, dv
 
-        # local branch, with the gate's local share folded in (no local output is rebuilt)
-        q5, k5, v5 = query.view(batch, kv_heads, groups, length, dim), key[:, :, None], value[:, :, None]
-        grad_k, grad_v = torch.zeros_like(k5), torch.zeros_like(v5)
-        weight = gate_q[:, None, None, :, 0, None]  # (B, 1, 1, T, 1)
-        grads = (grad_q.view(q5.shape), grad_k, grad_v)
-        grad_gate[..., 0] = _local_backward(
-            grad_mixed.reshape(q5.shape), q5, k5, v5, probs, 0, scale, grads, weight
-        )
+        del sum_k, sum_v
 
         # a summary is the mean of its block: each member gets 1 / block of the summary's gradient
-        grad_k, grad_v = grad_k[:, :, 0], grad_v[:, :, 0]  # (B, nKV, T, D)
+        grad_k, grad_v = torch.zeros_like(key), torch.zeros_like(value)
         grad_k[:, :, : m * block].unflatten(2, (m, block)).add_(grad_sum_k[:, :, :, None] / block)
         grad_v[:, :, : m * block].unflatten(2, (m, block)).add_(grad_sum_v[:, :, :, None] / block)
+        del grad_sum_k, grad_sum_v
+
+        # local branch, with the gate's local share folded in (no local output is rebuilt)
+        q5 = query.view(batch, kv_heads, groups, length, dim)
+        grads = (grad_q.view(q5.shape), grad_k[:, :, None], grad_v[:, :, None])
+        weight = gate_q[:, None, None, :, 0, None]  # (B, 1, 1, T, 1)
+        grad_gate[..., 0] = _local_backward(
+            grad_mixed.reshape(q5.shape),
+            q5,
+            key[:, :, None],
+            value[:, :, None],
+            probs,
+            0,
+            scale,
+            grads,
+            weight,
+        )
         return grad_q, grad_k, grad_v, grad_gate, None, None, None
 
 
