@@ -301,8 +301,8 @@ class _BlockSparse(torch.autograd.Function):
 
         # a summary is the mean of its block: each member gets 1 / block of the summary's gradient
         grad_k, grad_v = torch.zeros_like(key), torch.zeros_like(value)
-        grad_k[:, :, : m * block].unflatten(2, (m, block)).add_(grad_sum_k[:, :, :, None] / block)
-        grad_v[:, :, : m * block].unflatten(2, (m, block)).add_(grad_sum_v[:, :, :, None] / block)
+        for grad, grad_sum in ((grad_k, grad_sum_k), (grad_v, grad_sum_v)):
+            grad[:, :, : m * block].unflatten(2, (m, block)).add_(grad_sum[:, :, :, None] / block)
         del grad_sum_k, grad_sum_v
 
         # local branch, with the gate's local share folded in (no local output is rebuilt)
