@@ -31,7 +31,7 @@ def generate_text(
         model = load_adapter(model, adapter)
     model.eval()
     if image is not None or audio is not None:
-        from finetune.modeling.multimodal import prepare_multimodal_inputs
+        from finetune.data.multimodal import prepare_multimodal_inputs
 
         inputs = prepare_multimodal_inputs(tokenizer, prompt, image=image, audio=audio)
         text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)

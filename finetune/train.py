@@ -152,6 +152,11 @@ class TrainingRun:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.base_config = model.config
+        train_ds, eval_ds = build_datasets(r.data, self.tokenizer, seed=t.seed)
+        label_names = getattr(train_ds, "label_names", None) or getattr(self.tokenizer, "label_names", None)
+        if label_names and hasattr(model, "set_label_names"):
+            # Multi-label head sized and ordered by the data, before LoRA so the adapter can train it.
+            model.set_label_names(list(label_names))
         self.model = apply_lora(model, **dataclasses.asdict(r.adapter))
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.total_params = sum(p.numel() for p in self.model.parameters())
@@ -161,11 +166,11 @@ class TrainingRun:
         self.aux_coef = float(getattr(self.base_config, "router_aux_loss_coef", 0.0) or 0.0)
 
         # Data: a sampler whose order depends only on (seed, epoch), sharded over processes by prepare.
-        train_ds, eval_ds = build_datasets(r.data, self.tokenizer, seed=t.seed)
         collate = make_collator(r.data, self.tokenizer)
         self.sampler = EpochSampler(train_ds, r.data, batch_size=t.batch_size, seed=t.seed)
         train_dl = DataLoader(train_ds, batch_size=t.batch_size, sampler=self.sampler, collate_fn=collate)
         self.eval_batches = _first_batches(eval_ds, collate, t.batch_size, t.eval_batches)
+        self.eval_is_lm = any("labels" in b for b in self.eval_batches)
 
         # Optimizer on the trainable parameters only; schedule over the whole run.
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -282,11 +287,12 @@ class TrainingRun:
     def train_step(self, micro_batches: list[dict], step: int, load: ExpertLoad) -> dict[str, float]:
         """One optimizer step over `micro_batches`; the loss is normalised by the global token count."""
         acc, t = self.accelerator, self.recipe.train
-        local = sum(count_label_tokens(b["labels"]) for b in micro_batches)
+        local = sum(count_label_tokens(b["labels"]) for b in micro_batches if "labels" in b)
         global_tokens = int(acc.reduce(torch.tensor(local, device=acc.device), "sum").item())
         denominator = max(global_tokens, 1)
         loss_sum = torch.zeros((), device=acc.device)
         aux_sum = torch.zeros((), device=acc.device)
+        multimodal_sum = torch.zeros((), device=acc.device)
         seen = 0
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -297,6 +303,9 @@ class TrainingRun:
                 if out["aux_loss"] is not None:
                     loss = loss + self.aux_coef * out["aux_loss"] / len(micro_batches)
                     aux_sum += out["aux_loss"].detach().float()
+                if out["multimodal_loss"] is not None:  # per-example means: averaged over micro-batches
+                    loss = loss + out["multimodal_loss"] / len(micro_batches)
+                    multimodal_sum += out["multimodal_loss"].detach().float()
                 acc.backward(loss)
             loss_sum += out["loss_sum"].detach().float()
             seen += input_token_count(batch)
@@ -308,6 +317,8 @@ class TrainingRun:
         norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)  # None: DeepSpeed before its first step
         grad_norm = _as_float(norm) if norm is not None else float("nan")
         train_loss = float(acc.reduce(loss_sum, "sum").item()) / denominator
+        # Token-normalised LM loss plus the (batch-mean) contrastive / classification terms, if any.
+        train_loss += float(acc.reduce(multimodal_sum, "mean").item()) / len(micro_batches)
         aux = float(acc.reduce(aux_sum, "mean").item()) / len(micro_batches)
         tokens = int(acc.reduce(torch.tensor(seen, device=acc.device), "sum").item())
         # fp16 overflows are the GradScaler's business (it skips the step); NaN loss never is.
@@ -343,9 +354,12 @@ class TrainingRun:
         rounds = math.ceil(len(self.eval_batches) / acc.num_processes)
         device_batches = [_to_device(b, acc.device) for b in mine]
         was_training = self.model.training
-        result = evaluate_loss(self.model, device_batches) if device_batches else {"loss": 0.0, "tokens": 0}
+        # Batches with text targets: token-normalised LM loss. Encoder-only batches (alignment,
+        # classification): the model's weighted contrastive + classification loss, per example.
+        measure = evaluate_loss if self.eval_is_lm else evaluate_multimodal_losses
+        result = measure(self.model, device_batches) if device_batches else {"loss": 0.0, "tokens": 0}
         if len(mine) < rounds:  # sharded models need every process in every forward: one discarded extra
-            evaluate_loss(self.model, [_to_device(self.eval_batches[0], acc.device)])
+            measure(self.model, [_to_device(self.eval_batches[0], acc.device)])
         self.model.train(was_training)
         tokens = torch.tensor(float(result["tokens"]), device=acc.device)
         weighted = torch.tensor(
@@ -353,7 +367,11 @@ class TrainingRun:
         )
         total = float(acc.reduce(tokens, "sum").item())
         loss = float(acc.reduce(weighted, "sum").item()) / max(total, 1.0)
-        return {"loss": loss, "perplexity": _perplexity(loss), "tokens": total}
+        return {
+            "loss": loss,
+            "perplexity": _perplexity(loss) if self.eval_is_lm else float("nan"),
+            "tokens": total,
+        }
 
     def expert_load(self) -> list[list[float]] | None:
         """Share of routed tokens per expert per MoE layer on the eval batches (None for dense models)."""
@@ -430,6 +448,8 @@ class TrainingRun:
                     tmp, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False
                 )
                 save_recipe(r, tmp / "recipe.yaml")
+                if getattr(self.tokenizer, "label_names", None):  # classification: the label order
+                    self.tokenizer.save_pretrained(tmp)
                 ckpt.write_json(tmp / "metrics.json", metrics)
                 _write_card(tmp, r, metrics, images, recipe_to_dict(r))
                 ckpt.failpoint("adapter-mid-write")
@@ -454,8 +474,8 @@ class TrainingRun:
             "train_loss": sum(tail) / len(tail) if tail else None,
             "eval_loss_before": before,
             "eval_loss_after": after,
-            "perplexity_before": _perplexity(before) if before is not None else None,
-            "perplexity_after": _perplexity(after) if after is not None else None,
+            "perplexity_before": _perplexity(before) if before is not None and self.eval_is_lm else None,
+            "perplexity_after": _perplexity(after) if after is not None and self.eval_is_lm else None,
             "tokens": s["tokens"],
             "tokens_per_second": s["tokens"] / s["train_seconds"] if s["train_seconds"] else None,
             "train_seconds": s["train_seconds"],
@@ -472,7 +492,16 @@ class TrainingRun:
             lines[0] += f" ({m['tokens_per_second']:.0f} tokens/s on {m['num_processes']} process(es))"
         if m["train_loss"] is not None:
             lines.append(f"train loss (last steps): {m['train_loss']:.4f}")
-        if m["eval_loss_before"] is not None and m["eval_loss_after"] is not None:
+        if (
+            m["eval_loss_before"] is not None
+            and m["eval_loss_after"] is not None
+            and m["perplexity_before"] is None
+        ):
+            lines.append(  # encoder-only tasks: no perplexity to speak of
+                f"held-out eval loss (contrastive + classification) {m['eval_loss_before']:.4f} -> "
+                f"{m['eval_loss_after']:.4f}"
+            )
+        elif m["eval_loss_before"] is not None and m["eval_loss_after"] is not None:
             change = 100.0 * (1.0 - m["perplexity_after"] / m["perplexity_before"])
             trend = f"{change:.1f}% lower" if change >= 0 else f"{-change:.1f}% HIGHER"
             lines.append(
@@ -511,21 +540,57 @@ def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, rout
 
     The loss is computed here, not by the model, so it can be normalised by a global token count.
     """
-    labels = batch["labels"]
+    labels = batch.get("labels")
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if routes:
         inputs["output_router_logits"] = True
     out = model(**inputs, use_cache=False)
-    logits = out.logits[:, :-1, :].float()  # (B, T-1, V): position t predicts token t+1
-    targets = labels[:, 1:].to(logits.device)
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    if labels is None or out.logits is None:  # alignment / classification batches carry no text targets
+        loss_sum = torch.zeros((), device=labels.device if labels is not None else "cpu")
+    else:
+        # Multimodal models put modality prefix slots before the text: keep the positions of the text.
+        logits = out.logits[:, -labels.shape[1] :][:, :-1, :].float()  # (B, T-1, V): t predicts t+1
+        targets = labels[:, 1:].to(logits.device)
+        loss_sum = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
     return {
         "loss_sum": loss_sum,
         "aux_loss": getattr(out, "aux_loss", None) if routes else None,
         "router_logits": getattr(out, "router_logits", None) if routes else None,
+        "multimodal_loss": multimodal_losses(out, model),
     }
+
+
+@torch.no_grad()
+def evaluate_multimodal_losses(model: torch.nn.Module, batches: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean weighted contrastive + classification loss per example over encoder-only `batches`."""
+    was_training = model.training
+    model.eval()
+    total, examples = 0.0, 0
+    try:
+        for batch in batches:
+            losses = multimodal_losses(model(**batch), model)
+            size = next(iter(batch.values())).shape[0]
+            if losses is not None:
+                total, examples = total + float(losses) * size, examples + size
+    finally:
+        model.train(was_training)
+    return {"loss": total / examples if examples else float("nan"), "tokens": examples}
+
+
+def multimodal_losses(out: Any, model: torch.nn.Module) -> torch.Tensor | None:
+    """The contrastive and classification losses of a multimodal model, weighted by its config."""
+    config = getattr(model, "config", None)
+    parts = [
+        float(getattr(config, f"{name}_loss_coef", 0.0) or 0.0) * loss.float()
+        for name in ("contrastive", "classification")
+        if (loss := getattr(out, f"{name}_loss", None)) is not None
+    ]
+    return torch.stack(parts).sum() if parts else None
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -534,8 +599,11 @@ def count_label_tokens(labels: torch.Tensor) -> int:
 
 
 def input_token_count(batch: dict[str, torch.Tensor]) -> int:
+    """Decoder input tokens of a batch (0 for batches that only feed the modality encoders)."""
     mask = batch.get("attention_mask")
-    return int(mask.sum().item()) if mask is not None else int(batch["input_ids"].numel())
+    if mask is not None:
+        return int(mask.sum().item())
+    return int(batch["input_ids"].numel()) if "input_ids" in batch else 0
 
 
 def step_seed(seed: int, step: int, process: int) -> int:
