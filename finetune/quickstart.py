@@ -23,9 +23,8 @@ from finetune.errors import MoetuneError
 
 DEFAULT_OUTPUT = Path("runs") / "quickstart"
 STAGED_REPO = "your-name/moetune-quickstart-lora"
-# On top of the bundled recipe (printed, never hidden). lm_head: a random-init model's frozen output
-# layer caps how peaked its predictions can get (logits = W h, |h| fixed by the final norm), so
-# without LoRA there the held-out perplexity falls only ~25%; with it, far more in the same steps.
+
+
 def run_quickstart(output: str | Path | None = None, overrides: Sequence[str] = ()) -> str:
     """Run the five steps into `output` (default runs/quickstart, or the next free runs/quickstart-N)."""
     import json
