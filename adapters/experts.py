@@ -156,9 +156,10 @@ def _project_backward(
     grad_inp = grad.new_empty(grad.shape[0], weight_t.shape[1]) if need_input else None
     grad_a = torch.zeros_like(lora_a) if lora_a is not None and need_a else None
     grad_b = torch.zeros_like(lora_b) if lora_b is not None and need_b else None
+    if has_lora and need_b and row_scale is not None:
+        u = u * row_scale[:, None]  # (S, r), once rather than per expert
     for e, s0, s1, with_lora in routing.segments(lora_mask):
         g_e = grad[s0:s1]
-        scale_e = None if row_scale is None else row_scale[s0:s1, None]
         if need_input:
             torch.mm(g_e, weight_t[e].t(), out=grad_inp[s0:s1])
         if not (has_lora and with_lora):
@@ -166,13 +167,12 @@ def _project_backward(
         gb = g_e @ lora_b[e]  # (n_e, r)
         if need_input:
             grad_inp[s0:s1].addmm_(gb, lora_a[e], alpha=scaling)
-        if scale_e is not None:
-            gb = gb * scale_e
         if need_a:
-            torch.mm(gb.t(), inp(s0, s1), out=grad_a[e]).mul_(scaling)
+            if row_scale is not None:
+                gb = gb * row_scale[s0:s1, None]
+            torch.addmm(grad_a[e], gb.t(), inp(s0, s1), beta=0, alpha=scaling, out=grad_a[e])
         if need_b:
-            u_e = u[s0:s1] if scale_e is None else u[s0:s1] * scale_e
-            torch.mm(g_e.t(), u_e, out=grad_b[e]).mul_(scaling)
+            torch.addmm(grad_b[e], g_e.t(), u[s0:s1], beta=0, alpha=scaling, out=grad_b[e])
     return grad_inp, grad_a, grad_b
 
 
