@@ -73,25 +73,8 @@ def _write(source: Path, output: Path, config: dict, weights: dict, meta: dict |
     tmp.rename(output)
 
 
-def _param_keys(target_parameters: list[str], weights: dict) -> dict[str, tuple[str, str]]:
-    """Map each targeted fused parameter name to its (lora_A key, lora_B key) in the file.
-
-    Nested ParamWrappers put the first-wrapped parameter deepest (`experts.base_layer.lora_A`); PEFT
-    nests in the order of `named_parameters`, which the key depth reflects, so both orders are tried
-    against the shapes below.
-    """
-    by_module: dict[str, list[tuple[int, str, str]]] = {}
-    for key in weights:
-        match = _FUSED_KEY.match(key)
-        if match and match["ab"] == "A":
-            depth = key.count(".base_layer.")
-            by_module.setdefault(match["prefix"], []).append((depth, key, key.replace("lora_A", "lora_B")))
-    return by_module
-
-
 def _to_per_expert(config: dict, weights: dict, source: Path):
-    params = config.get("target_parameters") or []
-    if not params:
+    if not _expert_params(config):
         raise MoetuneError(
             f"{source}: this adapter has no expert (target_parameters) LoRA; nothing to export"
         )
@@ -130,9 +113,10 @@ def _to_per_expert(config: dict, weights: dict, source: Path):
                 value = pattern.pop(re.escape(param))
                 pattern[re.escape(prefix) + r"\.\d+\.(" + "|".join(parts) + ")"] = value
         meta["params"][param] = {"num_experts": num_experts, "rank": rank, "parts": list(parts), "kept": kept}
+    others = sorted(set(config.get("target_parameters") or []) - set(wrappers))  # e.g. a router weight
     new_config = dict(config)
     new_config.update(
-        target_parameters=None,
+        target_parameters=others or None,
         target_modules=sorted(modules),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
@@ -151,14 +135,18 @@ def _rank_for(config: dict, param: str) -> int:
 
 
 def _wrapper_keys(config: dict, weights: dict, source: Path) -> dict[str, tuple[str, str]]:
-    """Fused parameter name -> (lora_A key, lora_B key), matching PEFT's nesting of ParamWrappers."""
-    by_module = _param_keys(config.get("target_parameters") or [], weights)
-    result = {}
-    for param in config.get("target_parameters") or []:
-        prefix = param.rpartition(".")[0]
-        if prefix.endswith(".experts") is False:
-            continue  # e.g. a router weight: stays fused (it is 2D)
-        result[param] = None
+    """Fused expert parameter name -> (lora_A key, lora_B key) in the file.
+
+    PEFT nests one ParamWrapper per targeted parameter of a module, the first wrapped deepest
+    (`experts.base_layer.lora_A` for gate_up_proj, `experts.lora_A` for down_proj).
+    """
+    by_module: dict[str, list[tuple[int, str, str]]] = {}
+    for key in weights:
+        match = _FUSED_KEY.match(key)
+        if match and match["ab"] == "A":
+            depth = key.count(".base_layer.")
+            by_module.setdefault(match["prefix"], []).append((depth, key, key.replace("lora_A", "lora_B")))
+    result = dict.fromkeys(_expert_params(config))
     for prefix, entries in by_module.items():
         module = prefix.removeprefix("base_model.model.")
         names = sorted(p for p in result if p.rpartition(".")[0] == module)
@@ -175,6 +163,11 @@ def _wrapper_keys(config: dict, weights: dict, source: Path) -> dict[str, tuple[
     if missing:
         raise MoetuneError(f"{source}: no LoRA weights for targeted parameter {missing[0]}")
     return result
+
+
+def _expert_params(config: dict) -> list[str]:
+    """The fused expert weights among target_parameters (a 2D router / Linear weight stays as it is)."""
+    return [p for p in config.get("target_parameters") or [] if p.rpartition(".")[0].endswith(".experts")]
 
 
 def _nesting_order(names: list[str]) -> list[str]:
@@ -230,7 +223,7 @@ def _to_fused(config: dict, weights: dict, source: Path):
                     pattern[re.escape(param)] = pattern.pop(key)
     new_config = dict(config)
     new_config.update(
-        target_parameters=sorted(meta["params"]),
+        target_parameters=sorted(set(meta["params"]) | set(config.get("target_parameters") or [])),
         target_modules=sorted(modules),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,

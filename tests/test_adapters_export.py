@@ -110,3 +110,20 @@ def test_select_experts_reaches_the_threshold_in_score_order():
     assert select_experts({0: [2.0, 2.0, 4.0]}, 0.6) == {0: [0, 2]}  # ties: lower id first
     with pytest.raises(MoetuneError, match="threshold"):
         select_experts(scores, 0.0)
+
+
+def test_export_keeps_non_expert_parameter_targets(tmp_path):
+    """A router adapted as a 2D parameter (DeepSeek-V3, router: lora) stays a parameter target."""
+    model = apply_lora(build("deepseek_v3"), targets=["experts"], router="lora", r=4)
+    model.save_pretrained(tmp_path / "fused")
+    export_adapter(tmp_path / "fused", tmp_path / "pe")
+    config = json.loads((tmp_path / "pe" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["model.layers.1.mlp.gate.weight"]
+    export_adapter(tmp_path / "pe", tmp_path / "back", fmt="peft")
+    original = load_file(str(tmp_path / "fused" / "adapter_model.safetensors"))
+    rebuilt = load_file(str(tmp_path / "back" / "adapter_model.safetensors"))
+    assert original.keys() == rebuilt.keys() and all(torch.equal(rebuilt[k], v) for k, v in original.items())
+    back = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert set(back["target_parameters"]) == set(
+        json.loads((tmp_path / "fused" / "adapter_config.json").read_text())["target_parameters"]
+    )
