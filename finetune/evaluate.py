@@ -210,15 +210,20 @@ def _jsonl_texts(file: Path) -> list[str]:
     return texts
 
 
-def _batches(tokenizer, texts: list[str], max_length: int, device) -> list[dict[str, torch.Tensor]]:
-    """One example per batch: no padding, so every routed token is a real one."""
+def _batches(tokenizer, texts: list[str], max_length: int, max_examples: int, device) -> list[dict]:
+    """Texts cut into examples of at most `max_length` tokens (a long document is not truncated to
+    its first window), `max_examples` at most, one per batch: no padding, every routed token is real."""
     batches = []
     for text in texts:
-        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-        if len(ids) < 2:
-            continue
-        input_ids = torch.tensor([ids], device=device)
-        batches.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})
+        ids = tokenizer(text)["input_ids"]
+        for start in range(0, len(ids), max_length):
+            chunk = ids[start : start + max_length]
+            if len(chunk) < 2:
+                continue
+            input_ids = torch.tensor([chunk], device=device)
+            batches.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})
+            if len(batches) >= max_examples:
+                return batches
     return batches
 
 
@@ -244,7 +249,7 @@ def profile_experts(
     if tokenizer is None:
         raise MoetuneError(f"{model_spec}: no tokenizer found next to the model; profile needs one")
     device = next(model.parameters()).device
-    batches = _batches(tokenizer, texts, max_length, device)
+    batches = _batches(tokenizer, texts, max_length, max_examples, device)
     if not batches:
         raise MoetuneError(f"--data {data}: every text is shorter than 2 tokens")
     stats = routing_stats(model, batches)

@@ -76,6 +76,11 @@ def test_profile_experts_writes_stats_heatmap_and_a_loadable_selection(tmp_path)
         assert share >= 0.3 - 1e-9  # reached the threshold ...
         assert share - min(ratio[e] for e in ids) / sum(ratio) < 0.3  # ... and not one expert later
 
+    long_doc = tmp_path / "long.txt"
+    long_doc.write_text("word " * 200)  # cut into windows of 16 tokens, not truncated to the first
+    report = profile_experts("preset:tiny", long_doc, tmp_path / "long", max_examples=5, max_length=16)
+    assert "80 tokens (5 examples)" in report
+
 
 def test_read_texts_forms_and_errors(tmp_path):
     (tmp_path / "a.txt").write_text("first document")
