@@ -16,7 +16,7 @@ memory above what was resident before it (weights, inputs, libraries). The child
 MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns every freed buffer to the kernel at once and the
 resident size follows the live tensors (not the allocator's caching).
 
-    .venv/bin/python benchmarks/sparse_attention.py            # 2048, 8192, 20480 tokens (a few minutes)
+    .venv/bin/python benchmarks/sparse_attention.py            # 2048, 8192, 20480 tokens (12-25 min, 2 cores)
     .venv/bin/python benchmarks/sparse_attention.py --quick    # 1024, 2048 (seconds)
 
 Writes benchmarks/results/sparse_attention.{json,md}.
