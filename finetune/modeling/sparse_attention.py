@@ -444,7 +444,7 @@ class HierarchicalSparseAttention(nn.Module):
         end_pos = torch.sort(ends.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :m]
         valid = torch.arange(m, device=query.device) < counts[:, None]  # (B, m)
         members = (end_pos - block + 1).clamp(min=0)[..., None] + torch.arange(block, device=query.device)
-        members = members.clamp(max=key.shape[2] - 1).view(batch, 1, m * block, 1)
+        members = members.view(batch, 1, m * block, 1)  # every index <= its block's end <= T_all - 1
         members = members.expand(batch, key.shape[1], m * block, dim)
         sum_k = key.gather(2, members).view(batch, -1, m, block, dim).mean(dim=3)  # (B, nKV, m, D)
         sum_v = value.gather(2, members).view(batch, -1, m, block, dim).mean(dim=3)
