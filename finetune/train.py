@@ -98,7 +98,7 @@ class TrainingRun:
 
     def __init__(self, recipe: Any, *, output_dir: str | os.PathLike | None = None, resume: bool = False):
         self.recipe = recipe
-        self.run_dir = Path(output_dir or recipe.output.dir)
+        self.run_dir = Path(output_dir or recipe.output.dir).expanduser()
         self.resume = resume
         self.accelerator = None
         self.state: dict[str, Any] = {
