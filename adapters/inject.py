@@ -22,7 +22,7 @@ from torch import nn
 from adapters.errors import MoetuneError
 from adapters.experts import install_fast_path
 from adapters.selection import load_selection
-from adapters.targets import ALL_GROUPS, find_targets, resolve_targets
+from adapters.targets import ALL_GROUPS, find_targets, layer_of, resolve_targets
 
 logger = logging.getLogger("moetune")
 
@@ -196,17 +196,12 @@ def _filter_layers(found, layers):
     return [t for t in found if chosen is None or t.layer in chosen]
 
 
-def _layer_of(name: str) -> int | None:
-    match = re.search(r"\.(\d+)\.", "." + name)
-    return int(match[1]) if match else None
-
-
 def _apply_selection_to_targets(model, resolved, selection) -> None:
     """Keep expert LoRA only in layers whose selection is non-empty; check the ids exist."""
     expert_names = [n for n, g in resolved.parameters.items() if g == "experts"]
     if not expert_names:
         raise MoetuneError("adapter.experts (a selection) is set but 'experts' is not in adapter.targets")
-    layers_with_experts = {_layer_of(n) for n in expert_names}
+    layers_with_experts = {layer_of(n) for n in expert_names}
     unknown = sorted(set(selection) - layers_with_experts)
     if unknown:
         raise MoetuneError(
@@ -215,10 +210,10 @@ def _apply_selection_to_targets(model, resolved, selection) -> None:
         )
     for name in expert_names:
         num_experts = model.get_parameter(name).shape[0]
-        chosen = selection.get(_layer_of(name), [])
+        chosen = selection.get(layer_of(name), [])
         if any(e >= num_experts for e in chosen):
             raise MoetuneError(
-                f"adapter.experts: layer {_layer_of(name)} selects expert {max(chosen)} but has {num_experts} experts"
+                f"adapter.experts: layer {layer_of(name)} selects expert {max(chosen)} but has {num_experts} experts"
             )
         if not chosen:
             del resolved.parameters[name]
@@ -305,7 +300,7 @@ def _zero_unselected(peft_model, selection, adapter_name) -> None:
                 or module.num_experts < 2
             ):
                 continue
-            chosen = selection.get(_layer_of(_clean(name)), None)
+            chosen = selection.get(layer_of(_clean(name)), None)
             if chosen is None:
                 continue
             keep = torch.zeros(module.num_experts, dtype=torch.bool)

@@ -191,6 +191,12 @@ def _ffn_targets(ffn: nn.Module, prefix: str, index: int) -> list[Target]:
     return found
 
 
+def layer_of(name: str) -> int | None:
+    """The layer index in a module / parameter name ("model.layers.3.mlp..." -> 3): its first number."""
+    match = re.search(r"\.(\d+)\.", "." + name)
+    return int(match[1]) if match else None
+
+
 def count_target_groups(model: nn.Module) -> dict[str, int]:
     """Number of adaptable modules / parameters per group.
 
@@ -293,10 +299,8 @@ def _resolve_raw(model, request, found, chosen_layers, resolved, model_name) -> 
         return name == request or name.endswith("." + request)
 
     def in_layers(name):
-        if chosen_layers is None:
-            return True
-        m = re.search(r"\.(\d+)\.", "." + name)
-        return m is None or int(m[1]) in chosen_layers
+        layer = layer_of(name)
+        return chosen_layers is None or layer is None or layer in chosen_layers
 
     hit = False
     for name, module in model.named_modules():
