@@ -22,7 +22,7 @@ from torch import nn
 from adapters.errors import MoetuneError
 from adapters.experts import install_fast_path
 from adapters.selection import load_selection
-from adapters.targets import ALL_GROUPS, find_targets, layer_of, resolve_targets
+from adapters.targets import ALL_GROUPS, clean_name, find_targets, layer_of, resolve_targets
 
 logger = logging.getLogger("moetune")
 
@@ -274,12 +274,10 @@ def _check_all_wrapped(peft_model, resolved, adapter_name) -> None:
     """Every resolved name got a LoRA layer: never a silently partial adapter."""
     from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
-    from adapters.targets import _clean
-
     wrapped = set()
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-            clean = _clean(name)
+            clean = clean_name(name)
             wrapped.add(f"{clean}.{module.parameter_name}" if isinstance(module, ParamWrapper) else clean)
     missing = sorted((set(resolved.modules) | set(resolved.parameters)) - wrapped)
     if missing:
@@ -290,8 +288,6 @@ def _zero_unselected(peft_model, selection, adapter_name) -> None:
     """Zero A and B of experts outside the selection: no delta, zero gradients, so they stay zero."""
     from peft.tuners.lora.layer import ParamWrapper
 
-    from adapters.targets import _clean
-
     with torch.no_grad():
         for name, module in peft_model.named_modules():
             if (
@@ -300,7 +296,7 @@ def _zero_unselected(peft_model, selection, adapter_name) -> None:
                 or module.num_experts < 2
             ):
                 continue
-            chosen = selection.get(layer_of(_clean(name)), None)
+            chosen = selection.get(layer_of(clean_name(name)), None)
             if chosen is None:
                 continue
             keep = torch.zeros(module.num_experts, dtype=torch.bool)

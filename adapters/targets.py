@@ -83,16 +83,16 @@ def decoder_layers(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """(name, ModuleList) of the decoder layer stacks: lists whose items have an mlp-like child."""
     stacks = []
     for name, module in model.named_modules():
-        if set(_clean(name).split(".")) & set(ENCODER_ROOTS):
+        if set(clean_name(name).split(".")) & set(ENCODER_ROOTS):
             continue  # a modality encoder's own layers
         if isinstance(module, nn.ModuleList) and len(module) and ".base_layer" not in name:
             first = _children(module[0])
             if any(f in first for f in FFN_NAMES) and any(a in first for a in ATTENTION_NAMES):
-                stacks.append((_clean(name), module))
+                stacks.append((clean_name(name), module))
     return stacks
 
 
-def _clean(name: str) -> str:
+def clean_name(name: str) -> str:
     """A module name without PEFT's prefixes and wrapper levels."""
     for prefix in ("base_model.model.",):
         if name.startswith(prefix):
@@ -123,7 +123,7 @@ def _multimodal_targets(model: nn.Module) -> list[Target]:
     """Encoder Linear / Conv2d layers (LoRA) and the fusion modules (trained whole)."""
     found = []
     for name, module in model.named_modules():
-        clean = _clean(name)
+        clean = clean_name(name)
         parts = clean.split(".")
         if (
             "lora_" in clean
@@ -304,13 +304,13 @@ def _resolve_raw(model, request, found, chosen_layers, resolved, model_name) -> 
 
     hit = False
     for name, module in model.named_modules():
-        name = _clean(name)
+        name = clean_name(name)
         if isinstance(module, nn.Linear) and matches(name) and in_layers(name) and "lora_" not in name:
             group = by_name[name].group if name in by_name else "other"
             resolved.modules[name] = group
             hit = True
     for name, param in model.named_parameters():
-        name = _clean(name)
+        name = clean_name(name)
         if param.ndim in (2, 3) and matches(name) and in_layers(name) and "lora_" not in name:
             owner = name.rpartition(".")[0]
             if param.ndim == 2 and owner in resolved.modules:
@@ -349,7 +349,7 @@ def target_report(peft_model: nn.Module) -> str:
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        clean = _clean(name)
+        clean = clean_name(name)
         active = [a for a in module.active_adapters if a in module.lora_A]
         adapter_names.update(active)
         if not active:
@@ -382,7 +382,7 @@ def target_report(peft_model: nn.Module) -> str:
     # whole modules trained (router: train) are PEFT modules_to_save
     for name, module in peft_model.named_modules():
         if type(module).__name__ == "ModulesToSaveWrapper":
-            clean = _clean(name)
+            clean = clean_name(name)
             group = _group_of(clean, groups)
             if group == "other":
                 group = _group_of(clean + ".weight", groups)
