@@ -26,7 +26,6 @@ from torch import nn
 from finetune.errors import MoetuneError
 
 IGNORE_INDEX = -100
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 
 
 # ----------------------------------------------------------------------------- loss
@@ -170,44 +169,20 @@ def routing_stats(model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[s
 
 
 def read_texts(data: str | Path, max_examples: int | None = None) -> list[str]:
-    """Texts from a .jsonl file (a "text" field per line), a text file, or a folder of those."""
-    path = Path(data)
-    if not path.exists():
-        raise MoetuneError(f"--data {path}: no such file or folder")
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    texts: list[str] = []
-    for file in files:
-        if file.suffix == ".jsonl":
-            texts += _jsonl_texts(file)
-        elif file.suffix in TEXT_SUFFIXES or (not path.is_dir()):
-            try:
-                text = file.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                raise MoetuneError(
-                    f"{file}: not UTF-8 text; give .jsonl with a 'text' field or text files"
-                ) from None
-            if text.strip():
-                texts.append(text)
-        if max_examples is not None and len(texts) >= max_examples:
-            break
+    """Texts of `--data`, read by the same rules as a recipe's `data.train` (finetune.data.load_source):
+    .jsonl / .json / .csv / .parquet records with a "text" field, a text or code file, a folder of them."""
+    from finetune.data.sources import load_source
+
+    records = load_source(str(data), what="--data")
+    if "text" not in records.column_names:
+        raise MoetuneError(
+            f"--data {data}: records have no 'text' field (fields: {', '.join(records.column_names)}); "
+            "give records with a 'text' field, or text / code files"
+        )
+    texts = [t for t in records["text"] if isinstance(t, str) and t.strip()]
     if not texts:
-        raise MoetuneError(f"--data {path}: no text found (.jsonl with a 'text' field, .txt/.md files)")
+        raise MoetuneError(f"--data {data}: no text found")
     return texts[:max_examples] if max_examples is not None else texts
-
-
-def _jsonl_texts(file: Path) -> list[str]:
-    texts = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MoetuneError(f"{file}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise MoetuneError(f'{file}:{number}: expected an object with a "text" string field')
-        texts.append(record["text"])
-    return texts
 
 
 def _batches(tokenizer, texts: list[str], max_length: int, max_examples: int, device) -> list[dict]:

@@ -82,13 +82,16 @@ def test_profile_experts_writes_stats_heatmap_and_a_loadable_selection(tmp_path)
     assert "80 tokens (5 examples)" in report
 
 
-def test_read_texts_forms_and_errors(tmp_path):
-    (tmp_path / "a.txt").write_text("first document")
+def test_read_texts_follows_the_recipe_source_rules(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("first document")
+    (tmp_path / "docs" / "b.py").write_text("def f():\n    return 1\n")  # code counts as text
+    assert read_texts(tmp_path / "docs") == ["first document", "def f():\n    return 1\n"]
     (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
-    assert read_texts(tmp_path) == ["first document", "one", "two"]
-    assert read_texts(tmp_path, max_examples=2) == ["first document", "one"]
+    assert read_texts(tmp_path / "b.jsonl") == ["one", "two"]
+    assert read_texts(tmp_path / "b.jsonl", max_examples=1) == ["one"]
     (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
-    with pytest.raises(MoetuneError, match=r"bad.jsonl:1: expected an object with a \"text\""):
+    with pytest.raises(MoetuneError, match="no 'text' field"):
         read_texts(tmp_path / "bad.jsonl")
     with pytest.raises(MoetuneError, match="no such file"):
         read_texts(tmp_path / "missing.jsonl")
