@@ -59,8 +59,10 @@ UNSUPPORTED_FEATURES = {
 # ----------------------------------------------------------------------------- reading adapters
 
 
-def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
-    """adapter_config.json of a PEFT LoRA adapter folder, checked (folder, weights file, supported features)."""
+def read_adapter_config(adapter_dir: str | os.PathLike, *, allow: tuple[str, ...] = ()) -> dict:
+    """adapter_config.json of a PEFT LoRA adapter folder, checked (folder, weights file, supported features).
+
+    `allow` names UNSUPPORTED_FEATURES keys the caller handles itself (merge handles modules_to_save)."""
     folder = Path(adapter_dir)
     if not folder.is_dir():
         raise MoetuneError(
@@ -86,18 +88,20 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
             f"{folder} is a {config.get('peft_type')} adapter; moetune merges LoRA adapters only"
         )
     for key, feature in UNSUPPORTED_FEATURES.items():
-        if config.get(key):
+        if config.get(key) and key not in allow:
             raise MoetuneError(
                 f"{folder} uses {feature} ({key} in {ADAPTER_CONFIG}); moetune merges plain LoRA only"
             )
     return config
 
 
-def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_adapter(
+    adapter_dir: str | os.PathLike, *, allow: tuple[str, ...] = ()
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json as a dict, the tensors of adapter_model.safetensors) of a PEFT adapter folder."""
     from safetensors.torch import load_file
 
-    config = read_adapter_config(adapter_dir)
+    config = read_adapter_config(adapter_dir, allow=allow)
     weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS
     try:
         tensors = load_file(str(weights_path))

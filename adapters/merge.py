@@ -260,6 +260,19 @@ def _meta_model(base: Path):
         raise MoetuneError(f"cannot build the architecture of {base} ({_short(err)})") from err
 
 
+MERGE_HANDLES = ("modules_to_save",)  # adapter features merge_into_base handles beyond plain LoRA
+
+
+def full_module_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors of modules trained in full (PEFT modules_to_save), by their key in the base model.
+
+    They are saved under the module's own name (no lora_A / lora_B), so merging means writing them in
+    place of the base's tensors."""
+    return {
+        key: tensor for key, tensor in tensors.items() if ".lora_" not in key and key.startswith(SAVED_PREFIX)
+    }
+
+
 def _plan(base: Path, adapter_dir: Path, checkpoint: _Checkpoint) -> tuple[list[_Target], object]:
     """The adapted parameters, each with its checkpoint keys; and the meta base model (for conversions)."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -267,8 +280,11 @@ def _plan(base: Path, adapter_dir: Path, checkpoint: _Checkpoint) -> tuple[list[
     from peft.tuners.lora.layer import LoraLayer, ParamWrapper
     from transformers.core_model_loading import revert_weight_conversion
 
-    _, tensors = read_adapter(adapter_dir)  # refuses unsupported adapter features with a clear message
-    saved = group_factors(tensors, str(adapter_dir))
+    # Refuses unsupported adapter features with a clear message; fully trained modules are merged apart.
+    _, tensors = read_adapter(adapter_dir, allow=MERGE_HANDLES)
+    saved = group_factors(
+        {k: v for k, v in tensors.items() if k not in full_module_tensors(tensors)}, str(adapter_dir)
+    )
     try:
         lora_config = LoraConfig.from_pretrained(str(adapter_dir))
     except Exception as err:
@@ -465,6 +481,23 @@ def _base_model_id(base: Path, adapter_config: dict) -> str:
     return str(base)
 
 
+def _replacements(adapter: Path, checkpoint: _Checkpoint) -> dict[str, torch.Tensor]:
+    """{checkpoint key: tensor} for the adapter's fully trained modules, shapes checked against the base."""
+    _, tensors = read_adapter(adapter, allow=MERGE_HANDLES)
+    out = {}
+    for key, tensor in full_module_tensors(tensors).items():
+        model_key = key[len(SAVED_PREFIX) :]
+        entry = checkpoint.entries.get(model_key)
+        if entry is None or tuple(entry.shape) != tuple(tensor.shape):
+            found = "missing" if entry is None else f"of shape {tuple(entry.shape)}"
+            raise MoetuneError(
+                f"{adapter} trains {model_key} {tuple(tensor.shape)} in full, but the base has it {found}; "
+                "an adapter for another base?"
+            )
+        out[model_key] = tensor
+    return out
+
+
 def merge_into_base(
     base_folder: str | os.PathLike,
     adapter_dir: str | os.PathLike,
@@ -483,9 +516,10 @@ def merge_into_base(
     base, adapter, out = Path(base_folder), Path(adapter_dir), Path(output)
     _check_new_output(out)
     checkpoint = _Checkpoint(base)
-    adapter_config = read_adapter_config(adapter)
+    adapter_config = read_adapter_config(adapter, allow=MERGE_HANDLES)
     targets, base_meta = _plan(base, adapter, checkpoint)
     plan = _output_plan(checkpoint, max_shard_size)
+    replaced = _replacements(adapter, checkpoint)
 
     owner: dict[str, _Target] = {}
     for target in targets:
@@ -506,6 +540,9 @@ def merge_into_base(
                 for key in keys:
                     entry = checkpoint.entries[key]
                     target = owner.get(key)
+                    if key in replaced:  # a module trained in full: its tensor replaces the base's
+                        writer.write_tensor(replaced[key].to(checkpoint.read(key).dtype))
+                        continue
                     if target is None:
                         writer.copy_bytes(entry)
                         continue
@@ -535,6 +572,8 @@ def merge_into_base(
             counts[kind] = counts.get(kind, 0) + 1
         experts = max(t.factors.num_experts for t in targets)
         summary = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
+        if replaced:
+            summary += f"; {len(replaced)} tensors of fully trained modules written in place"
         if experts > 1:
             summary += f"; fused expert tensors of {experts} experts, merged per expert"
         rounding_line = rounding.report(dtypes)
@@ -637,7 +676,7 @@ def verify_merge(
         except Exception as err:
             raise MoetuneError(f"cannot load {folder} as a model: {_short(err)}") from err
 
-    read_adapter_config(adapter)  # the clear errors for a bad adapter folder
+    read_adapter_config(adapter, allow=MERGE_HANDLES)  # the clear errors for a bad adapter folder
     base_model = load(base)
     try:
         with _quiet():
