@@ -141,6 +141,12 @@ def group_factors(
             missing = "lora_B" if "A" in pair else "lora_A"
             raise MoetuneError(f"{where} has no {missing} for {module}; the adapter file is incomplete")
         a, b = pair["A"], pair["B"]
+        if a.dim() == 4:  # nn.Conv2d LoRA, e.g. on a ResNet image encoder
+            raise MoetuneError(
+                f"{where}: {module} is LoRA on a Conv2d layer, which moetune does not merge or combine; "
+                "leave the image encoder's convolutions out of adapter.targets, or merge with PEFT's "
+                "merge_and_unload"
+            )
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise MoetuneError(
                 f"{where}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, which do not fit"

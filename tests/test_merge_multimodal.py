@@ -47,3 +47,13 @@ def test_combining_adapters_with_fully_trained_modules_is_refused(tmp_path):
         apply_lora(model, targets=["attention", "projector"], r=4).save_pretrained(tmp_path / name)
     with pytest.raises(MoetuneError, match="modules_to_save"):
         combine_adapters([tmp_path / "a", tmp_path / "b"], tmp_path / "ab", method="linear")
+
+
+def test_conv_lora_on_the_image_encoder_is_refused_in_one_line(tmp_path):
+    base_dir = init_model("tiny", tmp_path / "base", modalities=["image", "text"])
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    apply_lora(model, targets=["attention", "encoders"], r=4).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(MoetuneError, match="Conv2d") as err:
+        merge_into_base(base_dir, tmp_path / "adapter", tmp_path / "merged")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "merged").exists()
