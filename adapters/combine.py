@@ -123,9 +123,12 @@ class LoraFactors:
 
 
 def group_factors(
-    tensors: dict[str, torch.Tensor], where: str
+    tensors: dict[str, torch.Tensor], where: str, *, allow_conv: bool = False
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{saved module path: (lora_A, lora_B)}; any other tensor is refused with its name."""
+    """{saved module path: (lora_A, lora_B)}; any other tensor is refused with its name.
+
+    `allow_conv`: also accept Conv2d LoRA (A (r, in, kh, kw), B (out, r, 1, 1)); merging folds it in,
+    combining does not handle it."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         module, _, leaf = name.rpartition(".lora_")
@@ -141,11 +144,13 @@ def group_factors(
             missing = "lora_B" if "A" in pair else "lora_A"
             raise MoetuneError(f"{where} has no {missing} for {module}; the adapter file is incomplete")
         a, b = pair["A"], pair["B"]
+        if a.dim() == 4 and allow_conv and b.dim() == 4 and a.shape[0] == b.shape[1]:
+            out[module] = (a, b)
+            continue
         if a.dim() == 4:  # nn.Conv2d LoRA, e.g. on a ResNet image encoder
             raise MoetuneError(
-                f"{where}: {module} is LoRA on a Conv2d layer, which moetune does not merge or combine; "
-                "leave the image encoder's convolutions out of adapter.targets, or merge with PEFT's "
-                "merge_and_unload"
+                f"{where}: {module} is LoRA on a Conv2d layer, which combining adapters does not handle; "
+                "leave the image encoder's convolutions out of adapter.targets to combine these adapters"
             )
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise MoetuneError(

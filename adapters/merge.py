@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from adapters.combine import (
     SAVED_PREFIX,
@@ -211,6 +212,9 @@ class _Target:
 
     def delta(self) -> torch.Tensor:
         """The change of the parameter in float32, in the model's layout."""
+        if len(self.param_shape) == 4:  # Conv2d (groups=1): PEFT's delta, conv(A^T, B)^T * scaling
+            a, b = self.factors.lora_A.float(), self.factors.lora_B.float()  # (r, in, kh, kw), (out, r, 1, 1)
+            return F.conv2d(a.transpose(0, 1), b).transpose(0, 1) * self.factors.scaling  # (out, in, kh, kw)
         delta = expert_delta(self.factors)  # (E, out, in)
         if len(self.param_shape) == 2:
             return delta[0]
@@ -276,14 +280,16 @@ def full_module_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def _plan(base: Path, adapter_dir: Path, checkpoint: _Checkpoint) -> tuple[list[_Target], object]:
     """The adapted parameters, each with its checkpoint keys; and the meta base model (for conversions)."""
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora.layer import Conv2d as LoraConv2d
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.lora.layer import LoraLayer, ParamWrapper
     from transformers.core_model_loading import revert_weight_conversion
 
     # Refuses unsupported adapter features with a clear message; fully trained modules are merged apart.
     _, tensors = read_adapter(adapter_dir, allow=MERGE_HANDLES)
+    full = full_module_tensors(tensors)
     saved = group_factors(
-        {k: v for k, v in tensors.items() if k not in full_module_tensors(tensors)}, str(adapter_dir)
+        {k: v for k, v in tensors.items() if k not in full}, str(adapter_dir), allow_conv=True
     )
     try:
         lora_config = LoraConfig.from_pretrained(str(adapter_dir))
@@ -307,7 +313,11 @@ def _plan(base: Path, adapter_dir: Path, checkpoint: _Checkpoint) -> tuple[list[
             model_key = f"{name.replace('.base_layer', '')}.{module.parameter_name}"
             shape, experts = tuple(module.get_param().shape), module.num_experts
             out_in = module._did_swap_in_out_features or len(shape) == 2
-        elif isinstance(module, LoraLinear):
+        elif (
+            isinstance(module, LoraLinear)
+            or isinstance(module, LoraConv2d)
+            and module.get_base_layer().groups == 1
+        ):
             model_key, shape, experts, out_in = (
                 f"{name}.weight",
                 tuple(module.base_layer.weight.shape),
@@ -317,7 +327,7 @@ def _plan(base: Path, adapter_dir: Path, checkpoint: _Checkpoint) -> tuple[list[
         else:
             raise MoetuneError(
                 f"{adapter_dir} puts LoRA on {name}, a {type(module.get_base_layer()).__name__}; moetune merges "
-                "LoRA on Linear layers and on expert parameters (target_parameters) only"
+                "LoRA on Linear and Conv2d layers and on expert parameters (target_parameters) only"
             )
         key = SAVED_PREFIX + name
         if key not in saved:

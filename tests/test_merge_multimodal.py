@@ -1,4 +1,4 @@
-"""Merging a multimodal adapter: LoRA folded in, fully trained modules (modules_to_save) written in place."""
+"""Merging a multimodal adapter: Linear and Conv2d LoRA folded in, fully trained modules written in place."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from finetune.loading import init_model
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-def test_merge_writes_fully_trained_modules_and_matches_peft(tmp_path):
+def test_merge_folds_linear_and_conv_lora_writes_full_modules_and_matches_peft(tmp_path):
     base_dir = init_model("tiny", tmp_path / "base", modalities=["image", "text"])
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    peft_model = apply_lora(model, targets=["attention", "experts", "projector"], r=4, alpha=8)
+    # encoders: LoRA on the text encoder's Linear and the ResNet's Conv2d layers; projector: trained in full
+    peft_model = apply_lora(model, targets=["attention", "experts", "encoders", "projector"], r=4, alpha=8)
     with torch.no_grad():  # a non-trivial adapter: LoRA B and the fully trained modules both move
         for param in peft_model.parameters():
             if param.requires_grad:
@@ -32,8 +33,8 @@ def test_merge_writes_fully_trained_modules_and_matches_peft(tmp_path):
     ).merge_and_unload()
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     expected = reference.state_dict()
-    moved = [k for k in merged if "projectors" in k or "fusion_gate" in k]
-    assert moved, "the projector group should be in the checkpoint"
+    moved = [k for k in merged if "projectors" in k or "fusion_gate" in k or "convolution" in k]
+    assert any("convolution" in k for k in moved) and any("projectors" in k for k in moved)
     for key, tensor in merged.items():
         torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6, msg=key)
     base = load_file(base_dir / "model.safetensors")
@@ -49,11 +50,11 @@ def test_combining_adapters_with_fully_trained_modules_is_refused(tmp_path):
         combine_adapters([tmp_path / "a", tmp_path / "b"], tmp_path / "ab", method="linear")
 
 
-def test_conv_lora_on_the_image_encoder_is_refused_in_one_line(tmp_path):
+def test_combining_conv_lora_is_refused_in_one_line(tmp_path):
     base_dir = init_model("tiny", tmp_path / "base", modalities=["image", "text"])
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    apply_lora(model, targets=["attention", "encoders"], r=4).save_pretrained(tmp_path / "adapter")
+    for name in ("a", "b"):
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        apply_lora(model, targets=["attention", "encoders"], r=4).save_pretrained(tmp_path / name)
     with pytest.raises(MoetuneError, match="Conv2d") as err:
-        merge_into_base(base_dir, tmp_path / "adapter", tmp_path / "merged")
+        combine_adapters([tmp_path / "a", tmp_path / "b"], tmp_path / "ab", method="linear")
     assert "\n" not in str(err.value)
-    assert not (tmp_path / "merged").exists()
