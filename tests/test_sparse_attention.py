@@ -275,3 +275,45 @@ def test_general_path_equals_the_fused_fast_path():
         results.append((out, *grads))
     for fast, general in zip(*results):
         torch.testing.assert_close(fast, general, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["one document", "left padded"])
+def test_local_backward_in_row_chunks_matches_the_definition(monkeypatch, layout):
+    """The local backward recomputes its probabilities a chunk of rows at a time: tiny chunks, same grads."""
+    from finetune.modeling import sparse_attention
+
+    monkeypatch.setattr(sparse_attention, "_LOCAL_CHUNK", 1)  # chunks of `local_window` rows
+    config = sparse_config(num_key_value_heads=2, local_window=3)
+    module = attention(config)
+    hidden = torch.randn(1, 23, config.hidden_size)
+    pads = 0 if layout == "one document" else 2
+    padded = torch.cat([torch.randn(1, pads, config.hidden_size), hidden], dim=1)
+    mask = torch.cat([torch.zeros(1, pads), torch.ones(1, 23)], dim=1).long()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    grads = []
+    for fn in (lambda: run(module, config, padded, position_ids, mask)[:, pads:],
+               lambda: reference(module, config, hidden, 0, 23)):  # fmt: skip
+        module.zero_grad()
+        fn().square().sum().backward()
+        grads.append([p.grad.clone() for p in module.parameters()])
+    for fast, slow in zip(*grads):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_local_window_chunks_with_cached_keys_match_one_chunk(monkeypatch):
+    """Keys reaching back before the queries (a cache): chunked and whole-sequence backward agree."""
+    from finetune.modeling import sparse_attention
+
+    base, length, window = 3, 17, 4
+    q = torch.randn(2, 2, 2, length, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, 1, base + length, 8, requires_grad=True) for _ in range(2))
+    steps = torch.arange(base, base + length)[:, None] - torch.arange(window)
+    allowed = (steps >= 0).expand(2, 1, 1, length, window)
+    results = []
+    for chunk in (1 << 30, 1):
+        monkeypatch.setattr(sparse_attention, "_LOCAL_CHUNK", chunk)
+        out = sparse_attention._LocalWindow.apply(q, k, v, allowed, base, 0.3)
+        results.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for whole, chunked in zip(*results):
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in results[1])

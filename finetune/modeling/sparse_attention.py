@@ -30,9 +30,10 @@ the queries by their phase r = (t + 1) % block_size makes every phase a plain *c
 n / block_size queries over the n / block_size summaries. On a CPU the fast path (one document per row,
 no cache) runs exactly that through the causal flash-attention kernel, whose tiles above the diagonal
 are skipped, so the global work is about n^2 / (2 * block_size) instead of dense attention's n^2 / 2,
-in O(n) memory; it is fused with the local branch and the gate in one autograd Function whose backward
-frees each head's saved output as soon as it is used (peak memory of the module at or below dense
-sdpa's, see benchmarks/sparse_attention.py). Padded, packed or cached inputs, and other devices, take
+in O(n) memory; it is fused with the local branch and the gate in one autograd Function that keeps
+only its inputs for backward and recomputes the rest there, one head (global) or one chunk of rows
+(local) at a time (peak memory of the attention at or below dense sdpa's, see
+benchmarks/sparse_attention.py). Padded, packed or cached inputs, and other devices, take
 an exact general path: the same summaries, read through `scaled_dot_product_attention` with an explicit
 (queries x summaries) block mask. The local branch is one pass over q and the shifted keys per window
 offset (a batched matmul over views, no (n, window, D) copy): time and memory linear in n.
@@ -123,32 +124,66 @@ def _group_sum(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([r.permute(1, 2, 0, 3) for r in rows])  # (T, nKV, 1, D) -> (nKV, 1, T, D)
 
 
-def _local_forward(query, key, value, allowed, base: int, scale: float):
-    """Local window attention without autograd: (out (B, nKV, g, T, D), probs (B, nKV, g, T, w) fp32).
+_LOCAL_CHUNK = 1 << 14  # (rows x heads x window) elements of fp32 per chunk of the local backward
 
-    query (B, nKV, g, T, D); key / value (B, nKV, 1, base + T, D); allowed (B, 1, 1, T, w) bool, offset
-    o = the key o steps behind the query, False wherever base + i - o < 0. One pass per offset over q
-    and the shifted keys: no (T, w, D) copy of the keys is ever made.
-    """
+
+def _local_probs(query, key, allowed, base: int, scale: float) -> torch.Tensor:
+    """Local window probabilities (B, nKV, g, T, w) fp32 of query (B, nKV, g, T, D) over key (.., base + T, D)."""
     length, window = query.shape[-2], allowed.shape[-1]
     scores = query.new_zeros((*query.shape[:-1], window), dtype=torch.float32)
     for o, first, keys in _window_steps(length, base, window):
         scores[..., first:, o] = _rowdot(query[..., first:, :], key[..., keys, :])
-    probs = scores.mul_(scale).masked_fill_(~allowed, float("-inf")).softmax(dim=-1)
+    return scores.mul_(scale).masked_fill_(~allowed, float("-inf")).softmax(dim=-1)
+
+
+def _local_forward(query, key, value, allowed, base: int, scale: float):
+    """Local window attention without autograd: out (B, nKV, g, T, D).
+
+    query (B, nKV, g, T, D); key / value (B, nKV, 1, base + T, D); allowed (B, 1, 1, T, w) bool, offset
+    o = the key o steps behind the query, False wherever base + i - o < 0. One pass per offset over q
+    and the shifted keys: no (T, w, D) copy of the keys is ever made. The (T, w) probabilities are
+    not kept: the backward recomputes them a chunk of rows at a time (the window is small).
+    """
+    length, window = query.shape[-2], allowed.shape[-1]
+    probs = _local_probs(query, key, allowed, base, scale)
     out = torch.zeros_like(query)
     for o, first, keys in _window_steps(length, base, window):
         out[..., first:, :].addcmul_(probs[..., first:, o, None].to(value.dtype), value[..., keys, :])
-    return out, probs
+    return out
 
 
-def _local_backward(grad_out, query, key, value, probs, base: int, scale: float, grads, weight=None):
+def _local_backward(grad_out, query, key, value, allowed, base: int, scale: float, grads, weight=None):
     """Adds the local branch's gradients into grads = (grad_query, grad_key, grad_value).
 
     With `weight` (B, 1, 1, T, 1), the branch's output was `weight * out` (the gate's local share):
-    the gradients include it, and the return value is d loss / d weight as (B, T).
+    the gradients include it, and the return value is d loss / d weight as (B, T). Runs over chunks
+    of query rows, recomputing each chunk's probabilities, so that no (T, w) buffer is ever held:
+    the peak stays at the q / k / v gradients themselves.
     """
+    length, window = query.shape[-2], allowed.shape[-1]
+    per_row = max(1, query[..., 0, 0].numel() * window)
+    chunk = max(window, _LOCAL_CHUNK // per_row)
+    grad_weight = None if weight is None else query.new_zeros(query.shape[0], length, dtype=torch.float32)
+    for start in range(0, length, chunk):
+        end = min(length, start + chunk)
+        lo = max(0, base + start - (window - 1))  # the first key this chunk's windows reach
+        rows, keys = slice(start, end), slice(lo, base + end)
+        part = _local_backward_rows(
+            grad_out[..., rows, :], query[..., rows, :], key[..., keys, :], value[..., keys, :],
+            allowed[..., rows, :], base + start - lo, scale,
+            (grads[0][..., rows, :], grads[1][..., keys, :], grads[2][..., keys, :]),
+            None if weight is None else weight[..., rows, :],
+        )  # fmt: skip
+        if grad_weight is not None:
+            grad_weight[:, rows] = part
+    return grad_weight
+
+
+def _local_backward_rows(grad_out, query, key, value, allowed, base: int, scale: float, grads, weight):
+    """_local_backward on one chunk of rows (views into the full tensors); probabilities recomputed."""
     grad_q, grad_k, grad_v = grads
-    length, window = query.shape[-2], probs.shape[-1]
+    length, window = query.shape[-2], allowed.shape[-1]
+    probs = _local_probs(query, key, allowed, base, scale)
     grad_probs = torch.zeros_like(probs)  # d loss / d probs of the unweighted output
     steps = list(_window_steps(length, base, window))
     for o, first, keys in steps:
@@ -160,6 +195,7 @@ def _local_backward(grad_out, query, key, value, probs, base: int, scale: float,
         grad_probs *= weight
         inner *= weight
     grad_scores = grad_probs.sub_(inner).mul_(probs).mul_(scale).to(query.dtype)  # softmax backward
+    del inner
 
     def add_to_kv(grad: torch.Tensor, step_weight: torch.Tensor, x: torch.Tensor) -> None:
         """grad (B, nKV, 1, n, D) += step_weight * x, summed over the GQA group axis."""
@@ -182,20 +218,20 @@ def _local_backward(grad_out, query, key, value, probs, base: int, scale: float,
 
 
 class _LocalWindow(torch.autograd.Function):
-    """The local branch alone (general path); saves only the (T, w) probabilities besides its inputs."""
+    """The local branch alone (general path); saves its inputs only (the backward recomputes the rest)."""
 
     @staticmethod
     def forward(ctx, query, key, value, allowed, base: int, scale: float):
-        out, probs = _local_forward(query, key, value, allowed, base, scale)
-        ctx.save_for_backward(query, key, value, probs)
+        out = _local_forward(query, key, value, allowed, base, scale)
+        ctx.save_for_backward(query, key, value, allowed)
         ctx.base, ctx.scale = base, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, probs = ctx.saved_tensors
+        query, key, value, allowed = ctx.saved_tensors
         grads = (torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value))
-        _local_backward(grad_out, query, key, value, probs, ctx.base, ctx.scale, grads)
+        _local_backward(grad_out, query, key, value, allowed, ctx.base, ctx.scale, grads)
         return *grads, None, None, None
 
 
@@ -211,10 +247,12 @@ class _BlockSparse(torch.autograd.Function):
     then sees summaries j <= i, which is `is_causal` attention of m queries over m summaries (m = T //
     block) whose kernel skips the masked tiles. The phases are a strided view of a padded copy of one
     head's queries (batch = phase), and the kernel writes its output already in token order; one
-    (batch, head) at a time, so
-    no buffer larger than one head's is ever allocated. Saved for backward: the global output and
-    log-sum-exp and the local probabilities (T, w); the summaries are rebuilt, and the local output
-    itself is not needed (the gate's gradient is folded into the local backward).
+    (batch, head) at a time, so no buffer larger than one head's is ever allocated. Saved for
+    backward: the inputs only. The backward reruns each head's global kernel (for its output and
+    log-sum-exp) just before that head's backward, rebuilds the summaries, and recomputes the local
+    probabilities a chunk of rows at a time; the local output itself is not needed (the gate's
+    gradient is folded into the local backward). So at its peak it holds what sdpa's backward holds:
+    the output and the q / k / v gradients.
     """
 
     @staticmethod
@@ -224,10 +262,9 @@ class _BlockSparse(torch.autograd.Function):
         kv_heads = key.shape[1]
         groups, m = heads // kv_heads, length // block
         q5, k5, v5 = query.view(batch, kv_heads, groups, length, dim), key[:, :, None], value[:, :, None]
-        local, probs = _local_forward(q5, k5, v5, allowed, 0, scale)
+        local = _local_forward(q5, k5, v5, allowed, 0, scale)
         mixed = local.view(batch, heads, length, dim).mul_(gate[:, None, :, 0, None].to(query.dtype))
         sum_k, sum_v = _BlockSparse._summaries(key, value, block, m)
-        outs, lses = [], []
         rows = length - block + 1  # queries t = block-1 .. T-1 see at least one summary
         for b in range(batch if m else 0):
             for h in range(heads):
@@ -237,10 +274,8 @@ class _BlockSparse(torch.autograd.Function):
                 )  # fmt: skip
                 out_tokens = _BlockSparse._tokens(out)[:rows]  # queries t = block-1 .. block-2+rows
                 mixed[b, h, block - 1 :].addcmul_(out_tokens, gate[b, block - 1 :, 1, None].to(query.dtype))
-                outs.append(out)
-                lses.append(lse)
-        ctx.save_for_backward(query, key, value, gate, probs, *lses)
-        ctx.outs = outs  # intermediates, kept on ctx so backward can free each one once used
+                del out, lse, out_tokens
+        ctx.save_for_backward(query, key, value, gate, allowed)
         ctx.block, ctx.scale = block, scale
         return mixed
 
@@ -264,34 +299,32 @@ class _BlockSparse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_mixed):
-        query, key, value, gate, probs, *lses = ctx.saved_tensors
-        block, scale, outs = ctx.block, ctx.scale, ctx.outs
+        query, key, value, gate, allowed = ctx.saved_tensors
+        block, scale = ctx.block, ctx.scale
         batch, heads, length, dim = query.shape
         kv_heads = key.shape[1]
         groups, m = heads // kv_heads, length // block
         gate_q = gate.to(query.dtype)
         grad_q, grad_gate = torch.zeros_like(query), torch.zeros_like(gate)
 
-        # Global branch first, one (batch, head) at a time, freeing each saved output once used: the
-        # summaries are rebuilt (a mean, cheap) and the key / value gradients allocated only after the
-        # loop, so that the peak stays near dense sdpa's.
+        # Global branch first, one (batch, head) at a time: each head's global output and log-sum-exp
+        # are recomputed here (the forward keeps none), the summaries rebuilt (a mean, cheap), and the
+        # key / value gradients allocated only after the loop, so that the peak stays at dense sdpa's.
         sum_k, sum_v = _BlockSparse._summaries(key, value, block, m)
         grad_sum_k, grad_sum_v = torch.zeros_like(sum_k), torch.zeros_like(sum_v)
         rows = length - block + 1
-        for i, lse in enumerate(lses):
-            b, h = divmod(i, heads)
-            out, outs[i] = outs[i], None
+        for b, h in ((b, h) for b in range(batch if m else 0) for h in range(heads)):
+            phases = _BlockSparse._phases(query[b, h], block, m)
+            sum_kh = sum_k[b, h // groups].expand(block, 1, m, dim)
+            sum_vh = sum_v[b, h // groups].expand(block, 1, m, dim)
+            out, lse = _flash_forward(phases, sum_kh, sum_vh, 0.0, True, scale=scale)
             grad_rows = grad_mixed[b, h, block - 1 :]  # (rows, D)
             grad_gate[b, block - 1 :, 1] += (grad_rows * _BlockSparse._tokens(out)[:rows]).sum(-1)
             grad_out = grad_rows.new_zeros(m * block, dim)
             torch.mul(grad_rows, gate_q[b, block - 1 :, 1, None], out=grad_out[:rows])
             grad_out = grad_out.view(m, block, dim).transpose(0, 1)[:, None]  # phase order, like `out`
-            dq, dk, dv = _flash_backward(
-                grad_out, _BlockSparse._phases(query[b, h], block, m),
-                sum_k[b, h // groups].expand(block, 1, m, dim), sum_v[b, h // groups].expand(block, 1, m, dim),
-                out, lse, 0.0, True, scale=scale,
-            )  # fmt: skip
-            del out, grad_out
+            dq, dk, dv = _flash_backward(grad_out, phases, sum_kh, sum_vh, out, lse, 0.0, True, scale=scale)
+            del out, lse, grad_out, phases, sum_kh, sum_vh
             grad_q[b, h, block - 1 :] += _BlockSparse._tokens(dq)[:rows]
             grad_sum_k[b, h // groups] += dk.sum(dim=(0, 1))
             grad_sum_v[b, h // groups] += dv.sum(dim=(0, 1))
@@ -299,11 +332,23 @@ class _BlockSparse(torch.autograd.Function):
 
         del sum_k, sum_v
 
-        # a summary is the mean of its block: each member gets 1 / block of the summary's gradient
-        grad_k, grad_v = torch.zeros_like(key), torch.zeros_like(value)
-        for grad, grad_sum in ((grad_k, grad_sum_k), (grad_v, grad_sum_v)):
-            grad[:, :, : m * block].unflatten(2, (m, block)).add_(grad_sum[:, :, :, None] / block)
-        del grad_sum_k, grad_sum_v
+        # a summary is the mean of its block: each member gets 1 / block of the summary's gradient.
+        # grad_v's share waits in a spare row of grad_k's blocks, so that no summary gradient is
+        # held next to both full key / value gradients (the peak stays at sdpa's).
+        grad_k = torch.zeros_like(key)
+        members_k = grad_k[:, :, : m * block].unflatten(2, (m, block))  # (B, nKV, m, block, D)
+        members_k[:, :, :, 0] = grad_sum_k.div_(block)
+        if block > 1:
+            members_k[:, :, :, 1] = grad_sum_v.div_(block)
+            del grad_sum_k, grad_sum_v
+            grad_v = torch.zeros_like(value)
+            grad_v[:, :, : m * block].unflatten(2, (m, block)).copy_(members_k[:, :, :, 1:2])
+        else:
+            grad_v = torch.zeros_like(value)
+            grad_v[:, :, :m].copy_(grad_sum_v)
+            del grad_sum_k, grad_sum_v
+        members_k[:, :, :, 1:] = members_k[:, :, :, :1]
+        del members_k
 
         # local branch, with the gate's local share folded in (no local output is rebuilt)
         q5 = query.view(batch, kv_heads, groups, length, dim)
@@ -314,7 +359,7 @@ class _BlockSparse(torch.autograd.Function):
             q5,
             key[:, :, None],
             value[:, :, None],
-            probs,
+            allowed,
             0,
             scale,
             grads,
