@@ -7,9 +7,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
+from transformers.models.qwen3_moe.modeling_qwen3_moe import apply_rotary_pos_emb
 
 from finetune.modeling import preset_config
-from finetune.modeling.modeling_moetune import MoetuneRotaryEmbedding, apply_rotary_pos_emb
+from finetune.modeling.modeling_moetune import MoetuneRotaryEmbedding
 from finetune.modeling.sparse_attention import HierarchicalSparseAttention
 
 

@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.models.qwen3_moe.modeling_qwen3_moe import apply_rotary_pos_emb
+
+from .attention_projections import add_qkvo_projections, project_qkv
 
 
 @dataclass
@@ -384,16 +385,10 @@ class HierarchicalSparseAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.local_window = config.local_window
         self.block_size = max(1, round(1 / config.global_ratio))
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        add_qkvo_projections(self, config)
         self.mix_gate = nn.Linear(config.hidden_size, 2)  # per-token logits of (local, global)
 
     def forward(
@@ -409,14 +404,7 @@ class HierarchicalSparseAttention(nn.Module):
         # `attention_mask` (the dense 4D causal mask) is not used: the document layout comes from
         # `padding_mask` and `position_ids`, and this module builds its own sparse masks.
         batch, length, _ = hidden_states.shape
-        hidden_shape = (batch, length, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nH, T, D)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nKV, T, D)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)  # (B, nKV, T_all, D)
+        query, key, value = project_qkv(self, hidden_states, position_embeddings, cache)
         past = key.shape[2] - length
         layout = _Layout.build(padding_mask, position_ids, batch, past, key.shape[2], hidden_states.device)
         mixed = self.attend(query, key, value, self.mix_gate(hidden_states), layout)  # (B, nH, T, D)
