@@ -77,11 +77,8 @@ def test_matches_the_token_by_token_definition(kv_heads, length, shape):
     torch.testing.assert_close(out, reference(module, config, hidden, 0, length), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [dict(), dict(local_window=1, global_ratio=1.0)])
-@pytest.mark.parametrize("kv_heads", [2, 4])
-@pytest.mark.parametrize("layout", ["one document", "left padded"])
-def test_gradients_match_the_definition(kv_heads, layout, shape):
-    config = sparse_config(num_key_value_heads=kv_heads, **shape)
+def assert_gradients_match_the_definition(config, layout: str) -> None:
+    """Parameter gradients of the module (fast or general path) equal those of the token-by-token reference."""
     module = attention(config)
     hidden = torch.randn(1, 23, config.hidden_size)
     pads = 0 if layout == "one document" else 2  # the padded row takes the general (masked) path
@@ -96,6 +93,14 @@ def test_gradients_match_the_definition(kv_heads, layout, shape):
         grads.append([p.grad.clone() for p in module.parameters()])
     for fast, slow in zip(*grads):
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(local_window=1, global_ratio=1.0)])
+@pytest.mark.parametrize("kv_heads", [2, 4])
+@pytest.mark.parametrize("layout", ["one document", "left padded"])
+def test_gradients_match_the_definition(kv_heads, layout, shape):
+    config = sparse_config(num_key_value_heads=kv_heads, **shape)
+    assert_gradients_match_the_definition(config, layout)
 
 
 def test_packed_documents_and_left_padding_match_each_document_alone():
@@ -284,21 +289,7 @@ def test_local_backward_in_row_chunks_matches_the_definition(monkeypatch, layout
     from finetune.modeling import sparse_attention
 
     monkeypatch.setattr(sparse_attention, "_LOCAL_CHUNK", 1)  # chunks of `local_window` rows
-    config = sparse_config(num_key_value_heads=2, local_window=3)
-    module = attention(config)
-    hidden = torch.randn(1, 23, config.hidden_size)
-    pads = 0 if layout == "one document" else 2
-    padded = torch.cat([torch.randn(1, pads, config.hidden_size), hidden], dim=1)
-    mask = torch.cat([torch.zeros(1, pads), torch.ones(1, 23)], dim=1).long()
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    grads = []
-    for fn in (lambda: run(module, config, padded, position_ids, mask)[:, pads:],
-               lambda: reference(module, config, hidden, 0, 23)):  # fmt: skip
-        module.zero_grad()
-        fn().square().sum().backward()
-        grads.append([p.grad.clone() for p in module.parameters()])
-    for fast, slow in zip(*grads):
-        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    assert_gradients_match_the_definition(sparse_config(num_key_value_heads=2, local_window=3), layout)
 
 
 def test_local_window_chunks_with_cached_keys_match_one_chunk(monkeypatch):
