@@ -26,12 +26,20 @@ k-times larger gather of x, the activation and its output are recomputed, and th
 not kept: the routing-weight gradient <dY_s, Y_s> = <q_s, h_s> + <dY_s, b_e>, with
 q_s = dY_s W_e + s (dY_s B_e) A_e, which backward computes anyway for dh.
 
+Quantized base weights: an experts module that stores its frozen weights quantized (finetune's
+quantized experts, or any module with the same protocol) offers `dequantize_expert(name, e)`, expert
+e's (out, in) weight in the compute dtype. The routed path then asks for each hit expert's weight in
+the per-expert loop, forward and again in backward (recomputed, never kept), and never sees the
+storage format; such modules take the loop on every device (no whole stack exists to group over).
+
 Shapes: N tokens, k experts per token, S = N * k routed pairs, E experts, H hidden, I expert width.
 """
 
 from __future__ import annotations
 
 import types
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -107,36 +115,57 @@ class Routing:
             start += count
 
 
-def _project(inp, weight_t, bias, lora_a, lora_b, scaling, routing, lora_mask):
+@dataclass
+class FrozenProjection:
+    """The frozen half of one fused expert projection, as the routed path reads it."""
+
+    weight_t: Callable[[int], torch.Tensor]  # expert e -> (in, out) weight in the compute dtype
+    stacked_t: torch.Tensor | None  # (E, in, out) view of the whole stack; None when stored quantized
+    bias: torch.Tensor | None  # (E, out)
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class ExpertLora:
+    """The LoRA factors of one fused expert parameter, in per-expert form (views of PEFT's tensors)."""
+
+    lora_a: torch.Tensor  # (E, r, in)
+    lora_b: torch.Tensor  # (E, out, r)
+    scaling: float
+    mask: list[bool] | None = None  # mask[e] False: expert e carries no LoRA (ESFT selection)
+
+
+def _project(inp, frozen: FrozenProjection, lora: ExpertLora | None, routing: Routing):
     """(S, in) -> (S, out) and the LoRA activations u (S, r) (kept for dB; None without LoRA).
 
     Per hit expert: y_e = inp_e @ W_e^T (+ b_e) + scaling * u_e @ B_e^T, u_e = inp_e @ A_e^T.
     """
     if routing.grouped:  # one grouped GEMM per product; experts outside a selection have zero factors
         offs = routing.offsets
-        out = F.grouped_mm(inp, weight_t, offs=offs)  # weight_t: (E, in, out)
-        if bias is not None:
-            out += bias[routing.expert_ids]
+        out = F.grouped_mm(inp, frozen.stacked_t, offs=offs)  # stacked_t: (E, in, out)
+        if frozen.bias is not None:
+            out += frozen.bias[routing.expert_ids]
         u = None
-        if lora_a is not None:
-            u = F.grouped_mm(inp, lora_a.transpose(1, 2), offs=offs)  # (S, r)
-            out.add_(F.grouped_mm(u, lora_b.transpose(1, 2), offs=offs), alpha=scaling)
+        if lora is not None:
+            u = F.grouped_mm(inp, lora.lora_a.transpose(1, 2), offs=offs)  # (S, r)
+            out.add_(F.grouped_mm(u, lora.lora_b.transpose(1, 2), offs=offs), alpha=lora.scaling)
         return out, u
-    out = inp.new_empty(inp.shape[0], weight_t.shape[-1])
-    u = inp.new_zeros(inp.shape[0], lora_a.shape[1]) if lora_a is not None else None
-    for e, s0, s1, with_lora in routing.segments(lora_mask):
+    out = inp.new_empty(inp.shape[0], frozen.out_features)
+    u = inp.new_zeros(inp.shape[0], lora.lora_a.shape[1]) if lora is not None else None
+    for e, s0, s1, with_lora in routing.segments(lora.mask if lora is not None else None):
         x_e, y_e = inp[s0:s1], out[s0:s1]
-        torch.mm(x_e, weight_t[e], out=y_e)  # weight_t: (E, in, out) view of the frozen weight
-        if bias is not None:
-            y_e += bias[e]
+        torch.mm(x_e, frozen.weight_t(e), out=y_e)  # (n_e, in) @ (in, out)
+        if frozen.bias is not None:
+            y_e += frozen.bias[e]
         if u is not None and with_lora:
-            u_e = torch.mm(x_e, lora_a[e].t(), out=u[s0:s1])  # (n_e, r)
-            y_e.addmm_(u_e, lora_b[e].t(), alpha=scaling)
+            u_e = torch.mm(x_e, lora.lora_a[e].t(), out=u[s0:s1])  # (n_e, r)
+            y_e.addmm_(u_e, lora.lora_b[e].t(), alpha=lora.scaling)
     return out, u
 
 
 def _project_backward(
-    grad, inp, u, weight_t, lora_a, lora_b, scaling, routing, lora_mask, needs, row_scale=None
+    grad, inp, u, frozen: FrozenProjection, lora: ExpertLora | None, routing, needs, row_scale=None
 ):
     """Gradients of `_project` for its input and its LoRA factors (never for the frozen weight).
 
@@ -146,53 +175,52 @@ def _project_backward(
       grad_b_e   = scaling * g_e^T @ (u_e * row_scale_e)
     `row_scale` (S,) folds the routing weight into the LoRA gradients without forming g * w (S, out).
     `inp` is a callable (start, end) -> rows of the input, so callers can re-gather instead of keeping it.
+    A quantized W_e is dequantized again here (recomputed, not kept from the forward).
     """
     need_input, need_a, need_b = needs
-    has_lora = lora_a is not None and (need_a or need_b or need_input)
+    has_lora = lora is not None and (need_a or need_b or need_input)
     if routing.grouped:
-        return _project_backward_grouped(
-            grad, inp, u, weight_t, lora_a, lora_b, scaling, routing, needs, row_scale
-        )
-    grad_inp = grad.new_empty(grad.shape[0], weight_t.shape[1]) if need_input else None
-    grad_a = torch.zeros_like(lora_a) if lora_a is not None and need_a else None
-    grad_b = torch.zeros_like(lora_b) if lora_b is not None and need_b else None
+        return _project_backward_grouped(grad, inp, u, frozen, lora, routing, needs, row_scale)
+    grad_inp = grad.new_empty(grad.shape[0], frozen.in_features) if need_input else None
+    grad_a = torch.zeros_like(lora.lora_a) if lora is not None and need_a else None
+    grad_b = torch.zeros_like(lora.lora_b) if lora is not None and need_b else None
     if has_lora and need_b and row_scale is not None:
         u = u * row_scale[:, None]  # (S, r), once rather than per expert
-    for e, s0, s1, with_lora in routing.segments(lora_mask):
+    for e, s0, s1, with_lora in routing.segments(lora.mask if lora is not None else None):
         g_e = grad[s0:s1]
         if need_input:
-            torch.mm(g_e, weight_t[e].t(), out=grad_inp[s0:s1])
+            torch.mm(g_e, frozen.weight_t(e).t(), out=grad_inp[s0:s1])  # (n_e, out) @ (out, in)
         if not (has_lora and with_lora):
             continue
-        gb = g_e @ lora_b[e]  # (n_e, r)
+        gb = g_e @ lora.lora_b[e]  # (n_e, r)
         if need_input:
-            grad_inp[s0:s1].addmm_(gb, lora_a[e], alpha=scaling)
+            grad_inp[s0:s1].addmm_(gb, lora.lora_a[e], alpha=lora.scaling)
         if need_a:
             if row_scale is not None:
                 gb = gb * row_scale[s0:s1, None]
-            torch.addmm(grad_a[e], gb.t(), inp(s0, s1), beta=0, alpha=scaling, out=grad_a[e])
+            torch.addmm(grad_a[e], gb.t(), inp(s0, s1), beta=0, alpha=lora.scaling, out=grad_a[e])
         if need_b:
-            torch.addmm(grad_b[e], g_e.t(), u[s0:s1], beta=0, alpha=scaling, out=grad_b[e])
+            torch.addmm(grad_b[e], g_e.t(), u[s0:s1], beta=0, alpha=lora.scaling, out=grad_b[e])
     return grad_inp, grad_a, grad_b
 
 
-def _project_backward_grouped(grad, inp, u, weight_t, lora_a, lora_b, scaling, routing, needs, row_scale):
+def _project_backward_grouped(grad, inp, u, frozen, lora, routing, needs, row_scale):
     """`_project_backward` with grouped GEMMs; the 2D x 2D form groups the pair dimension (dA, dB)."""
     need_input, need_a, need_b = needs
     offs = routing.offsets
-    grad_inp = F.grouped_mm(grad, weight_t.transpose(1, 2), offs=offs) if need_input else None
+    grad_inp = F.grouped_mm(grad, frozen.stacked_t.transpose(1, 2), offs=offs) if need_input else None
     grad_a = grad_b = None
-    if lora_a is not None and (need_input or need_a or need_b):
-        gb = F.grouped_mm(grad, lora_b, offs=offs)  # (S, r)
+    if lora is not None and (need_input or need_a or need_b):
+        gb = F.grouped_mm(grad, lora.lora_b, offs=offs)  # (S, r)
         if need_input:
-            grad_inp.add_(F.grouped_mm(gb, lora_a, offs=offs), alpha=scaling)
+            grad_inp.add_(F.grouped_mm(gb, lora.lora_a, offs=offs), alpha=lora.scaling)
         if row_scale is not None:
             gb = gb * row_scale[:, None]
             u = u * row_scale[:, None]
         if need_a:
-            grad_a = F.grouped_mm(gb.t(), inp(0, None), offs=offs).mul_(scaling)  # (E, r, in)
+            grad_a = F.grouped_mm(gb.t(), inp(0, None), offs=offs).mul_(lora.scaling)  # (E, r, in)
         if need_b:
-            grad_b = F.grouped_mm(grad.t(), u, offs=offs).mul_(scaling)  # (E, out, r)
+            grad_b = F.grouped_mm(grad.t(), u, offs=offs).mul_(lora.scaling)  # (E, out, r)
     return grad_inp, grad_a, grad_b
 
 
@@ -205,44 +233,47 @@ class _RoutedExpertsLora(torch.autograd.Function):
     gradient, and the routing-weight gradient <dL/dy_s, y_s> comes from q_s = g_s W_e + s (g_s B_e) A_e
     (needed for dh anyway) as <q_s, h_s> + <g_s, b_e>. `act` is the experts module's gate or
     activation; its backward is taken by autograd on the recomputed values, so any gate works.
+    The LoRA factors are explicit inputs (autograd hands them their gradients); `spec` carries the
+    frozen projections, the LoRA scalings and masks, the activation and the routing.
     """
 
     @staticmethod
-    def forward(ctx, x, weights, a_up, bb_up, a_dn, bb_dn, frozen, act, routing):
-        # frozen: (W_up^T, b_up, scaling_up, mask_up, W_down^T, b_down, scaling_down, mask_down)
-        w_up, b_up, s_up, m_up, w_dn, b_dn, s_dn, m_dn = frozen
-        proj, u_up = _project(routing.gather(x), w_up, b_up, a_up, bb_up, s_up, routing, m_up)  # (S, [2]I)
-        y, u_dn = _project(act(proj), w_dn, b_dn, a_dn, bb_dn, s_dn, routing, m_dn)  # (S, H)
+    def forward(ctx, x, weights, a_up, b_up, a_dn, b_dn, spec: _MlpSpec):
+        lora_up, lora_dn = spec.lora(a_up, b_up, a_dn, b_dn)
+        routing = spec.routing
+        proj, u_up = _project(routing.gather(x), spec.up, lora_up, routing)  # (S, [2]I)
+        y, u_dn = _project(spec.act(proj), spec.down, lora_dn, routing)  # (S, H)
         y = y.to(torch.promote_types(y.dtype, weights.dtype)).mul_(weights.unsqueeze(-1))
-        ctx.save_for_backward(x, weights, proj, u_up, u_dn, a_up, bb_up, a_dn, bb_dn)
-        ctx.frozen, ctx.act, ctx.routing = frozen, act, routing
+        ctx.save_for_backward(x, weights, proj, u_up, u_dn, a_up, b_up, a_dn, b_dn)
+        ctx.spec = spec
         return routing.sum_per_token(y).to(x.dtype)  # (N, H)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weights, proj, u_up, u_dn, a_up, bb_up, a_dn, bb_dn = ctx.saved_tensors
-        w_up, b_up, s_up, m_up, w_dn, b_dn, s_dn, m_dn = ctx.frozen
-        routing = ctx.routing
+        x, weights, proj, u_up, u_dn, a_up, b_up, a_dn, b_dn = ctx.saved_tensors
+        spec = ctx.spec
+        lora_up, lora_dn = spec.lora(a_up, b_up, a_dn, b_dn)
+        routing = spec.routing
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_up, need_dn = any(ctx.needs_input_grad[2:4]), any(ctx.needs_input_grad[4:6])
 
         with torch.enable_grad():  # the activation again, this time with its graph
             proj = proj.detach().requires_grad_()
-            h_graph = ctx.act(proj)
+            h_graph = spec.act(proj)
         h = h_graph.detach()  # (S, I)
 
         # down projection: dL/dy_s = w_s * g_s with g_s the token's incoming gradient
         g = routing.gather(grad_out.contiguous()).to(h.dtype)  # (S, H)
         scale = weights.to(h.dtype)
         q, grad_a_dn, grad_b_dn = _project_backward(
-            g, lambda s0, s1: h[s0:s1], u_dn, w_dn, a_dn, bb_dn, s_dn, routing, m_dn,
+            g, lambda s0, s1: h[s0:s1], u_dn, spec.down, lora_dn, routing,
             (need_x or need_w or need_up, need_dn, need_dn), row_scale=scale,
         )  # fmt: skip
         grad_w = None
         if need_w:
             grad_w = (q.float() * h.float()).sum(-1)
-            if b_dn is not None:
-                grad_w += (g.float() * b_dn[routing.expert_ids].float()).sum(-1)
+            if spec.down.bias is not None:
+                grad_w += (g.float() * spec.down.bias[routing.expert_ids].float()).sum(-1)
             grad_w = grad_w.to(weights.dtype)
         del g
 
@@ -251,12 +282,31 @@ class _RoutedExpertsLora(torch.autograd.Function):
             grad_h = q.mul_(scale.unsqueeze(-1))
             (grad_proj,) = torch.autograd.grad(h_graph, proj, grad_h)  # (S, [2]I)
             grad_xs, grad_a_up, grad_b_up = _project_backward(
-                grad_proj.contiguous(), lambda s0, s1: routing.gather(x, s0, s1), u_up, w_up, a_up, bb_up, s_up,
-                routing, m_up, (need_x, need_up, need_up),
+                grad_proj.contiguous(), lambda s0, s1: routing.gather(x, s0, s1), u_up, spec.up, lora_up,
+                routing, (need_x, need_up, need_up),
             )  # fmt: skip
             if grad_xs is not None:
                 grad_x = routing.sum_per_token(grad_xs)  # each token collects its k pairs' gradients
-        return grad_x, grad_w, grad_a_up, grad_b_up, grad_a_dn, grad_b_dn, None, None, None
+        return grad_x, grad_w, grad_a_up, grad_b_up, grad_a_dn, grad_b_dn, None
+
+
+@dataclass
+class _MlpSpec:
+    """Everything about one expert MLP call that is not a tensor autograd tracks."""
+
+    up: FrozenProjection
+    down: FrozenProjection
+    scaling_up: float
+    scaling_down: float
+    mask_up: list[bool] | None
+    mask_down: list[bool] | None
+    act: Callable[[torch.Tensor], torch.Tensor]  # (S, [2]I) -> (S, I): the gate or the activation
+    routing: Routing
+
+    def lora(self, a_up, b_up, a_dn, b_dn) -> tuple[ExpertLora | None, ExpertLora | None]:
+        up = ExpertLora(a_up, b_up, self.scaling_up, self.mask_up) if a_up is not None else None
+        down = ExpertLora(a_dn, b_dn, self.scaling_down, self.mask_down) if a_dn is not None else None
+        return up, down
 
 
 # "auto": grouped GEMMs on CUDA (one kernel per product instead of a Python loop over experts), the
@@ -276,16 +326,6 @@ def use_grouped_mm(x: torch.Tensor, dims: list[int] | None = None) -> bool:
     return torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
-@dataclass
-class ExpertLora:
-    """The LoRA factors of one fused expert parameter, in per-expert form (views of PEFT's tensors)."""
-
-    lora_a: torch.Tensor  # (E, r, in)
-    lora_b: torch.Tensor  # (E, out, r)
-    scaling: float
-    mask: list[bool] | None = None  # mask[e] False: expert e carries no LoRA (ESFT selection)
-
-
 def routed_experts_forward(
     experts: nn.Module,
     hidden_states: torch.Tensor,
@@ -302,37 +342,52 @@ def routed_experts_forward(
     """
     has_gate = getattr(experts, "has_gate", True)
     up_name = "gate_up_proj" if has_gate else "up_proj"
-    transposed = getattr(experts, "is_transposed", False)
-    has_bias = getattr(experts, "has_bias", False)
+    up, down = frozen_projection(experts, up_name), frozen_projection(experts, DOWN_NAME)
     num_experts = getattr(experts, up_name).shape[0]
-    dims = [*getattr(experts, up_name).shape[1:], *getattr(experts, DOWN_NAME).shape[1:]]
+    dims = [up.in_features, up.out_features, down.out_features]
     dims += [f.lora_a.shape[1] for f in lora.values()]  # ranks
-    grouped = use_grouped_mm(hidden_states, dims)
+    # a quantized stack has no (E, in, out) tensor to group over: it always takes the per-expert loop
+    grouped = up.stacked_t is not None and down.stacked_t is not None and use_grouped_mm(hidden_states, dims)
     routing = Routing.build(top_k_index, top_k_weights, num_experts, grouped)
     # Like transformers' grouped_mm path: compute in the expert weights' dtype (also under autocast,
     # which the GEMMs below bypass), and hand back the caller's dtype.
     dtype = getattr(experts, up_name).dtype
 
     def factors(name):
-        weight = getattr(experts, name)
-        weight_t = weight if transposed else weight.transpose(-2, -1)  # (E, in, out)
-        bias = getattr(experts, f"{name}_bias").detach() if has_bias else None  # frozen like the weight
         if name not in lora:
-            return weight_t.detach(), bias, None, None, 0.0, None
+            return None, None, 0.0, None
         f = lora[name]
         # PEFT's B is a strided view (columns e, e+E, ...): one small contiguous copy per forward keeps
         # every per-expert GEMM on the BLAS fast path.
-        lora_a, lora_b = f.lora_a.to(dtype).contiguous(), f.lora_b.to(dtype).contiguous()
-        return weight_t.detach(), bias, lora_a, lora_b, f.scaling, f.mask
+        return f.lora_a.to(dtype).contiguous(), f.lora_b.to(dtype).contiguous(), f.scaling, f.mask
 
-    w_up, b_up, a_up, bb_up, s_up, m_up = factors(up_name)
-    w_dn, b_dn, a_dn, bb_dn, s_dn, m_dn = factors(DOWN_NAME)
-    frozen = (w_up, b_up, s_up, m_up, w_dn, b_dn, s_dn, m_dn)
+    a_up, b_up, s_up, m_up = factors(up_name)
+    a_dn, b_dn, s_dn, m_dn = factors(DOWN_NAME)
     act = experts._apply_gate if has_gate else experts.act_fn  # (S, [2]I) -> (S, I)
+    spec = _MlpSpec(up, down, s_up, s_dn, m_up, m_dn, act, routing)
     x = hidden_states.to(dtype)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        out = _RoutedExpertsLora.apply(x, routing.weights, a_up, bb_up, a_dn, bb_dn, frozen, act, routing)
+        out = _RoutedExpertsLora.apply(x, routing.weights, a_up, b_up, a_dn, b_dn, spec)
     return out.to(hidden_states.dtype)
+
+
+def frozen_projection(experts: nn.Module, name: str) -> FrozenProjection:
+    """How the routed path reads the frozen weight `name` of an experts module.
+
+    A float stack ((E, out, in), or (E, in, out) when `is_transposed`) is viewed as (E, in, out); a
+    module that stores it quantized dequantizes one expert at a time (`dequantize_expert(name, e)`
+    gives (out, in) in the compute dtype).
+    """
+    weight = getattr(experts, name)  # for a quantized module: a placeholder of the float shape
+    transposed = getattr(experts, "is_transposed", False)
+    num_experts, first, second = weight.shape
+    in_features, out_features = (first, second) if transposed else (second, first)
+    bias = getattr(experts, f"{name}_bias").detach() if getattr(experts, "has_bias", False) else None
+    if name in getattr(experts, "quantized_shapes", {}):
+        dequantize = experts.dequantize_expert
+        return FrozenProjection(lambda e: dequantize(name, e).t(), None, bias, in_features, out_features)
+    stacked_t = (weight if transposed else weight.transpose(-2, -1)).detach()  # (E, in, out)
+    return FrozenProjection(stacked_t.__getitem__, stacked_t, bias, in_features, out_features)
 
 
 # ----------------------------------------------------------------------------- PEFT ParamWrapper glue
@@ -392,6 +447,13 @@ def _fast_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwar
         and all(w.num_experts > 1 for w in chain)
     )
     if not usable:
+        disabled = all(w.disable_adapters for w in chain)
+        if getattr(experts, "quantized_shapes", None) and not disabled:
+            # PEFT's own path would fold LoRA into the (quantized, hence placeholder) weight
+            raise NotImplementedError(
+                f"LoRA on quantized experts runs only through moetune's routed path: one active adapter, "
+                f"unmerged, called as experts(hidden, top_k_index, top_k_weights) (active: {active})"
+            )
         return type(self).forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
     # the mask only lets the per-expert loop skip unselected experts; grouped GEMMs need no host sync for it
     with_mask = not use_grouped_mm(hidden_states)  # (a rank that forbids grouping only costs the skip)
@@ -435,6 +497,17 @@ def fast_path_supports(experts: nn.Module) -> bool:
     if has_gate and not hasattr(experts, "_apply_gate"):
         return False
     return hasattr(experts, "act_fn") and hasattr(experts, DOWN_NAME)
+
+
+@contextmanager
+def exposed_quantized_weights(model: nn.Module) -> Iterator[None]:
+    """While PEFT searches `model` for target parameters by name, quantized experts modules register
+    frozen placeholders of their float weights (see finetune.quantization.experts)."""
+    with ExitStack() as stack:
+        for module in model.modules():
+            if getattr(module, "quantized_shapes", None) and hasattr(module, "exposed_parameters"):
+                stack.enter_context(module.exposed_parameters())
+        yield
 
 
 def remove_fast_path(model: nn.Module) -> None:

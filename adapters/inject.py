@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from adapters.errors import MoetuneError
-from adapters.experts import install_fast_path
+from adapters.experts import exposed_quantized_weights, install_fast_path
 from adapters.selection import load_selection
 from adapters.targets import ALL_GROUPS, clean_name, find_targets, layer_of, resolve_targets
 
@@ -71,6 +71,18 @@ def apply_lora(
     """
     if isinstance(model, PeftModel):
         raise MoetuneError("apply_lora got a model that already has adapters; pass the base model")
+    with exposed_quantized_weights(model):
+        return _apply_lora(
+            model, targets=targets, r=r, alpha=alpha, dropout=dropout, layers=layers, experts=experts,
+            router=router, use_rslora=use_rslora, group_overrides=group_overrides,
+            init_lora_weights=init_lora_weights, adapter_name=adapter_name,
+        )  # fmt: skip
+
+
+def _apply_lora(
+    model, *, targets, r, alpha, dropout, layers, experts, router, use_rslora, group_overrides,
+    init_lora_weights, adapter_name,
+) -> PeftModel:  # fmt: skip
     _check_settings(r, alpha, dropout, router, group_overrides)
     requested = targets.split(",") if isinstance(targets, str) else list(targets or [])
     requested = [t.strip() for t in requested if t.strip()]
@@ -147,7 +159,7 @@ def load_adapter(
     if not (folder / "adapter_config.json").is_file():
         raise MoetuneError(f"{folder}: no adapter_config.json; give the folder that save_pretrained wrote")
     try:
-        with _quiet_peft():
+        with _quiet_peft(), exposed_quantized_weights(model):
             peft_model = PeftModel.from_pretrained(
                 model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable
             )
@@ -209,7 +221,7 @@ def _apply_selection_to_targets(model, resolved, selection) -> None:
             f"MoE layers here: {sorted(layers_with_experts)}"
         )
     for name in expert_names:
-        num_experts = model.get_parameter(name).shape[0]
+        num_experts = getattr(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]).shape[0]
         chosen = selection.get(layer_of(name), [])
         if any(e >= num_experts for e in chosen):
             raise MoetuneError(

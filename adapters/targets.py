@@ -21,6 +21,7 @@ accident. Raw module or parameter names stay possible.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -162,13 +163,9 @@ def _ffn_targets(ffn: nn.Module, prefix: str, index: int) -> list[Target]:
     if experts is None:  # a dense layer
         return [Target(n, "dense_mlp", index, "module", m.weight.numel()) for n, m in _linears(ffn, prefix)]
     found = []
-    fused = [
-        (pname, p)
-        for pname, p in experts.named_parameters(recurse=False)
-        if pname in EXPERT_PARAM_NAMES and p.ndim == 3
-    ]
+    fused = fused_expert_weights(experts)
     if fused:
-        found += [Target(f"{prefix}.experts.{n}", "experts", index, "parameter", p.numel()) for n, p in fused]
+        found += [Target(f"{prefix}.experts.{n}", "experts", index, "parameter", numel) for n, numel in fused]
     else:  # experts as a ModuleList of MLPs
         found += [
             Target(n, "experts", index, "module", m.weight.numel())
@@ -189,6 +186,28 @@ def _ffn_targets(ffn: nn.Module, prefix: str, index: int) -> list[Target]:
             for n, m in _linears(kids[name], f"{prefix}.{name}"):
                 found.append(Target(n, "shared_experts", index, "module", m.weight.numel()))
     return found
+
+
+def fused_expert_weights(experts: nn.Module) -> list[tuple[str, int]]:
+    """(name, number of weights) of an experts module's fused 3D weights, float or stored quantized
+    (a quantized module lists them in `quantized_shapes` instead of its parameters)."""
+    fused = [
+        (pname, p.numel())
+        for pname, p in experts.named_parameters(recurse=False)
+        if pname in EXPERT_PARAM_NAMES and p.ndim == 3
+    ]
+    quantized = getattr(experts, "quantized_shapes", None) or {}
+    fused += [(n, math.prod(getattr(experts, n).shape)) for n in quantized if n not in dict(fused)]
+    return sorted(fused, key=lambda item: EXPERT_PARAM_NAMES.index(item[0]))
+
+
+def quantized_weight_count(model: nn.Module) -> int:
+    """Weights held by quantized expert stacks (absent from `model.parameters()`)."""
+    return sum(
+        math.prod(getattr(m, n).shape)
+        for m in model.modules()
+        for n in getattr(m, "quantized_shapes", None) or {}
+    )
 
 
 def layer_of(name: str) -> int | None:
@@ -389,7 +408,7 @@ def target_report(peft_model: nn.Module) -> str:
             rows[group]["modules"] += 1
             rows[group]["trainable"] += sum(p.numel() for p in module.parameters() if p.requires_grad)
 
-    total = sum(
+    total = quantized_weight_count(peft_model) + sum(
         p.numel() for n, p in peft_model.named_parameters() if "lora_" not in n and "modules_to_save" not in n
     )
     trainable = sum(r["trainable"] for r in rows.values())

@@ -1,0 +1,27 @@
+"""Quantized experts: the routed experts' frozen weights stored as int8 or NF4 (QLoRA for MoE).
+
+- `formats`: the two storage formats (quantize / dequantize one expert), bitsandbytes-compatible NF4.
+- `experts`: the quantized twin of a transformers fused-experts module (dequantizes hit experts only).
+- `quantize_model_experts_`: quantize every routed experts module of a loaded model in place.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from finetune.quantization.experts import is_quantized, quantizable, quantize_experts_
+from finetune.quantization.formats import METHODS, check_method
+
+__all__ = ["METHODS", "is_quantized", "quantize_model_experts_"]
+
+
+def quantize_model_experts_(model: nn.Module, method: str) -> list[str]:
+    """Quantize the routed experts of a loaded float model in place; returns the module names."""
+    check_method(method)
+    done = []
+    for name, module in model.named_modules():
+        if is_quantized(module) or not quantizable(module):
+            continue
+        quantize_experts_(module, method)
+        done.append(name)
+    return done
