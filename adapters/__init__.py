@@ -9,9 +9,15 @@ Public API (imported lazily, so `import adapters` stays cheap for the CLI):
 - `install_fast_path` / `remove_fast_path` / `fast_path_modules`: switch the routed expert path.
 """
 
+import logging
 from importlib import import_module
 
 from adapters.errors import MoetuneError
+
+# PEFT imports bitsandbytes when it is installed; bitsandbytes then logs, on every import, that an
+# optional CPU gemv kernel package is missing. moetune never calls that kernel (it dequantizes whole
+# experts), so that line is noise for our users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _LAZY = {
     "apply_lora": "adapters.inject",

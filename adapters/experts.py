@@ -494,9 +494,9 @@ def fast_path_supports(experts: nn.Module) -> bool:
         return False
     if getattr(experts, "_is_expert_parallel", False):  # EP sentinels: transformers' own path handles them
         return False
-    if has_gate and not hasattr(experts, "_apply_gate"):
+    if not hasattr(experts, "_apply_gate" if has_gate else "act_fn"):  # the gate carries its activation
         return False
-    return hasattr(experts, "act_fn") and hasattr(experts, DOWN_NAME)
+    return hasattr(experts, DOWN_NAME)
 
 
 @contextmanager

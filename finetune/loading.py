@@ -164,8 +164,13 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     modalities: list[str] | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, Any]:
     """MODEL spec -> (model, tokenizer or processor).
+
+    `quantize` ("int8" / "nf4") stores the routed experts quantized (finetune.quantization): a float
+    folder is quantized while it loads, a folder written quantized loads as it is (quantize None or
+    its own method), a preset is quantized right after it is built.
 
     `preset:NAME` builds the built-in architecture with random weights and the offline tokenizer
     (with `modalities`, the multimodal model and its processor); `preset:full` is refused on a
@@ -174,6 +179,7 @@ def load_model(
     """
     spec = str(spec)
     torch_dtype = parse_dtype(dtype)
+    quantize = check_quantize(quantize)
     if spec.startswith(PRESET_PREFIX):
         name = _preset_name(spec)
         if name in META_ONLY_ON_CPU and not torch.cuda.is_available():
@@ -187,6 +193,10 @@ def load_model(
         model = AutoModelForCausalLM.from_config(
             config, dtype=torch_dtype if isinstance(torch_dtype, torch.dtype) else None
         )
+        if quantize:
+            from finetune.quantization import quantize_model_experts_
+
+            quantize_model_experts_(model, quantize)
         if device_map not in (None, "cpu"):
             model = model.to("cuda" if device_map == "auto" else device_map)
         tokenizer = build_tokenizer(config.vocab_size)
@@ -204,7 +214,21 @@ def load_model(
                 f"{folder} was saved with modalities {saved or 'none'} but {list(modalities)} were asked for; "
                 "drop model.modalities for a saved model, or init a model with those modalities"
             )
+    saved_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    method = _quantization_to_load(folder, saved_config, quantize)
     try:
+        if method is not None or _is_quantized_folder(saved_config):
+            from finetune.quantization.loading import load_with_quantized_experts
+
+            model = load_with_quantized_experts(
+                folder,
+                saved_config,
+                None if _is_quantized_folder(saved_config) else method,
+                dtype=torch_dtype,
+                device_map=device_map,
+                trust_remote_code=trust_remote_code,
+            )
+            return model, load_tokenizer(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             folder,
             dtype=torch_dtype if torch_dtype is not None else "auto",
@@ -220,6 +244,45 @@ def load_model(
             ) from err
         raise
     return model, load_tokenizer(folder, trust_remote_code=trust_remote_code)
+
+
+def check_quantize(quantize: str | None) -> str | None:
+    """None, "int8" or "nf4"; anything else is a one-line error."""
+    from finetune.quantization.formats import METHODS
+
+    if quantize in (None, "none", "null"):
+        return None
+    if quantize not in METHODS:
+        raise MoetuneError(
+            f"model.quantize / --quantize: unknown method {quantize!r}; use {' or '.join(METHODS)} (or leave it out)"
+        )
+    return quantize
+
+
+def _is_quantized_folder(config: PretrainedConfig) -> bool:
+    from finetune.quantization.loading import quantization_of
+
+    return quantization_of(config)[1] is not None
+
+
+def _quantization_to_load(folder: Path, config: PretrainedConfig, quantize: str | None) -> str | None:
+    """The method the experts load with; refuses folders quantized another way or with another method."""
+    from finetune.quantization.loading import quantization_of
+
+    quant_method, saved = quantization_of(config)
+    if quant_method is not None and saved is None:
+        if quantize is None:
+            return None  # someone else's quantized checkpoint (FP8, MXFP4, bnb): transformers loads it
+        raise MoetuneError(
+            f"{folder / 'config.json'}: the checkpoint is already quantized ({quant_method}); moetune quantizes "
+            f"float (bf16 / fp32) checkpoints only: pass the original model, or leave out --quantize"
+        )
+    if saved is not None and quantize is not None and quantize != saved:
+        raise MoetuneError(
+            f"{folder}: its experts are stored as {saved}, but quantize={quantize!r} was asked for; "
+            f"use quantize: {saved} (or leave it out), or quantize the float model again"
+        )
+    return saved or quantize
 
 
 def _preset_or_multimodal_config(

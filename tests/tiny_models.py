@@ -95,6 +95,37 @@ def save(family: str, folder: str | Path, seed: int = 0, **overrides) -> Path:
     return folder
 
 
+def synthetic_experts(
+    has_gate: bool, transposed: bool, has_bias: bool, *, num_experts: int, hidden: int, width: int
+) -> torch.nn.Module:
+    """A transformers fused-experts module of any layout: gated `gate_up_proj` or ungated `up_proj`,
+    [E, out, in] or transposed [E, in, out], with or without biases (random values, fp32)."""
+    from torch import nn
+    from transformers.integrations import use_experts_implementation
+
+    class _Config:
+        _experts_implementation = "grouped_mm"
+        hidden_act = "silu"
+
+    @use_experts_implementation(is_transposed=transposed, has_bias=has_bias, has_gate=has_gate)
+    class SyntheticExperts(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = num_experts
+            up = 2 * width if has_gate else width
+            name = "gate_up_proj" if has_gate else "up_proj"
+            up_shape = (num_experts, hidden, up) if transposed else (num_experts, up, hidden)
+            down_shape = (num_experts, width, hidden) if transposed else (num_experts, hidden, width)
+            setattr(self, name, nn.Parameter(0.3 * torch.randn(up_shape)))
+            self.down_proj = nn.Parameter(0.3 * torch.randn(down_shape))
+            if has_bias:
+                setattr(self, f"{name}_bias", nn.Parameter(0.1 * torch.randn(num_experts, up)))
+                self.down_proj_bias = nn.Parameter(0.1 * torch.randn(num_experts, hidden))
+            self.act_fn = nn.SiLU()
+
+    return SyntheticExperts(_Config())
+
+
 def random_batch(batch: int = 2, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, VOCAB, (batch, length), generator=gen)

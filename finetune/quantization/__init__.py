@@ -16,7 +16,13 @@ __all__ = ["METHODS", "is_quantized", "quantize_model_experts_"]
 
 
 def quantize_model_experts_(model: nn.Module, method: str) -> list[str]:
-    """Quantize the routed experts of a loaded float model in place; returns the module names."""
+    """Quantize the routed experts of a loaded float model in place; returns the module names.
+
+    The model is marked as transformers marks a model quantized on load (`config.quantization_config`,
+    `hf_quantizer`), so `save_pretrained` writes a quantized folder that `from_pretrained` reads.
+    """
+    from finetune.quantization.quantizer import ExpertsQuantizationConfig, ExpertsQuantizer
+
     check_method(method)
     done = []
     for name, module in model.named_modules():
@@ -24,4 +30,9 @@ def quantize_model_experts_(model: nn.Module, method: str) -> list[str]:
             continue
         quantize_experts_(module, method)
         done.append(name)
+    config = ExpertsQuantizationConfig(method)
+    model.config.quantization_config = config
+    model.hf_quantizer = ExpertsQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
     return done

@@ -116,7 +116,7 @@ def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = blocks.abs().amax(dim=-1)  # (E, nblocks)
     # bitsandbytes' rule: multiply by the reciprocal, clamp, bucketize on the code's midpoints
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(-1)).clamp_(-1, 1)
-    index = torch.bucketize(scaled, _nf4_midpoints(scaled.device)).to(torch.uint8)
+    index = torch.bucketize(scaled, _nf4_midpoints(scaled.device), out_int32=True).to(torch.uint8)
     index = index.view(num_experts, -1)
     packed = (index[:, 0::2] << 4) | index[:, 1::2]  # (E, n_padded / 2), high nibble first
     return packed, absmax
@@ -167,8 +167,7 @@ def dequantize_nf4_reference(
 @lru_cache(maxsize=1)
 def _bitsandbytes_dequantize():
     """bitsandbytes' dequantize_4bit as (packed, absmax, shape, dtype) -> tensor, or None if absent."""
-    # bitsandbytes warns at import that an optional CPU gemv kernel (which we never call) is missing
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # see adapters/__init__
     try:
         import bitsandbytes.functional as bnb_functional
     except ImportError:
@@ -184,6 +183,6 @@ def _bitsandbytes_dequantize():
             dtype=dtype,
         )
         flat = bnb_functional.dequantize_4bit(packed, state)  # (n_padded,)
-        return flat[: shape.numel].view(shape.out_features, shape.in_features)
+        return flat.reshape(-1)[: shape.numel].view(shape.out_features, shape.in_features)
 
     return run
