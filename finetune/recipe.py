@@ -63,6 +63,12 @@ class ModelSection:
         "modality encoders to build into a `preset:NAME` model (as `init-model --modalities`); null = text only",
         default=None,
     )
+    quantize: Literal["int8", "nf4"] | None = _doc(
+        "store the routed experts quantized (QLoRA for MoE): `int8` (per output row) or `nf4` (blocks of 64); "
+        "LoRA trains in the compute dtype on top, and the adapter is a plain PEFT adapter of the float base. "
+        "null = experts in model.dtype",
+        default=None,
+    )
 
 
 @dataclass

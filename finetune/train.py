@@ -143,6 +143,7 @@ class TrainingRun:
             trust_remote_code=r.model.trust_remote_code,
             allow_pickle=r.model.allow_pickle,
             modalities=r.model.modalities or None,
+            quantize=r.model.quantize,
         )
         if r.model.gradient_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name

@@ -165,6 +165,7 @@ def make_quantized_(module: nn.Module, method: str, compute_dtype: torch.dtype, 
         )
         module._buffers[name + SCALES] = torch.empty(shape.scale_shape(), dtype=torch.float32, device="meta")
     module._pending_shapes = shapes  # quantized_shapes gains each name once its codes are set
+    module._weight_order = list(names)
 
 
 def set_quantized_weight_(module: nn.Module, name: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
@@ -178,14 +179,22 @@ def set_quantized_weight_(module: nn.Module, name: str, codes: torch.Tensor, sca
     module._parameters.pop(name, None)
     module._buffers[name + CODES] = codes
     module._buffers[name + SCALES] = scales.float()
+    _add_in_order(module, name, shape)
+
+
+def _add_in_order(module: nn.Module, name: str, shape: QuantizedShape) -> None:
+    """Keep `quantized_shapes` in the float parameters' registration order, whatever order a loader
+    fills them in: PEFT nests its wrappers in that order, and the adapter's keys depend on it."""
     module.quantized_shapes[name] = shape
+    order = module._weight_order
+    module.quantized_shapes = {n: module.quantized_shapes[n] for n in order if n in module.quantized_shapes}
 
 
 def finish_pre_quantized_(module: nn.Module) -> None:
     """A module prepared for a pre-quantized checkpoint: its buffers are loaded by name, params go."""
     for name in list(module._pending_shapes):
         module._parameters.pop(name, None)
-        module.quantized_shapes[name] = module._pending_shapes.pop(name)
+        _add_in_order(module, name, module._pending_shapes.pop(name))
 
 
 def quantize_weight(
@@ -227,7 +236,7 @@ def dequantized_copy(module: nn.Module) -> nn.Module:
     plain = copy.deepcopy(module)
     for key in [k for k in plain._buffers if k.endswith((CODES, SCALES))]:
         del plain._buffers[key]
-    for attr in ("quant_method", "compute_dtype", "quantized_shapes", "_pending_shapes"):
+    for attr in ("quant_method", "compute_dtype", "quantized_shapes", "_pending_shapes", "_weight_order"):
         plain.__dict__.pop(attr, None)
     plain.__class__ = next(c for c in type(module).__mro__ if not issubclass(c, QuantizedExpertsMixin))
     for name, stack in stacks.items():
