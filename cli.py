@@ -13,6 +13,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+QUANTIZE_METHODS = ("int8", "nf4")  # finetune.quantization.formats.METHODS (not imported: a lazy CLI)
+QUANTIZE_HELP = "store the routed experts int8 / nf4 (default: as the checkpoint stores them)"
+
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -34,14 +37,30 @@ def cmd_init_model(args: argparse.Namespace) -> None:
         attention=args.attention,
         modalities=_csv(args.modalities) if args.modalities else None,
         seed=args.seed,
+        quantize=args.quantize,
     )
-    print(f"wrote a random-initialised '{args.preset}' model and its tokenizer to {path}")
+    experts = f" (routed experts {args.quantize})" if args.quantize else ""
+    print(f"wrote a random-initialised '{args.preset}' model{experts} and its tokenizer to {path}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from finetune.loading import quantize_model
+
+    path = quantize_model(
+        args.model,
+        args.output,
+        args.method,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(f"wrote {args.model} with its routed experts stored {args.method} to {path}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
     from finetune.info import format_info, model_info
 
-    info = model_info(args.model)
+    info = model_info(args.model, quantize=args.quantize)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
 
 
@@ -58,6 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             audio=args.audio,
             trust_remote_code=args.trust_remote_code,
             allow_pickle=args.allow_pickle,
+            quantize=args.quantize,
         )
     )
 
@@ -75,6 +95,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         gradient_checkpointing=not args.no_checkpointing,
+        quantize=args.quantize,
     )
     print(json.dumps(plan.as_dict(), indent=2) if args.json else format_plan(plan))
 
@@ -115,6 +136,7 @@ def cmd_experts_profile(args: argparse.Namespace) -> None:
         metric=args.metric,
         max_examples=args.max_examples,
         max_length=args.max_length,
+        quantize=args.quantize,
     )
     print(report)
 
@@ -202,10 +224,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default=None, help="dense | hierarchical_sparse (all layers)")
     p.add_argument("--modalities", default=None, help="comma list of image,audio,text encoders")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--quantize", choices=QUANTIZE_METHODS, default=None,
+        help="write the routed experts int8 / nf4, block by block (how --preset full is made without GPUs)",
+    )  # fmt: skip
+
+    p = add("quantize", cmd_quantize, "write MODEL with its routed experts stored int8 or nf4")
+    p.add_argument("model", help="a float model: local folder, hub id, or preset:NAME")
+    p.add_argument(
+        "--method", required=True, choices=QUANTIZE_METHODS, help="int8 (per row) or nf4 (blocks of 64)"
+    )
+    p.add_argument("--output", required=True, help="folder to write (must be new or empty)")
+    p.add_argument("--dtype", default=None, help="dtype of the other weights (default: the checkpoint's)")
+    p.add_argument("--max-shard-size", default=None, help="safetensors shard size (default 2GB)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
 
     p = add("info", cmd_info, "architecture table and adaptable module groups of MODEL")
     p.add_argument("model", help="preset:NAME, a local folder, or a hub id")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--quantize", choices=QUANTIZE_METHODS, default=None, help="also show bytes with experts int8 / nf4"
+    )
 
     p = add("generate", cmd_generate, "generate text from a prompt")
     p.add_argument("model")
@@ -216,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", default=None, help="audio file (multimodal models)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.add_argument("--allow-pickle", action="store_true", help="load pickle (.bin) weights you trust")
+    p.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None, help=QUANTIZE_HELP)
 
     p = add("plan", cmd_plan, "per-GPU memory plan for LoRA training of MODEL on N GPUs")
     p.add_argument("model")
@@ -227,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--no-checkpointing", action="store_true", help="plan without gradient checkpointing")
+    p.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None, help=QUANTIZE_HELP)
     p.add_argument("--json", action="store_true")
 
     p = add("train", cmd_train, "fine-tune LoRA adapters from a recipe")
@@ -250,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="token_ratio", help="token_ratio | gate_score")
     p.add_argument("--max-examples", type=int, default=256)
     p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None, help=QUANTIZE_HELP)
 
     p = add("export-adapter", cmd_export_adapter, "re-write an adapter in another layout")
     p.add_argument("adapter")

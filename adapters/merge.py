@@ -508,6 +508,23 @@ def _replacements(adapter: Path, checkpoint: _Checkpoint) -> dict[str, torch.Ten
     return out
 
 
+def _refuse_quantized_base(base: Path) -> None:
+    """A merge adds B A to the float weights: a folder whose weights are stored quantized cannot take it."""
+    try:
+        config = json.loads((base / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # _Checkpoint names what is wrong with the folder
+    quantization = config.get("quantization_config") or (config.get("text_config") or {}).get(
+        "quantization_config"
+    )
+    if quantization:
+        method = quantization.get("method") or quantization.get("quant_method", "quantized")
+        raise MoetuneError(
+            f"{base} stores its weights quantized ({method}); merge needs the full-precision base: pass the "
+            f"float model the quantized one was made from (the adapter is an adapter of that model too)"
+        )
+
+
 def merge_into_base(
     base_folder: str | os.PathLike,
     adapter_dir: str | os.PathLike,
@@ -525,6 +542,7 @@ def merge_into_base(
     """
     base, adapter, out = Path(base_folder), Path(adapter_dir), Path(output)
     _check_new_output(out)
+    _refuse_quantized_base(base)
     checkpoint = _Checkpoint(base)
     adapter_config = read_adapter_config(adapter, allow=MERGE_HANDLES)
     targets, base_meta = _plan(base, adapter, checkpoint)
@@ -671,6 +689,7 @@ def verify_merge(
     from transformers import AutoModelForCausalLM
 
     base, adapter, merged_path = Path(base_folder), Path(adapter_dir), Path(merged_folder)
+    _refuse_quantized_base(base)
     weights = _float_dtype(merged_path)
 
     def load(folder: Path):

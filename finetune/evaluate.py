@@ -210,8 +210,11 @@ def profile_experts(
     metric: str = "token_ratio",
     max_examples: int = 256,
     max_length: int = 512,
+    quantize: str | None = None,
 ) -> str:
-    """`moetune experts profile`: routing statistics + heatmap + ESFT selection; returns a summary line."""
+    """`moetune experts profile`: routing statistics + heatmap + ESFT selection; returns a summary line.
+
+    `quantize` profiles the model with its routed experts int8 / nf4 (as a quantized run trains it)."""
     from adapters.selection import METRICS, select_experts
     from finetune import load_model
 
@@ -220,7 +223,7 @@ def profile_experts(
     if max_examples < 1 or max_length < 2:
         raise MoetuneError("--max-examples must be >= 1 and --max-length >= 2")
     texts = read_texts(data, max_examples)
-    model, tokenizer = load_model(model_spec)
+    model, tokenizer = load_model(model_spec, quantize=quantize)
     if tokenizer is None:
         raise MoetuneError(f"{model_spec}: no tokenizer found next to the model; profile needs one")
     device = next(model.parameters()).device

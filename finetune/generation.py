@@ -18,11 +18,17 @@ def generate_text(
     audio: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    quantize: str | None = None,
 ) -> str:
-    """Greedy continuation of `prompt` (the new text only), using the KV cache."""
+    """Greedy continuation of `prompt` (the new text only), using the KV cache.
+
+    `quantize` loads the routed experts int8 / nf4 (an adapter trained on a quantized base applies
+    to the float base too, and the other way round)."""
     if max_new_tokens < 1:
         raise MoetuneError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
-    model, tokenizer = load_model(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    model, tokenizer = load_model(
+        spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, quantize=quantize
+    )
     if tokenizer is None:
         raise MoetuneError(f"{spec!r} has no tokenizer files; save one with the model to generate text")
     if adapter is not None:

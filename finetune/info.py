@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from finetune.loading import build_empty_model, load_config
@@ -64,11 +65,20 @@ def parameter_counts(model: PreTrainedModel, config: PretrainedConfig) -> tuple[
     return total, active
 
 
-def model_info(spec: str) -> dict[str, Any]:
-    """The architecture of MODEL as a JSON-able dict (the keys scripts may rely on are documented)."""
+def model_info(spec: str, quantize: str | None = None) -> dict[str, Any]:
+    """The architecture of MODEL as a JSON-able dict (the keys scripts may rely on are documented).
+
+    `weight_bytes` holds each adapter group's bytes in the checkpoint's dtype; with `quantize` (or for a
+    folder saved with quantized experts) `weight_bytes_quantized` holds them with the experts stored
+    int8 / NF4.
+    """
     from adapters.targets import count_target_groups
+    from finetune.loading import check_quantize
+    from finetune.quantization.loading import quantization_of
+    from finetune.quantization.memory import weight_bytes_by_group
 
     config = load_config(spec)
+    method = check_quantize(quantize) or quantization_of(config)[1]
     model = build_empty_model(config)
     total, active = parameter_counts(model, config)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -88,7 +98,28 @@ def model_info(spec: str) -> dict[str, Any]:
     modalities = getattr(config, "modalities", None)
     if modalities:
         info["encoders"] = list(modalities)
+    dtype = checkpoint_dtype(config)
+    info["dtype"] = str(dtype).removeprefix("torch.")
+    info["weight_bytes"] = weight_bytes_by_group(model, dtype.itemsize, None)
+    if method:
+        info["quantize"] = method
+        info["weight_bytes_quantized"] = weight_bytes_by_group(model, dtype.itemsize, method)
     return info
+
+
+def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
+    """The dtype the weights load in: the config's own (`dtype`), float32 when it names none."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
 
 
 def _human(n: int) -> str:
@@ -118,4 +149,15 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append("adapter target groups (modules or parameters):")
     group_width = max((len(g) for g in info["targets"]), default=0)
     lines += [f"  {group:<{group_width}}  {count}" for group, count in info["targets"].items()]
+    before, after = info["weight_bytes"], info.get("weight_bytes_quantized")
+    header = f"  {'':<15}{info['dtype']:>14}"
+    if after:
+        header += f"{'experts ' + info['quantize']:>16}"
+    lines.append("weights by group (bytes):")
+    lines.append(header)
+    for group in before:
+        row = f"  {group:<15}{_bytes(before[group]):>14}"
+        lines.append(row + (f"{_bytes(after[group]):>16}" if after else ""))
+    total = f"  {'total':<15}{_bytes(sum(before.values())):>14}"
+    lines.append(total + (f"{_bytes(sum(after.values())):>16}" if after else ""))
     return "\n".join(lines)

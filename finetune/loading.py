@@ -10,6 +10,7 @@ Weights load from safetensors only, unless `allow_pickle=True`; remote code runs
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -305,17 +306,26 @@ def init_model(
     attention: str | None = None,
     modalities: list[str] | None = None,
     seed: int = 0,
+    quantize: str | None = None,
 ) -> Path:
-    """Write a random-initialised built-in model of `preset` and its tokenizer to `output`."""
+    """Write a random-initialised built-in model of `preset` and its tokenizer to `output`.
+
+    With `quantize` ("int8" / "nf4") the model is written block by block with its routed experts
+    quantized and never held in full precision (finetune.quantization.checkpoint): this is how the
+    full preset (19.2B parameters) is created on a machine without GPUs. Its non-expert weights are
+    bf16 for `full`, fp32 for the smaller presets (as without quantize).
+    """
     name = _preset_name(PRESET_PREFIX + preset)
+    quantize = check_quantize(quantize)
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise MoetuneError(
             f"output folder {str(output)!r} is not empty; choose a new folder (nothing was written)"
         )
-    if name in META_ONLY_ON_CPU and not torch.cuda.is_available():
+    if name in META_ONLY_ON_CPU and not torch.cuda.is_available() and not quantize:
         raise MoetuneError(
-            f"preset {name!r} is too large to initialise on a CPU; run init-model on a GPU machine"
+            f"preset {name!r} is too large to initialise on a CPU; run init-model on a GPU machine, or write "
+            f"it with quantized experts (--quantize nf4)"
         )
     overrides: dict[str, Any] = {}
     if attention is not None:
@@ -324,17 +334,68 @@ def init_model(
 
     from finetune.tokenizer import build_tokenizer
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    tokenizer = build_tokenizer(config.vocab_size)
     tmp = output.with_name(output.name + ".partial")
-    model.save_pretrained(tmp)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a run that stopped half-way: never a finished folder
+    if quantize:
+        from finetune.quantization.checkpoint import init_quantized_preset
+
+        tmp.mkdir(parents=True, exist_ok=True)
+        dtype = torch.bfloat16 if name in META_ONLY_ON_CPU else torch.float32
+        init_quantized_preset(config, tmp, quantize, dtype=dtype, seed=seed)
+    else:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(tmp)
+    tokenizer = build_tokenizer(config.vocab_size)
     if modalities:
         from finetune.modeling.multimodal import build_processor
 
         build_processor(config, tokenizer).save_pretrained(tmp)
     else:
         tokenizer.save_pretrained(tmp)
+    if output.exists():
+        output.rmdir()  # empty (checked above)
+    os.replace(tmp, output)
+    return output
+
+
+def quantize_model(
+    spec: str,
+    output: str | Path,
+    method: str,
+    *,
+    dtype: str | None = None,
+    max_shard_size: str | None = None,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Write MODEL to `output` with its routed experts quantized (`moetune quantize`).
+
+    The float checkpoint is quantized while it loads, shard by shard; the output folder holds
+    safetensors, config.json with `quantization_config`, and the tokenizer, and loads with
+    `load_model(output)` or, after `import finetune`, `AutoModelForCausalLM.from_pretrained(output)`.
+    """
+    from finetune.quantization.checkpoint import quantize_checkpoint
+
+    method = check_quantize(method)
+    if method is None:
+        raise MoetuneError("quantize: --method is required; use int8 or nf4")
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise MoetuneError(
+            f"output folder {str(output)!r} is not empty; choose a new folder (nothing was written)"
+        )
+    if str(spec).startswith(PRESET_PREFIX) and _preset_name(str(spec)) in META_ONLY_ON_CPU:
+        raise MoetuneError(
+            f"{spec!r} has no weights to quantize; create it quantized with "
+            f"`moetune init-model --preset {_preset_name(str(spec))} --quantize {method} --output DIR`"
+        )
+    tmp = output.with_name(output.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    quantize_checkpoint(
+        spec, method, tmp, dtype=dtype, max_shard_size=max_shard_size, trust_remote_code=trust_remote_code
+    )
     if output.exists():
         output.rmdir()  # empty (checked above)
     os.replace(tmp, output)

@@ -25,6 +25,7 @@ class MemoryPlan:
     model: str
     gpus: int
     strategy: str  # "ddp" (weights replicated) or "fsdp" (weights sharded across GPUs)
+    quantize: str | None  # routed experts stored int8 / nf4, or None (all weights in the dtype)
     params_total: int
     params_trainable: int
     weights_gib: float  # base weights per GPU
@@ -72,8 +73,17 @@ def plan_memory(
     batch_size: int = 1,
     seq_len: int = 4096,
     gradient_checkpointing: bool = True,
+    quantize: str | None = None,
 ) -> MemoryPlan:
-    """Per-GPU memory for LoRA training of `spec` on `gpus` GPUs; FSDP when DDP does not fit."""
+    """Per-GPU memory for LoRA training of `spec` on `gpus` GPUs; FSDP when DDP does not fit.
+
+    `quantize` ("int8" / "nf4"; a folder saved quantized uses its own) counts the routed experts in
+    that storage format (codes + scales) and the rest of the weights in `dtype`.
+    """
+    from finetune.loading import check_quantize
+    from finetune.quantization.loading import quantization_of
+    from finetune.quantization.memory import weight_bytes_by_group
+
     if gpus < 1:
         raise MoetuneError(f"--gpus must be >= 1 (got {gpus})")
     torch_dtype = parse_dtype(dtype)
@@ -81,15 +91,17 @@ def plan_memory(
         raise MoetuneError(f"plan needs a concrete --dtype (float32, bfloat16, float16), not {dtype!r}")
     bytes_per = torch.finfo(torch_dtype).bits // 8
     config = load_config(spec)
+    method = check_quantize(quantize) or quantization_of(config)[1]
     model = build_empty_model(config)
     total = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(weight_bytes_by_group(model, bytes_per, method).values())
     trainable = _trainable_after_lora(model, {"targets": list(targets), "r": r, "alpha": 2 * r})
     # LoRA weights + grads in the training dtype, AdamW moments and an fp32 master copy.
     adapter_bytes = trainable * (2 * bytes_per + 12)
     activations = _activation_bytes(config, batch_size, seq_len, bytes_per, gradient_checkpointing)
 
     def per_gpu(strategy: str) -> tuple[float, float]:
-        weights = total * bytes_per / (gpus if strategy == "fsdp" else 1)
+        weights = weight_bytes / (gpus if strategy == "fsdp" else 1)
         return weights, weights + adapter_bytes + activations
 
     strategy = "ddp"
@@ -101,6 +113,7 @@ def plan_memory(
         model=str(spec),
         gpus=gpus,
         strategy=strategy,
+        quantize=method,
         params_total=total,
         params_trainable=trainable,
         weights_gib=weights / GIB,
@@ -117,7 +130,8 @@ def format_plan(plan: MemoryPlan) -> str:
     lines = [
         f"{plan.model} on {plan.gpus} GPU(s) of {plan.gpu_memory_gib:.0f} GiB: {verdict} ({plan.strategy})",
         f"  params total / trainable   {plan.params_total:,} / {plan.params_trainable:,}",
-        f"  base weights per GPU       {plan.weights_gib:8.2f} GiB",
+        f"  base weights per GPU       {plan.weights_gib:8.2f} GiB"
+        + (f"  (routed experts {plan.quantize})" if plan.quantize else ""),
         f"  LoRA + grads + AdamW       {plan.adapter_and_optimizer_gib:8.2f} GiB",
         f"  activations (estimate)     {plan.activations_gib:8.2f} GiB",
         f"  total per GPU              {plan.total_gib:8.2f} GiB",
