@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from finetune.quantization.experts import is_quantized, quantizable, quantize_experts_
 from finetune.quantization.quantizer import ExpertsQuantizationConfig
@@ -86,18 +87,18 @@ class ShardWriter:
 
 
 def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The top-level pieces to materialise one at a time: each decoder layer, and every other child."""
-    base = model.get_submodule(model.base_model_prefix)
+    """The pieces to materialise one at a time, in the order transformers initialises them: the root's
+    children in order, the base model's children expanded (each decoder layer is a piece)."""
     blocks = []
-    for name, child in base.named_children():
-        prefix = f"{model.base_model_prefix}.{name}"
-        if isinstance(child, nn.ModuleList):
-            blocks += [(f"{prefix}.{i}", layer) for i, layer in enumerate(child)]
-        else:
-            blocks.append((prefix, child))
     for name, child in model.named_children():
         if name != model.base_model_prefix:
             blocks.append((name, child))
+            continue
+        for sub, grandchild in child.named_children():
+            if isinstance(grandchild, nn.ModuleList):
+                blocks += [(f"{name}.{sub}.{i}", layer) for i, layer in enumerate(grandchild)]
+            else:
+                blocks.append((f"{name}.{sub}", grandchild))
     return blocks
 
 
@@ -106,6 +107,22 @@ def _post_order(module: nn.Module):
     for child in module.children():
         yield from _post_order(child)
     yield module
+
+
+def _init_functions(model: PreTrainedModel) -> dict[int, Callable[[nn.Module], None]]:
+    """id(module) -> the `_init_weights` transformers' `initialize_weights` applies to it: that of the
+    nearest enclosing PreTrainedModel (a multimodal model's encoders initialise themselves)."""
+    owners: dict[int, Callable[[nn.Module], None]] = {}
+
+    def walk(module: nn.Module, init: Callable[[nn.Module], None]) -> None:
+        if isinstance(module, PreTrainedModel):
+            init = module._init_weights
+        owners[id(module)] = init
+        for child in module.children():
+            walk(child, init)
+
+    walk(model, model._init_weights)
+    return owners
 
 
 def init_quantized_preset(
@@ -136,13 +153,14 @@ def init_quantized_preset(
         )
         written = set()
         blocks = _blocks(model)
+        init = _init_functions(model)
         for i, (prefix, block) in enumerate(blocks):
             if tied and {id(p) for p in block.parameters()} <= tied and written:
                 continue  # lm_head tied to the embeddings: written once
             block.to_empty(device="cpu")
             with torch.no_grad():
                 for module in _post_order(block):  # transformers' init order: the same random weights
-                    model._init_weights(module)
+                    init[id(module)](module)
             for module in block.modules():
                 if quantizable(module) and not is_quantized(module):
                     quantize_experts_(module, method)
