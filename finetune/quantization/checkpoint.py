@@ -15,6 +15,7 @@ held in full precision; the peak is one decoder layer in bf16 plus one shard bei
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from finetune.quantization.experts import is_quantized, quantizable, quantize_ex
 from finetune.quantization.quantizer import ExpertsQuantizationConfig
 
 DEFAULT_SHARD_BYTES = 2 * 10**9
+logger = logging.getLogger("moetune")
 
 
 def parse_size(size: str | int | None) -> int:
@@ -133,11 +135,10 @@ def init_quantized_preset(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     max_shard_size: str | int | None = None,
-    progress=None,
 ) -> None:
     """Write a random-initialised model of `config` with quantized experts into `output` (see module doc).
 
-    `progress(i, n, name)` is called after each block (for a progress line on long writes).
+    Logs one line per block (logger `moetune`, level INFO): the full preset takes minutes.
     """
     config.quantization_config = ExpertsQuantizationConfig(method).to_dict()
     with torch.device("meta"):
@@ -168,8 +169,7 @@ def init_quantized_preset(
                 writer.add(f"{prefix}.{name}", tensor)
             written.add(prefix)
             block.to_empty(device="meta")  # free the block before the next one
-            if progress is not None:
-                progress(i + 1, len(blocks), prefix)
+            logger.info("init-model: wrote %s (%d/%d blocks)", prefix, i + 1, len(blocks))
         writer.close()
     finally:
         torch.random.set_rng_state(generator_state)
