@@ -30,7 +30,9 @@ Quantized base weights: an experts module that stores its frozen weights quantiz
 quantized experts, or any module with the same protocol) offers `dequantize_expert(name, e)`, expert
 e's (out, in) weight in the compute dtype. The routed path then asks for each hit expert's weight in
 the per-expert loop, forward and again in backward (recomputed, never kept), and never sees the
-storage format; such modules take the loop on every device (no whole stack exists to group over).
+storage format. The grouped path (CUDA) multiplies such a stack in chunks: the experts of a chunk are
+dequantized together (at most CHUNK_BYTES), one grouped GEMM runs over their pairs, and the chunk is
+freed before the next one.
 
 Shapes: N tokens, k experts per token, S = N * k routed pairs, E experts, H hidden, I expert width.
 """
@@ -45,6 +47,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from adapters.errors import MoetuneError
 
 # Parameter names of fused expert weights: gated (gate_up_proj) or ungated (up_proj) first projection.
 UP_NAMES = ("gate_up_proj", "up_proj")
@@ -106,6 +110,16 @@ class Routing:
         out = torch.zeros(self.num_tokens, y.shape[-1], dtype=acc, device=y.device)
         return out.index_add_(0, self.token_idx, y.to(acc)).to(y.dtype)
 
+    def chunks(self, experts_per_chunk: int):
+        """(first expert, last expert + 1, first row, end row) of consecutive expert ranges, for the
+        grouped path over a stack that exists only in pieces (quantized): one host sync per layer."""
+        ends = [0, *self.offsets.tolist()]  # ends[e] = first sorted row of expert e
+        num_experts = len(ends) - 1
+        for e0 in range(0, num_experts, experts_per_chunk):
+            e1 = min(e0 + experts_per_chunk, num_experts)
+            if ends[e1] > ends[e0]:  # some expert of the chunk received tokens
+                yield e0, e1, ends[e0], ends[e1]
+
     def segments(self, lora_mask: list[bool] | None = None):
         """(expert, start, end) of every expert that received tokens, in sorted order."""
         start = 0
@@ -124,6 +138,23 @@ class FrozenProjection:
     bias: torch.Tensor | None  # (E, out)
     in_features: int
     out_features: int
+    # experts e0:e1 -> (e1 - e0, in, out): the grouped path's pieces of a quantized stack
+    chunk_t: Callable[[int, int], torch.Tensor] | None = None
+    experts_per_chunk: int = 0  # how many experts one piece holds (a byte budget, see CHUNK_BYTES)
+
+    def grouped_mm(self, rows: torch.Tensor, routing: Routing, transpose: bool = False) -> torch.Tensor:
+        """Per sorted pair: rows (S, in) @ W_e^T -> (S, out), or with `transpose` (S, out) @ W_e -> (S, in),
+        as grouped GEMMs over the whole stack, or over chunks of dequantized experts."""
+        if self.stacked_t is not None:
+            weight = self.stacked_t.transpose(1, 2) if transpose else self.stacked_t
+            return F.grouped_mm(rows, weight, offs=routing.offsets)
+        out = rows.new_empty(rows.shape[0], self.in_features if transpose else self.out_features)
+        for e0, e1, r0, r1 in routing.chunks(self.experts_per_chunk):
+            weight = self.chunk_t(e0, e1)  # (n, in, out), dequantized now and freed after
+            weight = weight.transpose(1, 2) if transpose else weight
+            offs = routing.offsets[e0:e1] - r0
+            out[r0:r1] = F.grouped_mm(rows[r0:r1], weight, offs=offs)
+        return out
 
 
 @dataclass
@@ -143,7 +174,7 @@ def _project(inp, frozen: FrozenProjection, lora: ExpertLora | None, routing: Ro
     """
     if routing.grouped:  # one grouped GEMM per product; experts outside a selection have zero factors
         offs = routing.offsets
-        out = F.grouped_mm(inp, frozen.stacked_t, offs=offs)  # stacked_t: (E, in, out)
+        out = frozen.grouped_mm(inp, routing)  # (S, out)
         if frozen.bias is not None:
             out += frozen.bias[routing.expert_ids]
         u = None
@@ -208,7 +239,7 @@ def _project_backward_grouped(grad, inp, u, frozen, lora, routing, needs, row_sc
     """`_project_backward` with grouped GEMMs; the 2D x 2D form groups the pair dimension (dA, dB)."""
     need_input, need_a, need_b = needs
     offs = routing.offsets
-    grad_inp = F.grouped_mm(grad, frozen.stacked_t.transpose(1, 2), offs=offs) if need_input else None
+    grad_inp = frozen.grouped_mm(grad, routing, transpose=True) if need_input else None
     grad_a = grad_b = None
     if lora is not None and (need_input or need_a or need_b):
         gb = F.grouped_mm(grad, lora.lora_b, offs=offs)  # (S, r)
@@ -315,12 +346,42 @@ class _MlpSpec:
 GROUPED_MM = "auto"
 
 
-def use_grouped_mm(x: torch.Tensor, dims: list[int] | None = None) -> bool:
-    """Whether to run the grouped backend for input x; `dims` (widths, ranks) must give 16-byte rows."""
+# Dequantized experts the grouped path holds at once (a chunk of the stack) when weights are quantized.
+CHUNK_BYTES = 256 * 2**20
+BACKENDS = ("auto", "loop", "grouped")
+
+
+def set_experts_backend(model: nn.Module, backend: str) -> int:
+    """Choose the routed computation for every experts module of `model`: "auto" (grouped GEMMs on
+    CUDA, the per-expert loop on the CPU), "loop" or "grouped" (CUDA only). Returns modules set."""
+    if backend not in BACKENDS:
+        raise MoetuneError(f"experts backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    modules = [m for m in model.modules() if fast_path_supports(m)]
+    if backend == "grouped":
+        devices = {p.device.type for m in modules for p in m.buffers()} | {
+            p.device.type for m in modules for p in m.parameters(recurse=False)
+        }
+        if devices != {"cuda"} or not hasattr(F, "grouped_mm"):
+            raise MoetuneError(
+                f"experts backend 'grouped' runs grouped GEMMs on CUDA GPUs, but the experts are on {sorted(devices)}; "
+                "use auto (the per-expert loop on the CPU) or loop"
+            )
+    for module in modules:
+        module.experts_backend = backend
+    return len(modules)
+
+
+def use_grouped_mm(x: torch.Tensor, dims: list[int] | None = None, backend: str = "auto") -> bool:
+    """Whether to run the grouped backend for input x; `dims` (widths, ranks) must give 16-byte rows.
+
+    `backend` is the experts module's choice (`set_experts_backend`); GROUPED_MM, when not "auto",
+    overrides it (the tests run both paths on the CPU)."""
     if dims is not None and any(d * x.element_size() % 16 for d in dims):
         return False  # grouped_mm needs 16-byte aligned strides
     if GROUPED_MM != "auto":
         return GROUPED_MM == "always"
+    if backend != "auto":
+        return backend == "grouped"
     if not hasattr(F, "grouped_mm") or x.device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(x.device) >= (8, 0)
@@ -346,8 +407,7 @@ def routed_experts_forward(
     num_experts = getattr(experts, up_name).shape[0]
     dims = [up.in_features, up.out_features, down.out_features]
     dims += [f.lora_a.shape[1] for f in lora.values()]  # ranks
-    # a quantized stack has no (E, in, out) tensor to group over: it always takes the per-expert loop
-    grouped = up.stacked_t is not None and down.stacked_t is not None and use_grouped_mm(hidden_states, dims)
+    grouped = use_grouped_mm(hidden_states, dims, getattr(experts, "experts_backend", "auto"))
     routing = Routing.build(top_k_index, top_k_weights, num_experts, grouped)
     # Like transformers' grouped_mm path: compute in the expert weights' dtype (also under autocast,
     # which the GEMMs below bypass), and hand back the caller's dtype.
@@ -384,8 +444,16 @@ def frozen_projection(experts: nn.Module, name: str) -> FrozenProjection:
     in_features, out_features = (first, second) if transposed else (second, first)
     bias = getattr(experts, f"{name}_bias").detach() if getattr(experts, "has_bias", False) else None
     if name in getattr(experts, "quantized_shapes", {}):
-        dequantize = experts.dequantize_expert
-        return FrozenProjection(lambda e: dequantize(name, e).t(), None, bias, in_features, out_features)
+        per_chunk = max(1, CHUNK_BYTES // (in_features * out_features * weight.element_size()))
+        return FrozenProjection(
+            lambda e: experts.dequantize_expert(name, e).t(),  # (in, out)
+            None,
+            bias,
+            in_features,
+            out_features,
+            chunk_t=lambda e0, e1: experts.dequantize_experts(name, e0, e1).transpose(1, 2),  # (n, in, out)
+            experts_per_chunk=per_chunk,
+        )
     stacked_t = (weight if transposed else weight.transpose(-2, -1)).detach()  # (E, in, out)
     return FrozenProjection(stacked_t.__getitem__, stacked_t, bias, in_features, out_features)
 
@@ -456,7 +524,10 @@ def _fast_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwar
             )
         return type(self).forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
     # the mask only lets the per-expert loop skip unselected experts; grouped GEMMs need no host sync for it
-    with_mask = not use_grouped_mm(hidden_states)  # (a rank that forbids grouping only costs the skip)
+    backend = getattr(experts, "experts_backend", "auto")
+    with_mask = not use_grouped_mm(
+        hidden_states, backend=backend
+    )  # (a rank that forbids grouping costs the skip)
     lora = {w.parameter_name: peft_factors(w, active[0], with_mask) for w in chain}
     return routed_experts_forward(experts, hidden_states, top_k_index, top_k_weights, lora)
 

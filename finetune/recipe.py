@@ -69,6 +69,11 @@ class ModelSection:
         "null = experts in model.dtype",
         default=None,
     )
+    experts_backend: Literal["auto", "loop", "grouped"] = _doc(
+        "how routed experts compute: `auto` (grouped GEMMs on CUDA GPUs, a loop over the experts that "
+        "received tokens on CPUs), `loop`, or `grouped` (CUDA only; quantized experts in chunks of dequantized experts)",
+        default="auto",
+    )
 
 
 @dataclass

@@ -120,6 +120,7 @@ class TrainingRun:
         from torch.utils.data import DataLoader
 
         from adapters import apply_lora
+        from adapters.experts import set_experts_backend
         from adapters.targets import target_report
         from finetune.data import build_datasets, make_collator
         from finetune.evaluate import expert_call_sites
@@ -177,6 +178,7 @@ class TrainingRun:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         self.model, self.optimizer, self.train_dl = acc.prepare(self.model, optimizer, train_dl)
+        set_experts_backend(self.model, r.model.experts_backend)  # on the device now: "grouped" checks it
         self.steps_per_epoch = math.ceil(len(self.train_dl) / t.grad_accum)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.scheduler = acc.prepare(make_scheduler(t, optimizer, self.total_steps))

@@ -13,7 +13,13 @@ from transformers import AutoModelForCausalLM, GptOssConfig, OlmoeConfig
 
 import adapters.experts as experts_module
 from adapters import apply_lora, load_adapter
-from adapters.experts import ExpertLora, reference_experts_forward, routed_experts_forward
+from adapters.errors import MoetuneError
+from adapters.experts import (
+    ExpertLora,
+    reference_experts_forward,
+    routed_experts_forward,
+    set_experts_backend,
+)
 from finetune.quantization import quantize_model_experts_
 from finetune.quantization.experts import CODES, SCALES, dequantized_copy, quantize_experts_
 from tiny_models import FAMILIES, build, random_batch, synthetic_experts
@@ -56,10 +62,21 @@ def _lora(experts):
     return out
 
 
+@pytest.fixture(params=["loop", "grouped"])
+def backend(request, monkeypatch):
+    """The per-expert loop (CPU default) and grouped GEMMs over chunks of 2 dequantized experts (CUDA
+    default; torch's grouped_mm also runs on the CPU, so the chunked path is checked here too)."""
+    monkeypatch.setattr(experts_module, "GROUPED_MM", "never" if request.param == "loop" else "always")
+    monkeypatch.setattr(
+        experts_module, "CHUNK_BYTES", 2 * 2 * INTER * H * 4
+    )  # 2 experts of the up projection
+    return request.param
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(("has_gate", "transposed", "has_bias"), LAYOUTS, ids=LAYOUT_IDS)
 def test_routed_lora_on_quantized_weights_equals_the_dequantized_computation(
-    has_gate, transposed, has_bias, method
+    has_gate, transposed, has_bias, method, backend
 ):
     quantized, plain = _quantized_pair(has_gate, transposed, has_bias, method)
     lora = _lora(plain)
@@ -260,12 +277,45 @@ def test_disabled_adapters_give_the_quantized_base_and_two_active_adapters_are_r
         peft_model(**batch)
 
 
-def test_grouped_backend_is_never_used_for_a_quantized_stack(monkeypatch):
-    monkeypatch.setattr(experts_module, "GROUPED_MM", "always")
-    quantized, plain = _quantized_pair(True, False, False, "int8")
-    index, weights = _routing(8)
-    x = torch.randn(8, H)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            quantized(x, index, weights), reference_experts_forward(plain, x, index, weights, {})
+@pytest.mark.parametrize("method", METHODS)
+def test_a_range_of_experts_dequantizes_like_each_expert(method):
+    quantized, _ = _quantized_pair(True, True, False, method)
+    for name in quantized.quantized_shapes:
+        got = quantized.dequantize_experts(name, 1, 5)
+        want = torch.stack([quantized.dequantize_expert(name, e) for e in range(1, 5)])
+        assert torch.equal(got, want)
+
+
+def test_grouped_backend_is_refused_on_the_cpu_in_one_line():
+    model = build("moetune")
+    quantize_model_experts_(model, "nf4")
+    with pytest.raises(
+        MoetuneError, match="'grouped' runs grouped GEMMs on CUDA GPUs, but the experts are on"
+    ):
+        set_experts_backend(model, "grouped")
+    assert set_experts_backend(model, "loop") == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_chunked_grouped_path_equals_the_loop(method):
+    """On a GPU, "auto" takes grouped GEMMs over chunks of dequantized experts; the loop is the reference."""
+    quantized, _ = _quantized_pair(True, False, False, method)
+    quantized.to("cuda", torch.bfloat16)
+    lora = {
+        n: ExpertLora(
+            f.lora_a.detach().cuda().requires_grad_(), f.lora_b.detach().cuda().requires_grad_(), 2.0
         )
+        for n, f in _lora(quantized).items()
+    }
+    index, weights = (t.cuda() for t in _routing(64))
+    x = torch.randn(64, H, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for backend in ("auto", "loop"):
+        quantized.experts_backend = backend
+        out = routed_experts_forward(quantized, x, index, weights, lora)
+        grads = torch.autograd.grad(out.float().square().sum(), [f.lora_a for f in lora.values()])
+        results.append((out, grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=2e-2, atol=2e-2)
+    for got, want in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)

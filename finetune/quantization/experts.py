@@ -28,7 +28,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from finetune.quantization.formats import QuantizedShape, check_method, dequantize_expert, quantize
+from finetune.quantization.formats import (
+    QuantizedShape,
+    check_method,
+    dequantize_expert,
+    dequantize_experts,
+    quantize,
+)
 
 WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
 CODES, SCALES = "_qweight", "_qscale"
@@ -67,6 +73,17 @@ class QuantizedExpertsMixin:
             self._buffers[name + SCALES],
             self.quantized_shapes[name],
             expert,
+            self.compute_dtype,
+        )
+
+    def dequantize_experts(self, name: str, first: int, end: int) -> torch.Tensor:
+        """Experts first:end of projection `name` as (n, out, in) in the compute dtype (one new tensor)."""
+        return dequantize_experts(
+            self._buffers[name + CODES],
+            self._buffers[name + SCALES],
+            self.quantized_shapes[name],
+            first,
+            end,
             self.compute_dtype,
         )
 

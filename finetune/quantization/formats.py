@@ -146,6 +146,26 @@ def dequantize_expert(
     return dequantize_nf4(qweight[expert], scale[expert], shape, dtype)
 
 
+def dequantize_experts(
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    shape: QuantizedShape,
+    first: int,
+    end: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Experts first:end as (n, out, in) in `dtype`: one kernel call for the whole range."""
+    n = end - first
+    if shape.method == "int8":
+        return torch.mul(qweight[first:end], scale[first:end].unsqueeze(-1)).to(dtype)
+    # the experts' codes and block scales are contiguous: dequantize them as one long expert
+    joined = QuantizedShape("nf4", 1, n, shape.blocks * NF4_BLOCK)
+    flat = dequantize_nf4(
+        qweight[first:end].reshape(-1), scale[first:end].reshape(-1), joined, dtype
+    )  # (n, padded)
+    return flat[:, : shape.numel].reshape(n, shape.out_features, shape.in_features)
+
+
 def dequantize_nf4(
     packed: torch.Tensor, absmax: torch.Tensor, shape: QuantizedShape, dtype: torch.dtype
 ) -> torch.Tensor:
