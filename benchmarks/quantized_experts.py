@@ -16,6 +16,9 @@ that background load hits them alike; results are ratios to the unquantized run 
   int8 <= 1.3x, NF4 <= 1.8x).
 - loading: quantize-on-load (NF4) of a 2 GB bf16 checkpoint in 200 MB shards (the same shape with
   5 layers): peak resident memory of the whole process (target: below 1.3 GB).
+- kernels: why these kernels. Dequantizing one 1024 x 1024 expert (bitsandbytes' NF4 kernel against
+  the same lookup in torch; int8 in torch), and torch's weight-only int8 matmul against dequantize +
+  GEMM for 128 tokens; fp32 and bf16, one thread, medians of interleaved repeats in one process.
 
     python benchmarks/quantized_experts.py                 # all parts; writes benchmarks/results/quantized_experts.*
     python benchmarks/quantized_experts.py --part memory   # one part (results of the others are kept)
@@ -39,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "runs" / "bench-quantized"
 KINDS = ("float", "int8", "nf4")
-PARTS = ("quality", "memory", "speed", "loading")
+PARTS = ("quality", "memory", "speed", "loading", "kernels")
 TARGETS = {
     "quality": {"int8": 1.01, "nf4": 1.03},
     "loaded": {"int8": 0.55, "nf4": 0.32},
@@ -276,6 +279,54 @@ def part_loading(quick: bool) -> dict:
     }
 
 
+def part_kernels(quick: bool) -> dict:
+    import torch
+
+    from finetune.quantization import formats
+    from finetune.quantization.formats import QuantizedShape
+
+    torch.set_num_threads(1)
+    repeats = 5 if quick else 50
+    shape = QuantizedShape("nf4", 1, 1024, 1024)
+    weight = torch.randn(1, 1024, 1024)
+    nf4_codes, nf4_absmax = formats.quantize(weight, "nf4")
+    int8_codes, int8_scale = formats.quantize(weight, "int8")
+    x = torch.randn(128, 1024)
+
+    def cases_for(dtype):  # one scope per dtype, so the lambdas bind their own tensors
+        w, xd, scale = weight[0].to(dtype), x.to(dtype), int8_scale[0].unsqueeze(-1)
+        return {
+            "nf4 dequantize, bitsandbytes": lambda: formats.dequantize_nf4(
+                nf4_codes[0], nf4_absmax[0], shape, dtype
+            ),
+            "nf4 dequantize, torch": lambda: formats.dequantize_nf4_reference(
+                nf4_codes[0], nf4_absmax[0], shape, dtype
+            ),
+            "int8 dequantize, torch": lambda: torch.mul(int8_codes[0], scale).to(dtype),
+            "GEMM 128 x 1024 x 1024": lambda: xd @ w.t(),
+            "int8 dequantize + GEMM": lambda: xd @ torch.mul(int8_codes[0], scale).to(dtype).t(),
+            "torch._weight_int8pack_mm": lambda: torch._weight_int8pack_mm(
+                xd, int8_codes[0], int8_scale[0].to(dtype)
+            ),
+        }
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        cases = cases_for(dtype)
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for fn in cases.values():
+            fn()  # warm-up
+        for _ in range(repeats):
+            for name, fn in cases.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        out[str(dtype).removeprefix("torch.")] = {
+            name: statistics.median(t) * 1e3 for name, t in times.items()
+        }
+    return out
+
+
 def _fmt_ratio(values: list[float]) -> str:
     med = statistics.median(values)
     return f"**{med:.2f}x** ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else f"**{med:.2f}x**"
@@ -331,6 +382,12 @@ def write_markdown(results: dict, path: Path) -> None:
             f"{ld['checkpoint_bytes'] / 1e9:.2f} GB bf16 checkpoint in {ld['shards']} shards: peak RSS of the whole "
             f"process {peaks} GB (target < {TARGETS['loading_peak_gb']} GB), {statistics.median(ld['seconds']):.0f} s."
         )
+    if "kernels" in results:
+        k = results["kernels"]
+        lines += ["", "## Kernels (one thread, median ms; 1024 x 1024 expert, 128 tokens)", ""]
+        names = [n for n in k["float32"] if n != "wall_s"]
+        lines += ["| operation | float32 | bfloat16 |", "| --- | ---: | ---: |"]
+        lines += [f"| {n} | {k['float32'][n]:.3f} | {k['bfloat16'][n]:.3f} |" for n in names]
     path.write_text("\n".join(lines) + "\n")
 
 
