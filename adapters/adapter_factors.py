@@ -54,6 +54,7 @@ class AdapterFactors:
     config: dict
     modules: dict[str, Factors] = field(default_factory=dict)  # "model.layers.0.self_attn.q_proj" -> pair
     experts: dict[str, dict[str, Factors]] = field(default_factory=dict)  # experts module -> {param: pair}
+    full: list[str] = field(default_factory=list)  # weights of modules_to_save (trained whole, not LoRA)
 
 
 def read_adapter_files(folder: str | Path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
@@ -91,6 +92,9 @@ def read_factors(folder: str | Path) -> AdapterFactors:
         used.update((key_a, key_b))
     parameter_targets = set(config.get("target_parameters") or [])
     for key in sorted(set(weights) - used):
+        if _trained_whole(key, config.get("modules_to_save") or []):
+            result.full.append(key)
+            continue
         match = _MODULE_KEY.match(key)
         if match is None:
             raise MoetuneError(
@@ -114,6 +118,12 @@ def read_factors(folder: str | Path) -> AdapterFactors:
             )
         result.modules[name] = Factors(lora_a, lora_b, _scaling(config, pattern_key, rank))
     return result
+
+
+def _trained_whole(key: str, modules_to_save: list[str]) -> bool:
+    """A weight of a module PEFT trains whole (`modules_to_save` entries match a name's end)."""
+    module = key.removeprefix("base_model.model.").rpartition(".")[0]
+    return any(module == m or module.endswith(f".{m}") for m in modules_to_save)
 
 
 def _scaling(config: dict, key: str, rank: int) -> float:

@@ -36,6 +36,9 @@ CONCATENATED, INTERLEAVED = "concatenated", "interleaved"
 # vllm/config/lora.py MaxLoRARanks: the values --max-lora-rank accepts
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _HF_NAMES = ("gate_proj", "up_proj", "down_proj")
+# config.json names of the routed-expert count (transformers writes attribute-mapped names, e.g.
+# Qwen3-MoE's num_experts as num_local_experts), first match wins
+EXPERT_COUNT_FIELDS = ("n_routed_experts", "num_local_experts", "num_experts")
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,6 @@ class ServingFamily:
     """How one model family's experts are stored in transformers and loaded by the servers."""
 
     gate_up: str  # order of gate and up rows in the fused gate_up_proj: CONCATENATED | INTERLEAVED
-    experts_field: str  # config.json field with the number of routed experts
     vllm_layout: str = PER_EXPERT  # FUSED where vLLM's model class sets is_3d_moe_weight = True
     vllm_ffn: str = "mlp"  # module vLLM's model class keeps the experts under
     vllm_names: tuple[str, str, str] = _HF_NAMES  # gate, up, down names in vLLM's expert mapping
@@ -51,12 +53,12 @@ class ServingFamily:
 
 FAMILIES = {
     # no vLLM / SGLang class of its own: the per-expert layout under Qwen3-MoE's names
-    "moetune": ServingFamily(CONCATENATED, "num_experts"),
-    "deepseek_v3": ServingFamily(CONCATENATED, "n_routed_experts"),
-    "qwen3_moe": ServingFamily(CONCATENATED, "num_experts"),
+    "moetune": ServingFamily(CONCATENATED),
+    "deepseek_v3": ServingFamily(CONCATENATED),
+    "qwen3_moe": ServingFamily(CONCATENATED),
     # vLLM's MixtralForCausalLM keeps the original checkpoint names (block_sparse_moe, w1 / w3 / w2)
-    "mixtral": ServingFamily(CONCATENATED, "num_local_experts", vllm_ffn="block_sparse_moe", vllm_names=("w1", "w3", "w2")),
-    "gpt_oss": ServingFamily(INTERLEAVED, "num_local_experts", vllm_layout=FUSED),
+    "mixtral": ServingFamily(CONCATENATED, vllm_ffn="block_sparse_moe", vllm_names=("w1", "w3", "w2")),
+    "gpt_oss": ServingFamily(INTERLEAVED, vllm_layout=FUSED),
 }  # fmt: skip
 
 
@@ -87,12 +89,12 @@ def serving_export(
             f"{source}: this adapter has no expert LoRA (no fused expert target_parameters); --format "
             f"{target} writes expert layouts: serve this adapter as it is (PEFT layout)"
         )
-    if factors.config.get("modules_to_save"):
+    if factors.config.get("modules_to_save") or factors.full:
         raise MoetuneError(
-            f"{source}: the adapter trains whole modules ({', '.join(factors.config['modules_to_save'])}), "
+            f"{source}: the adapter trains whole modules ({', '.join(factors.config.get('modules_to_save') or factors.full)}), "
             f"which {target} cannot load as LoRA; merge it into the base instead (moetune merge)"
         )
-    _check_experts(factors, base_config, family, base_name)
+    _check_experts(factors, base_config, base_name)
     rank = _serving_rank(factors, rank, target)
     layout = layout_of(family, target)
     gen = torch.Generator().manual_seed(0)  # fresh A of untrained experts: the same bytes every run
@@ -158,9 +160,10 @@ def serve_command(target: str, layout: str, rank: int) -> str:
     )
 
 
-def _check_experts(factors: AdapterFactors, base_config: dict, family: ServingFamily, base_name: str) -> None:
+def _check_experts(factors: AdapterFactors, base_config: dict, base_name: str) -> None:
     """Every expert stack has the base's expert count and a gated up projection."""
-    expected = base_config.get(family.experts_field)
+    field = next((f for f in EXPERT_COUNT_FIELDS if f in base_config), None)
+    expected = base_config.get(field)
     for prefix, stacks in factors.experts.items():
         if "up_proj" in stacks:
             raise MoetuneError(
@@ -170,8 +173,8 @@ def _check_experts(factors: AdapterFactors, base_config: dict, family: ServingFa
         found = next(iter(stacks.values())).a.shape[0]
         if expected is not None and found != expected:
             raise MoetuneError(
-                f"{factors.source}: {prefix} has {found} experts but {base_name} has "
-                f"{family.experts_field}={expected}; the adapter was trained on another base (pass its --base)"
+                f"{factors.source}: {prefix} has {found} experts but {base_name} has {field}={expected}; "
+                "the adapter was trained on another base (pass its --base)"
             )
 
 
