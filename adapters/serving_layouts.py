@@ -82,49 +82,21 @@ def serving_export(
     factors: AdapterFactors, base_config: dict, target: str, rank: int | None = None, base_name: str = "BASE"
 ) -> tuple[dict, dict[str, torch.Tensor], dict, str]:
     """(adapter_config, tensors, moetune_export.json, summary) of the `target` layout of an adapter."""
-    source = factors.source
     model_type, family = serving_family(base_config, f"{base_name}/config.json")
-    if not factors.experts:
-        raise MoetuneError(
-            f"{source}: this adapter has no expert LoRA (no fused expert target_parameters); --format "
-            f"{target} writes expert layouts: serve this adapter as it is (PEFT layout)"
-        )
-    if factors.config.get("modules_to_save") or factors.full:
-        raise MoetuneError(
-            f"{source}: the adapter trains whole modules ({', '.join(factors.config.get('modules_to_save') or factors.full)}), "
-            f"which {target} cannot load as LoRA; merge it into the base instead (moetune merge)"
-        )
+    _refuse_unservable(factors, target)
     _check_experts(factors, base_config, base_name)
     rank = _serving_rank(factors, rank, target)
     layout = layout_of(family, target)
-    gen = torch.Generator().manual_seed(0)  # fresh A of untrained experts: the same bytes every run
-    weights: dict[str, torch.Tensor] = {}
-    modules: list[str] = []
-    for name, pair in factors.modules.items():
-        a, b = _fold(pair, rank)
-        weights.update(_pair_keys(name, a, b))
-        modules.append(name)
-    params, fresh = [], 0
-    for prefix, stacks in factors.experts.items():
-        gate_up, down, filled = _complete(prefix, stacks, rank, gen, source)
-        fresh += filled
-        if layout == FUSED:
-            weights.update(_fused_keys(f"{prefix}.base_layer", *gate_up))
-            weights.update(_fused_keys(prefix, *down))
-            params += [f"{prefix}.gate_up_proj", f"{prefix}.down_proj"]
-        else:
-            names, keys = _per_expert_keys(prefix, gate_up, down, family, target)
-            weights.update(keys)
-            modules += names
+    weights, modules, params, fresh = _serving_tensors(factors, family, target, layout, rank)
     config = dict(factors.config)
     config.update(
         r=rank,
-        lora_alpha=rank,
+        lora_alpha=rank,  # scaling 1: each pair's own scaling is inside its B
         use_rslora=False,
         rank_pattern={},
         alpha_pattern={},
         target_modules=sorted(modules),
-        target_parameters=sorted(params) or None,
+        target_parameters=sorted(params) or None,  # PEFT's marker of the fused layout
         modules_to_save=None,
     )
     experts = {prefix: next(iter(s.values())).a.shape[0] for prefix, s in factors.experts.items()}
@@ -135,21 +107,24 @@ def serving_export(
         "gate_up": family.gate_up,
         "rank": rank,
         "experts": experts,
-        "serve": serve_command(target, layout, rank),
+        "serve": serve_command(target, rank),
     }
     if target == "vllm":
         meta["is_3d_lora_weight"] = layout == FUSED  # for --enable-mixed-moe-lora-format requests
-    pairs = sum(n * 3 for n in experts.values()) if layout == PER_EXPERT else 2 * len(experts)
+    if layout == PER_EXPERT:
+        pairs = f"{3 * sum(experts.values())} per-expert LoRA pairs (gate, up, down of every expert"
+    else:
+        pairs = f"{2 * len(experts)} fused expert LoRA pairs (gate_up and down, all experts"
     summary = (
-        f"{layout} layout for {model_type}, {pairs} expert LoRA pairs in {len(experts)} layers "
-        f"(gate/up {family.gate_up}), rank {rank} everywhere"
+        f"{layout} layout for {model_type}: {pairs} of {len(experts)} MoE layer(s), gate/up "
+        f"{family.gate_up}), rank {rank} everywhere"
     )
     if fresh:
         summary += f", {fresh} (weight, expert) pairs without LoRA written as zero B + fresh A"
-    return config, weights, meta, summary + f"; serve: {meta['serve']}"
+    return config, weights, meta, f"{summary}; serve: {meta['serve']}"
 
 
-def serve_command(target: str, layout: str, rank: int) -> str:
+def serve_command(target: str, rank: int) -> str:
     """The server flags this export needs (BASE, NAME and OUT are placeholders)."""
     if target == "vllm":
         max_rank = next(r for r in VLLM_MAX_LORA_RANKS if r >= rank)
@@ -158,6 +133,44 @@ def serve_command(target: str, layout: str, rank: int) -> str:
         "python -m sglang.launch_server --model-path BASE --enable-lora "
         f"--max-lora-rank {rank} --lora-paths NAME=OUT"
     )
+
+
+def _refuse_unservable(factors: AdapterFactors, target: str) -> None:
+    """No expert LoRA at all, or modules trained whole: nothing a LoRA server can take."""
+    if not factors.experts:
+        raise MoetuneError(
+            f"{factors.source}: this adapter has no expert LoRA (no fused expert target_parameters); "
+            f"--format {target} writes expert layouts: serve this adapter as it is (PEFT layout)"
+        )
+    trained = factors.config.get("modules_to_save") or factors.full
+    if trained:
+        raise MoetuneError(
+            f"{factors.source}: the adapter trains whole modules ({', '.join(trained)}), which {target} "
+            "cannot load as LoRA; merge it into the base instead (moetune merge)"
+        )
+
+
+def _serving_tensors(factors: AdapterFactors, family: ServingFamily, target: str, layout: str, rank: int):
+    """(tensors, module names, fused parameter names, number of experts filled) of the export."""
+    gen = torch.Generator().manual_seed(0)  # fresh A of untrained experts: the same bytes every run
+    weights: dict[str, torch.Tensor] = {}
+    modules: list[str] = []
+    for name, pair in factors.modules.items():
+        weights.update(_pair_keys(name, *_fold(pair, rank)))
+        modules.append(name)
+    params, fresh = [], 0
+    for prefix, stacks in factors.experts.items():
+        gate_up, down, filled = _complete(stacks, rank, gen)
+        fresh += filled
+        if layout == FUSED:
+            weights.update(_fused_keys(f"{prefix}.base_layer", *gate_up))
+            weights.update(_fused_keys(prefix, *down))
+            params += [f"{prefix}.gate_up_proj", f"{prefix}.down_proj"]
+        else:
+            names, keys = _per_expert_keys(prefix, gate_up, down, family, target)
+            weights.update(keys)
+            modules += names
+    return weights, modules, params, fresh
 
 
 def _check_experts(factors: AdapterFactors, base_config: dict, base_name: str) -> None:
@@ -205,7 +218,7 @@ def _fold(pair: Factors, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return a.to(pair.a.dtype), b.to(pair.b.dtype)
 
 
-def _complete(prefix: str, stacks: dict[str, Factors], rank: int, gen: torch.Generator, source):
+def _complete(stacks: dict[str, Factors], rank: int, gen: torch.Generator):
     """Folded (a, b) of gate_up_proj and down_proj, every expert well formed; and how many were filled.
 
     A missing weight gets stacks of zeros; then every expert whose A is all zero (left out by an ESFT
