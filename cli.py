@@ -125,7 +125,23 @@ def cmd_experts_profile(args: argparse.Namespace) -> None:
 def cmd_export_adapter(args: argparse.Namespace) -> None:
     from adapters.export import export_adapter
 
-    print(export_adapter(args.adapter, args.output, fmt=args.format))
+    base = None
+    if args.base:
+        from finetune.loading import resolve_model_folder
+
+        base = resolve_model_folder(args.base)
+    print(
+        export_adapter(
+            args.adapter, args.output, fmt=args.format, base=base, rank=args.rank, verify=args.verify
+        )
+    )
+
+
+def cmd_verify_export(args: argparse.Namespace) -> None:
+    from adapters.serving_verify import verify_export
+    from finetune.loading import resolve_model_folder
+
+    print(verify_export(args.export, resolve_model_folder(args.base), args.adapter, tolerance=args.tolerance))
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -251,10 +267,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=256)
     p.add_argument("--max-length", type=int, default=512)
 
-    p = add("export-adapter", cmd_export_adapter, "re-write an adapter in another layout")
+    p = add(
+        "export-adapter",
+        cmd_export_adapter,
+        "re-write an adapter in another layout: compact storage, or what vLLM / SGLang load",
+    )
     p.add_argument("adapter")
     p.add_argument("--output", required=True)
-    p.add_argument("--format", default="per-expert", help="per-expert")
+    p.add_argument(
+        "--format",
+        default="per-expert",
+        choices=["per-expert", "peft", "vllm", "sglang"],
+        help="per-expert: compact storage, one pair per selected expert (servers reject it: they need "
+        "every expert); peft: a per-expert folder back to PEFT's layout; vllm / sglang: what that server "
+        "loads for the base's family, every expert present, one rank (see docs/serving.md)",
+    )
+    p.add_argument(
+        "--base", default=None, help="vllm / sglang: the base MODEL; its config decides the layout"
+    )
+    p.add_argument("--rank", type=int, default=None, help="vllm / sglang: pad every pair to this rank")
+    p.add_argument(
+        "--verify", action="store_true", help="vllm / sglang: run verify-export now (needs --base)"
+    )
+
+    p = add("verify-export", cmd_verify_export, "check that a vllm / sglang export equals base + adapter")
+    p.add_argument("export", help="folder written by export-adapter --format vllm|sglang")
+    p.add_argument("--base", required=True, help="the base MODEL")
+    p.add_argument("--adapter", required=True, help="the adapter folder it was exported from")
+    p.add_argument("--tolerance", type=float, default=None, help="share of max(1, largest |logit|)")
 
     p = add("merge", cmd_merge, "fold an adapter into its base and write a full model")
     p.add_argument("model")
