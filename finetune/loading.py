@@ -190,6 +190,7 @@ def load_model(
         if device_map not in (None, "cpu"):
             model = model.to("cuda" if device_map == "auto" else device_map)
         tokenizer = build_tokenizer(config.vocab_size)
+        model.name_or_path = spec  # what PEFT records as the adapter's base_model_name_or_path
         if modalities:
             from finetune.modeling.multimodal import build_processor
 
@@ -219,6 +220,8 @@ def load_model(
                 "--trust-remote-code (model.trust_remote_code: true)"
             ) from err
         raise
+    # The adapter's recorded base (PEFT's base_model_name_or_path): the hub id, or the folder's absolute path.
+    model.name_or_path = str(folder.resolve()) if Path(spec).expanduser().exists() else spec
     return model, load_tokenizer(folder, trust_remote_code=trust_remote_code)
 
 
