@@ -176,6 +176,8 @@ def cmd_push(args: argparse.Namespace) -> None:
             private=args.private,
             revision=args.revision,
             dry_run=args.dry_run,
+            base_model=args.base_model,
+            license=args.license,
         )
     )
 
@@ -284,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true")
     p.add_argument("--revision", default=None)
     p.add_argument("--dry-run", action="store_true", help="list and validate, upload nothing")
+    p.add_argument(
+        "--base-model", default=None, help="Hub id of the base, when the adapter names a local one"
+    )
+    p.add_argument("--license", default=None, help="license for the card (e.g. apache-2.0)")
     return parser
 
 
