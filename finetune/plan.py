@@ -40,9 +40,9 @@ class MemoryPlan:
 
 def _trainable_after_lora(model: torch.nn.Module, adapter: dict[str, Any]) -> int:
     from adapters import apply_lora
+    from adapters.targets import count_trainable
 
-    peft_model = apply_lora(model, **adapter)
-    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    return count_trainable(apply_lora(model, **adapter))
 
 
 def _activation_bytes(
