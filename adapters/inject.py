@@ -23,7 +23,7 @@ from torch import nn
 from adapters.errors import MoetuneError
 from adapters.experts import install_fast_path
 from adapters.selection import load_selection
-from adapters.targets import ALL_GROUPS, clean_name, find_targets, layer_of, resolve_targets
+from adapters.targets import ALL_GROUPS, clean_name, did_you_mean, find_targets, layer_of, resolve_targets
 
 logger = logging.getLogger("moetune")
 
@@ -199,7 +199,8 @@ def _check_settings(r, alpha, dropout, router, group_overrides) -> None:
     for group, values in (group_overrides or {}).items():
         if group not in ALL_GROUPS:
             raise MoetuneError(
-                f"adapter.group_overrides: unknown group '{group}'; groups: {', '.join(ALL_GROUPS)}"
+                f"adapter.group_overrides: unknown group '{group}';{did_you_mean(group, ALL_GROUPS)} "
+                f"groups: {', '.join(ALL_GROUPS)}"
             )
         if not isinstance(values, dict) or set(values) - {"r", "alpha"}:
             raise MoetuneError(f"adapter.group_overrides.{group} takes only r and alpha, got {values!r}")

@@ -468,21 +468,32 @@ def _output_plan(checkpoint: _Checkpoint, max_shard_size) -> list[tuple[str, lis
 
 
 def _copy_side_files(base: Path, out: Path) -> list[str]:
-    """Copy config, tokenizer, generation config, ... (every top-level non-weight file but the card)."""
+    """Copy config, tokenizer, generation config, ... (every non-weight file but the card).
+
+    Sub-folders without weight files are copied too: a processor keeps its extra tokenizers there
+    (the multimodal processor's `text_encoder_tokenizer/`; without it transformers falls back to the
+    root tokenizer with a deprecation warning). Folders holding weights (e.g. `original/`) are not.
+    """
     copied = []
     for path in sorted(base.iterdir()):
         name = path.name
-        if (
-            not path.is_file()
-            or name.startswith(".")
-            or name in ("README.md", INDEX_FILE)
-            or name.endswith(".safetensors")
-            or path.suffix in PICKLE_SUFFIXES
-        ):
+        if name.startswith(".") or name in ("README.md", INDEX_FILE):
+            continue
+        if path.is_dir():
+            inside = [p for p in path.rglob("*") if p.is_file()]
+            if inside and not any(_is_weight_file(p) for p in inside):
+                shutil.copytree(path, out / name)
+                copied.append(f"{name}/")
+            continue
+        if not path.is_file() or _is_weight_file(path):
             continue
         shutil.copy2(path, out / name)
         copied.append(name)
     return copied
+
+
+def _is_weight_file(path: Path) -> bool:
+    return path.name.endswith(".safetensors") or path.suffix in PICKLE_SUFFIXES
 
 
 def _base_model_id(base: Path, adapter_config: dict) -> str:

@@ -323,8 +323,17 @@ def _resolve_raw(model, request, found, chosen_layers, resolved, model_name) -> 
     if not hit:
         raise MoetuneError(
             f"adapter.targets: '{request}' is neither a group ({', '.join(ALL_GROUPS)}) nor a module or "
-            f"parameter name in {model_name}; groups in this model: {_groups_summary(found)}"
+            f"parameter name in {model_name};{did_you_mean(request, ALL_GROUPS)} groups in this model: "
+            f"{_groups_summary(found)}"
         )
+
+
+def did_you_mean(word: str, choices) -> str:
+    """' did you mean 'experts'?' for a near miss among `choices` (difflib), else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word.lower(), list(choices), n=1, cutoff=0.6)
+    return f" did you mean '{close[0]}'?" if close else ""
 
 
 # ----------------------------------------------------------------------------- the report
