@@ -6,8 +6,10 @@ push refuses a folder in which any file contains it. `dry_run` lists what would 
 validates the card without a token or a network. Every failure is one MoetuneError line (exit 2).
 
 The upload is one commit (`create_repo(exist_ok=True)`, `create_branch` for a revision, then
-`create_commit`); the card's loading snippet gets the repo id in place of "path/to/this/folder" in
-the uploaded copy (the local README.md is not changed).
+`create_commit`). The uploaded copy of the card is completed first (`adapters.card_completion`: a
+card written when there is none, base model, license, tags) and its loading snippet names the repo
+instead of "path/to/this/folder"; the uploaded adapter_config.json names the base's Hub id when one
+is known. Nothing in the local folder is changed.
 """
 
 from __future__ import annotations
