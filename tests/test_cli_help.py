@@ -24,15 +24,16 @@ def _subparsers(parser: argparse.ArgumentParser, prefix: str = ""):
 
 
 COMMANDS = dict(_subparsers(cli.build_parser()))
+WITH_TOP = {"(top level)": cli.build_parser(), **COMMANDS}
 
 
 def test_the_walk_sees_every_command():
     assert {"train", "generate", "push", "experts profile", "export-adapter", "plan"} <= set(COMMANDS)
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("command", sorted(WITH_TOP))
 def test_every_option_has_help_with_its_default(command):
-    for action in COMMANDS[command]._actions:
+    for action in WITH_TOP[command]._actions:
         if (
             isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
             or action.help == argparse.SUPPRESS
