@@ -87,12 +87,13 @@ def prompt_inputs(
 def decode_new_text(tokenizer: Any, sequence: list[int], prompt_length: int) -> str:
     """The text after the prompt, decoded from the whole sequence (characters are never cut in two).
 
-    Decoding the new ids on their own would split a character whose bytes straddle the prompt's end;
-    decoding everything and removing the decoded prompt does not. A trailing incomplete character
-    (the token budget ended inside it) is dropped rather than shown as U+FFFD.
+    The new ids are decoded together with the prompt, then the decoded prompt is removed: a character
+    whose bytes span several tokens, even one begun by the prompt's last token, comes out whole
+    (decoding per token, or the new ids alone, would show U+FFFD halves). A trailing incomplete
+    character (the token budget ended inside it) is dropped rather than shown as U+FFFD.
     """
     whole = tokenizer.decode(sequence, skip_special_tokens=True)
-    prompt = tokenizer.decode(sequence[:prompt_length], skip_special_tokens=True)
+    prompt = tokenizer.decode(sequence[:prompt_length], skip_special_tokens=True).rstrip(REPLACEMENT)
     if whole.startswith(prompt):
         new = whole[len(prompt) :]
     else:  # a tokenizer whose decoding is not prefix-stable: decode the new ids alone

@@ -111,6 +111,9 @@ def test_a_character_cut_by_the_token_budget_is_dropped_not_broken(tokenizer):
         text = decode_new_text(tokenizer, prompt + ids[:k], len(prompt))
         assert REPLACEMENT not in text and "ab \u2603\u2603".startswith(text)
     assert decode_new_text(tokenizer, prompt + ids, len(prompt)) == "ab \u2603\u2603"
+    # a character begun by the prompt's last token and finished by the first new one comes out whole
+    for k in cuts:
+        assert decode_new_text(tokenizer, ids, k) in ("\u2603", "\u2603\u2603")
 
 
 def test_generated_text_is_valid_utf8_without_a_broken_tail(base):
