@@ -75,6 +75,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
             adapter=args.adapter,
             image=args.image,
             audio=args.audio,
+            chat=args.chat,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
             trust_remote_code=args.trust_remote_code,
             allow_pickle=args.allow_pickle,
             quantize=args.quantize,
@@ -147,7 +151,23 @@ def cmd_experts_profile(args: argparse.Namespace) -> None:
 def cmd_export_adapter(args: argparse.Namespace) -> None:
     from adapters.export import export_adapter
 
-    print(export_adapter(args.adapter, args.output, fmt=args.format))
+    base = None
+    if args.base:
+        from finetune.loading import resolve_model_folder
+
+        base = resolve_model_folder(args.base)
+    print(
+        export_adapter(
+            args.adapter, args.output, fmt=args.format, base=base, rank=args.rank, verify=args.verify
+        )
+    )
+
+
+def cmd_verify_export(args: argparse.Namespace) -> None:
+    from adapters.serving_verify import verify_export
+    from finetune.loading import resolve_model_folder
+
+    print(verify_export(args.export, resolve_model_folder(args.base), args.adapter, tolerance=args.tolerance))
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -198,6 +218,8 @@ def cmd_push(args: argparse.Namespace) -> None:
             private=args.private,
             revision=args.revision,
             dry_run=args.dry_run,
+            base_model=args.base_model,
+            license=args.license,
         )
     )
 
@@ -205,127 +227,314 @@ def cmd_push(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- parser
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the examples' line breaks; wrap option help as usual."""
+
+
+EXAMPLES = {
+    "init-model": "moetune init-model --preset tiny --output runs/tiny-base",
+    "quantize": "moetune quantize runs/tiny-base --method nf4 --output runs/tiny-nf4",
+    "info": "moetune info preset:tiny --json",
+    "generate": 'moetune generate runs/quickstart/base-model --adapter runs/quickstart/run/adapter --prompt "def "',
+    "plan": "moetune plan preset:full --gpus 8 --gpu-memory 80 --seq-len 8192",
+    "train": "moetune train quickstart --set train.max_steps=50 --output runs/qs",
+    "recipes": "moetune recipes",
+    "experts": "moetune experts profile preset:tiny --data docs --output runs/esft-profile",
+    "experts profile": "moetune experts profile preset:tiny --data docs --output runs/esft-profile",
+    "export-adapter": "moetune export-adapter runs/esft/adapter --format per-expert --output runs/esft/per-expert",
+    "verify-export": "moetune verify-export runs/x/vllm --base runs/quickstart/base-model --adapter runs/x/adapter",
+    "merge": "moetune merge runs/quickstart/base-model --adapter runs/quickstart/run/adapter --output merged --verify",
+    "verify-merge": "moetune verify-merge runs/quickstart/base-model --adapter runs/quickstart/run/adapter --merged merged",
+    "merge-adapters": "moetune merge-adapters --adapter runs/a/adapter --adapter runs/b/adapter --method ties --output ab",
+    "push": "moetune push runs/quickstart/run/adapter --repo-id you/moe-lora --license apache-2.0 --dry-run",
+}
+EXPORT_FORMATS = (
+    "per-expert (compact storage: one LoRA pair per selected expert; servers reject it) | "
+    "peft (a per-expert folder back to PEFT's fused layout) | "
+    "vllm / sglang (what that server loads for the base's family: every expert present, one rank; docs/serving.md)"
+)
+MODEL_HELP = "preset:NAME (tiny, small, full), a local model folder, or a hub id (downloaded only then)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moetune", description="LoRA fine-tuning for Mixture-of-Experts models."
+        prog="moetune",
+        description="LoRA fine-tuning for Mixture-of-Experts models.",
+        epilog="example:\n  moetune train quickstart\n\n`moetune COMMAND --help` shows each command's options.",
+        formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors (default: off)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def add(
+        name: str, handler: Callable[[argparse.Namespace], None], help: str, parent=sub
+    ) -> argparse.ArgumentParser:
+        p = parent.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=_HelpFormatter,
+        )
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.set_defaults(handler=handler)
         return p
 
     p = add("init-model", cmd_init_model, "write a random-initialised built-in model + tokenizer")
-    p.add_argument("--preset", required=True, help="tiny | small | full")
-    p.add_argument("--output", required=True, help="folder to write")
-    p.add_argument("--attention", default=None, help="dense | hierarchical_sparse (all layers)")
-    p.add_argument("--modalities", default=None, help="comma list of image,audio,text encoders")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", required=True, help="tiny | small | full (required)")
+    p.add_argument("--output", required=True, help="folder to write; must be new or empty (required)")
     p.add_argument(
-        "--quantize", choices=QUANTIZE_METHODS, default=None,
-        help="write the routed experts int8 / nf4, block by block (how --preset full is made without GPUs)",
-    )  # fmt: skip
+        "--attention",
+        default=None,
+        help="dense | hierarchical_sparse, for all layers (default: the preset's, dense)",
+    )
+    p.add_argument(
+        "--modalities",
+        default=None,
+        help="comma list of image,audio,text encoders (default: none, text-only)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default: 0)")
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_METHODS,
+        default=None,
+        help="write the routed experts int8 / nf4, block by block: how --preset full is made without GPUs "
+        "(default: float experts)",
+    )
 
     p = add("quantize", cmd_quantize, "write MODEL with its routed experts stored int8 or nf4")
-    p.add_argument("model", help="a float model: local folder, hub id, or preset:NAME")
+    p.add_argument("model", help="a float model: a local folder, a hub id, or preset:NAME")
     p.add_argument(
-        "--method", required=True, choices=QUANTIZE_METHODS, help="int8 (per row) or nf4 (blocks of 64)"
+        "--method",
+        required=True,
+        choices=QUANTIZE_METHODS,
+        help="int8 (per row) or nf4 (blocks of 64) (required)",
     )
-    p.add_argument("--output", required=True, help="folder to write (must be new or empty)")
+    p.add_argument("--output", required=True, help="folder to write; must be new or empty (required)")
     p.add_argument("--dtype", default=None, help="dtype of the other weights (default: the checkpoint's)")
-    p.add_argument("--max-shard-size", default=None, help="safetensors shard size (default 2GB)")
-    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
-
-    p = add("info", cmd_info, "architecture table and adaptable module groups of MODEL")
-    p.add_argument("model", help="preset:NAME, a local folder, or a hub id")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--max-shard-size", default=None, help="safetensors shard size (default: 2GB)")
     p.add_argument(
-        "--quantize", choices=QUANTIZE_METHODS, default=None, help="also show bytes with experts int8 / nf4"
+        "--trust-remote-code", action="store_true", help="run the model repository's own code (default: off)"
     )
 
-    p = add("generate", cmd_generate, "generate text from a prompt")
-    p.add_argument("model")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--adapter", default=None, help="adapter folder to apply")
-    p.add_argument("--image", default=None, help="image file (multimodal models)")
-    p.add_argument("--audio", default=None, help="audio file (multimodal models)")
-    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
-    p.add_argument("--allow-pickle", action="store_true", help="load pickle (.bin) weights you trust")
+    p = add(
+        "info", cmd_info, "architecture table and adaptable module groups of MODEL (or an adapter's summary)"
+    )
+    p.add_argument("model", help=MODEL_HELP + "; an adapter folder prints what it adapts and its base")
+    p.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_METHODS,
+        default=None,
+        help="also show the bytes with the routed experts int8 / nf4 (default: as the checkpoint stores them)",
+    )
+
+    p = add("generate", cmd_generate, "generate text from a prompt (greedy unless --temperature > 0)")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--prompt", required=True, help="the prompt text (required)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="new tokens at most (default: 32)")
+    p.add_argument("--adapter", default=None, help="adapter folder to apply (default: none)")
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument(
+        "--chat",
+        dest="chat",
+        action="store_const",
+        const=True,
+        default=None,
+        help="render the prompt as a user message with the chat template (default: the adapter's training "
+        "layout, else the chat template when the tokenizer has one)",
+    )
+    layout.add_argument(
+        "--raw",
+        dest="chat",
+        action="store_const",
+        const=False,
+        help="use the prompt text as it is (default: off)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default: 0)"
+    )
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling share, with --temperature (default: 1.0)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed for sampling, repeatable output (default: none)"
+    )
+    p.add_argument("--image", default=None, help="image file, multimodal models (default: none)")
+    p.add_argument("--audio", default=None, help="audio file, multimodal models (default: none)")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model repository's own code (default: off)"
+    )
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="load pickle (.bin) weights you trust (default: off)"
+    )
     p.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None, help=QUANTIZE_HELP)
 
     p = add("plan", cmd_plan, "per-GPU memory plan for LoRA training of MODEL on N GPUs")
-    p.add_argument("model")
-    p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--targets", default="attention,experts", help="comma list of target groups")
-    p.add_argument("--r", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--no-checkpointing", action="store_true", help="plan without gradient checkpointing")
+    p.add_argument("model", help=MODEL_HELP + " (only its config is read)")
+    p.add_argument("--gpus", type=int, default=1, help="number of GPUs (default: 1)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default: 80)")
+    p.add_argument("--dtype", default="bfloat16", help="weights and compute dtype (default: bfloat16)")
+    p.add_argument(
+        "--targets",
+        default="attention,experts",
+        help="comma list of target groups (default: attention,experts)",
+    )
+    p.add_argument("--r", type=int, default=16, help="LoRA rank (default: 16)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per GPU and step (default: 1)")
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default: 4096)")
+    p.add_argument(
+        "--no-checkpointing",
+        action="store_true",
+        help="plan without gradient checkpointing (default: with it)",
+    )
     p.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None, help=QUANTIZE_HELP)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
 
     p = add("train", cmd_train, "fine-tune LoRA adapters from a recipe")
     p.add_argument("recipe", help="recipe YAML (a path or a bundled recipe name)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, repeatable (default: none)",
+    )
     p.add_argument("--output", default=None, help="run folder (default: the recipe's output.dir)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--num-processes", type=int, default=1, help="launch N processes with Accelerate")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint (default: off)")
+    p.add_argument(
+        "--num-processes", type=int, default=1, help="launch N processes with Accelerate (default: 1)"
+    )
 
     add("recipes", cmd_recipes, "list the bundled recipes")
 
-    experts = sub.add_parser("experts", help="expert statistics and selection")
+    experts = sub.add_parser(
+        "experts",
+        help="expert statistics and selection",
+        description="expert statistics and selection",
+        epilog=f"example:\n  {EXAMPLES['experts']}",
+        formatter_class=_HelpFormatter,
+    )
     experts_sub = experts.add_subparsers(dest="experts_command", required=True, metavar="COMMAND")
-    p = experts_sub.add_parser("profile", help="per-layer expert load on data, and an ESFT selection")
+    p = experts_sub.add_parser(
+        "profile",
+        help="per-layer expert load on data, and an ESFT selection",
+        description="per-layer expert load on data, and an ESFT selection",
+        epilog=f"example:\n  {EXAMPLES['experts profile']}",
+        formatter_class=_HelpFormatter,
+    )
     p.set_defaults(handler=cmd_experts_profile)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.add_argument("model")
-    p.add_argument("--data", required=True, help="jsonl / text file or folder")
-    p.add_argument("--output", required=True)
-    p.add_argument("--threshold", type=float, default=0.2, help="cumulative share p for the selection")
-    p.add_argument("--metric", default="token_ratio", help="token_ratio | gate_score")
-    p.add_argument("--max-examples", type=int, default=256)
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--data", required=True, help="jsonl (text field) / text file or folder (required)")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="folder for expert_stats.json, expert_load.png, selection.json (required)",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=0.2, help="cumulative share p for the selection (default: 0.2)"
+    )
+    p.add_argument("--metric", default="token_ratio", help="token_ratio | gate_score (default: token_ratio)")
+    p.add_argument(
+        "--max-examples", type=int, default=256, help="windows of text to run at most (default: 256)"
+    )
+    p.add_argument("--max-length", type=int, default=512, help="tokens per window (default: 512)")
     p.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None, help=QUANTIZE_HELP)
 
-    p = add("export-adapter", cmd_export_adapter, "re-write an adapter in another layout")
-    p.add_argument("adapter")
-    p.add_argument("--output", required=True)
-    p.add_argument("--format", default="per-expert", help="per-expert")
+    p = add(
+        "export-adapter",
+        cmd_export_adapter,
+        "re-write an adapter in another layout: compact storage, or what vLLM / SGLang load",
+    )
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--output", required=True, help="folder to write (required)")
+    p.add_argument(
+        "--format",
+        default="per-expert",
+        choices=["per-expert", "peft", "vllm", "sglang"],
+        help=f"{EXPORT_FORMATS} (default: per-expert)",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        help="vllm / sglang: the base MODEL; its config decides the layout "
+        "(default: the adapter's base_model_name_or_path when it is a local folder)",
+    )
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="vllm / sglang: pad every pair to this rank (default: the largest)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="vllm / sglang: run verify-export now, needs --base (default: off)",
+    )
+
+    p = add("verify-export", cmd_verify_export, "check that a vllm / sglang export equals base + adapter")
+    p.add_argument("export", help="folder written by export-adapter --format vllm|sglang")
+    p.add_argument("--base", required=True, help="the base MODEL (required)")
+    p.add_argument("--adapter", required=True, help="the adapter folder it was exported from (required)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="share of max(1, largest |logit|) (default: 1e-4)",
+    )
 
     p = add("merge", cmd_merge, "fold an adapter into its base and write a full model")
-    p.add_argument("model")
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--verify", action="store_true", help="compare logits of base+adapter and merged")
-    p.add_argument("--tolerance", type=float, default=None)
+    p.add_argument("model", help="the base: a local model folder or a hub id")
+    p.add_argument("--adapter", required=True, help="adapter folder (required)")
+    p.add_argument("--output", required=True, help="folder to write; must be new or empty (required)")
+    p.add_argument(
+        "--verify", action="store_true", help="compare logits of base+adapter and merged (default: off)"
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="for --verify: absolute max |logit difference| (default: by dtype)",
+    )
     p.add_argument("--max-shard-size", default=None, help="e.g. 2GB (default: keep the base's sharding)")
 
     p = add("verify-merge", cmd_verify_merge, "check that a merged model equals base + adapter")
-    p.add_argument("model")
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--merged", required=True)
-    p.add_argument("--tolerance", type=float, default=None)
+    p.add_argument("model", help="the base: a local model folder or a hub id")
+    p.add_argument("--adapter", required=True, help="adapter folder (required)")
+    p.add_argument("--merged", required=True, help="merged model folder (required)")
+    p.add_argument(
+        "--tolerance", type=float, default=None, help="absolute max |logit difference| (default: by dtype)"
+    )
 
     p = add("merge-adapters", cmd_merge_adapters, "combine adapters trained on the same base")
-    p.add_argument("--adapter", action="append", required=True, help="repeat for each adapter")
-    p.add_argument("--output", required=True)
-    p.add_argument("--method", default="linear", help="linear | ties | dare_linear | dare_ties | svd")
-    p.add_argument("--weights", default=None, help="comma list, one per adapter")
-    p.add_argument("--density", type=float, default=0.5, help="kept share for ties / dare")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--adapter", action="append", required=True, help="an adapter folder; repeat for each (required)"
+    )
+    p.add_argument("--output", required=True, help="folder to write (required)")
+    p.add_argument(
+        "--method", default="linear", help="linear | ties | dare_linear | dare_ties | svd (default: linear)"
+    )
+    p.add_argument("--weights", default=None, help="comma list, one per adapter (default: 1 each)")
+    p.add_argument("--density", type=float, default=0.5, help="kept share for ties / dare (default: 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of dare's random drop (default: 0)")
 
     p = add("push", cmd_push, "upload an adapter or model folder to the Hugging Face Hub")
-    p.add_argument("folder")
-    p.add_argument("--repo-id", required=True)
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--dry-run", action="store_true", help="list and validate, upload nothing")
+    p.add_argument("folder", help="adapter or merged-model folder")
+    p.add_argument("--repo-id", required=True, help="Hub repo, OWNER/NAME (required)")
+    p.add_argument("--private", action="store_true", help="create the repo private (default: public)")
+    p.add_argument("--revision", default=None, help="branch to push to (default: main)")
+    p.add_argument("--dry-run", action="store_true", help="list and validate, upload nothing (default: off)")
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="Hub id of the base for the card and adapter_config.json (default: the one the folder names, if a Hub id)",
+    )
+    p.add_argument(
+        "--license",
+        default=None,
+        help="license for the card, e.g. apache-2.0 (default: the card's, else other)",
+    )
     return parser
 
 
@@ -338,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
     except MoetuneError as err:
         if debug:
             raise
@@ -346,6 +556,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moetune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`moetune info --json | head -1`): not an error of ours. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again (Python's documented recipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a process ended by a closed pipe
     return 0
 
 

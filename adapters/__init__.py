@@ -2,7 +2,8 @@
 
 Public API (imported lazily, so `import adapters` stays cheap for the CLI):
 - `apply_lora(model, *, targets, r, alpha, ...)` -> `peft.PeftModel` with the fast routed expert path;
-- `load_adapter(model, folder, is_trainable=False)` -> `peft.PeftModel` (moetune's or plain PEFT's adapter);
+- `load_adapter(model, folder, is_trainable=False, base=None)` -> `peft.PeftModel` (moetune's or plain
+  PEFT's adapter; its recorded base is compared with `base`, see `adapters.provenance`);
 - `count_target_groups(model)` / `target_report(peft_model)`: what can be / was adapted, per group;
 - `select_experts(scores, threshold)` / `load_selection(path_or_mapping)`: ESFT expert selection;
 - `export_adapter(adapter_dir, output, fmt="per-expert")`: one LoRA pair per expert, for serving stacks;

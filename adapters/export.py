@@ -1,16 +1,19 @@
-"""Re-write an adapter folder in another layout: per-expert LoRA pairs for serving stacks, and back.
+"""Re-write an adapter folder in another layout: compact per-expert storage, serving layouts, and back.
 
 PEFT stores the LoRA of a fused experts weight [E, ...] as one lora_A (r*E, in) and one lora_B
-(out, r*E) (expert e: rows e*r:(e+1)*r of A, columns e, e+E, ... of B). Serving stacks such as
-vLLM expect what a non-fused checkpoint has: one LoRA pair per expert and projection,
-`...mlp.experts.{e}.gate_proj / up_proj / down_proj`. A fused `gate_up_proj` ([gate; up] along
-its output) becomes a gate_proj and an up_proj pair that share expert e's A (exact: the delta of
-gate is B_gate A, of up is B_up A). Experts whose LoRA is all zero (outside an ESFT selection) are
-not written, so such an export is as small as the selection.
-
-`fmt="per-expert"` writes that layout plus `moetune_export.json` (expert counts and splits);
-`fmt="peft"` turns such a folder back into PEFT's fused layout (the round trip is exact).
-Attention and other module LoRA weights are copied unchanged.
+(out, r*E) (expert e: rows e*r:(e+1)*r of A, columns e, e+E, ... of B). Formats:
+- `per-expert` (storage): one LoRA pair per expert and projection,
+  `...mlp.experts.{e}.gate_proj / up_proj / down_proj`; a fused `gate_up_proj` ([gate; up] along its
+  output) becomes a gate_proj and an up_proj pair that share expert e's A. Experts whose LoRA is all
+  zero (outside an ESFT selection) are not written, so the folder is as small as the selection;
+  `moetune_export.json` records the expert counts and splits. Serving stacks reject it (they need
+  every expert); it is for storage and converts back with `peft`.
+- `peft`: such a per-expert folder back into PEFT's fused layout (the round trip is exact).
+- `vllm` / `sglang`: what that server loads for the base model's family (adapters/serving_layouts.py):
+  every expert present with gate, up and down, one rank, gate/up split by the family's convention,
+  or PEFT's fused layout where the server's model class expects it. `verify=True` then checks the
+  export numerically with an independent reader (adapters/serving_verify.py).
+Attention and other module LoRA weights are copied unchanged (serving formats: rank-padded, scaling folded).
 """
 
 from __future__ import annotations
@@ -21,36 +24,88 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from adapters.adapter_factors import (
+    expert_param_keys,
+    expert_params,
+    nesting_order,
+    pattern_value,
+    read_adapter_files,
+    read_factors,
+)
 from adapters.errors import MoetuneError
+from adapters.serving_layouts import TARGETS, serving_export
 
-FORMATS = ("per-expert", "peft")
+FORMATS = ("per-expert", "peft", *TARGETS)
 META_FILE = "moetune_export.json"
-_FUSED_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?:base_layer\.)*lora_(?P<ab>[AB])\.weight$")
 
 
-def export_adapter(adapter_dir, output, fmt: str = "per-expert") -> str:
-    """Write `adapter_dir` to `output` in layout `fmt`; returns a one-line summary for the CLI."""
+def export_adapter(
+    adapter_dir,
+    output,
+    fmt: str = "per-expert",
+    *,
+    base=None,
+    rank: int | None = None,
+    verify: bool = False,
+) -> str:
+    """Write `adapter_dir` to `output` in layout `fmt`; returns a summary for the CLI.
+
+    base: the base model folder; for `vllm` / `sglang` its config.json decides the layout (default:
+        the adapter's base_model_name_or_path when that is a local folder). Needed for `verify`.
+    rank: `vllm` / `sglang`: the one rank of the export (default: the largest in the adapter).
+    verify: `vllm` / `sglang`: compare the export's logits with base + adapter right away.
+    """
     source, output = Path(adapter_dir), Path(output)
     if fmt not in FORMATS:
         raise MoetuneError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    config_file = source / "adapter_config.json"
-    weights_file = source / "adapter_model.safetensors"
-    if not config_file.is_file() or not weights_file.is_file():
-        raise MoetuneError(
-            f"{source}: not an adapter folder (needs adapter_config.json and adapter_model.safetensors)"
-        )
+    if fmt not in TARGETS and (rank is not None or verify):
+        raise MoetuneError(f"--rank and --verify apply to --format {' / '.join(TARGETS)}, not {fmt}")
+    if verify and base is None:
+        raise MoetuneError("--verify needs --base MODEL (the model the adapter was trained on)")
+    source, config, weights = read_adapter_files(source)
     if output.resolve() == source.resolve():
         raise MoetuneError(f"--output {output} is the adapter folder itself; choose a new folder")
-    config = json.loads(config_file.read_text())
-    weights = load_file(str(weights_file))
-    if fmt == "per-expert":
+    if fmt in TARGETS:
+        base = _base_folder(base, config, source, fmt)
+        factors = read_factors(source)
+        new_config, new_weights, meta, summary = serving_export(
+            factors, _base_config(base), fmt, rank, base_name=str(base)
+        )
+    elif fmt == "per-expert":
         new_config, new_weights, meta, summary = _to_per_expert(config, weights, source)
     else:
         new_config, new_weights, meta, summary = _to_fused(config, weights, source)
     _write(source, output, new_config, new_weights, meta)
-    return f"wrote {output} ({fmt}): {summary}"
+    report = f"wrote {output} ({fmt}): {summary}"
+    if verify:
+        from adapters.serving_verify import verify_export
+
+        report += "\n" + verify_export(output, base, source)
+    return report
+
+
+def _base_folder(base, config: dict, source: Path, fmt: str) -> Path:
+    """The base model folder: --base, else the adapter's base_model_name_or_path if it is on disk."""
+    if base is None:
+        recorded = config.get("base_model_name_or_path")
+        if recorded and (Path(recorded) / "config.json").is_file():
+            return Path(recorded)
+        raise MoetuneError(
+            f"--format {fmt} needs the base model's config.json (its model_type decides the layout); "
+            f"{source} names base {recorded!r}, not a local folder: pass --base MODEL"
+        )
+    return Path(base)
+
+
+def _base_config(base: Path) -> dict:
+    config_file = base / "config.json"
+    if not config_file.is_file():
+        raise MoetuneError(
+            f"{base}: no config.json; --base must be the model folder the adapter was trained on"
+        )
+    return json.loads(config_file.read_text())
 
 
 def _write(source: Path, output: Path, config: dict, weights: dict, meta: dict | None) -> None:
@@ -74,7 +129,7 @@ def _write(source: Path, output: Path, config: dict, weights: dict, meta: dict |
 
 
 def _to_per_expert(config: dict, weights: dict, source: Path):
-    if not _expert_params(config):
+    if not expert_params(config):
         raise MoetuneError(
             f"{source}: this adapter has no expert (target_parameters) LoRA; nothing to export"
         )
@@ -86,11 +141,11 @@ def _to_per_expert(config: dict, weights: dict, source: Path):
         dict(config.get("alpha_pattern") or {}),
     )
     written = skipped = 0
-    wrappers = _wrapper_keys(config, weights, source)
+    wrappers = expert_param_keys(config, weights, source)
     for param, (key_a, key_b) in wrappers.items():
         weight_a, weight_b = out.pop(key_a), out.pop(key_b)
         prefix, _, pname = param.rpartition(".")  # "model.layers.3.mlp.experts", "gate_up_proj"
-        rank = _rank_for(config, param)
+        rank = int(pattern_value(config.get("rank_pattern"), param, config["r"]))
         num_experts = weight_a.shape[0] // rank
         lora_a = weight_a.view(num_experts, rank, -1)  # (E, r, in)
         lora_b = weight_b.view(weight_b.shape[0], rank, num_experts).permute(2, 0, 1)  # (E, out, r)
@@ -127,61 +182,14 @@ def _to_per_expert(config: dict, weights: dict, source: Path):
     return new_config, out, meta, summary
 
 
-def _rank_for(config: dict, param: str) -> int:
-    for pattern, rank in (config.get("rank_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", param):
-            return int(rank)
-    return int(config["r"])
-
-
-def _wrapper_keys(config: dict, weights: dict, source: Path) -> dict[str, tuple[str, str]]:
-    """Fused expert parameter name -> (lora_A key, lora_B key) in the file.
-
-    PEFT nests one ParamWrapper per targeted parameter of a module, the first wrapped deepest
-    (`experts.base_layer.lora_A` for gate_up_proj, `experts.lora_A` for down_proj).
-    """
-    by_module: dict[str, list[tuple[int, str, str]]] = {}
-    for key in weights:
-        match = _FUSED_KEY.match(key)
-        if match and match["ab"] == "A":
-            depth = key.count(".base_layer.")
-            by_module.setdefault(match["prefix"], []).append((depth, key, key.replace("lora_A", "lora_B")))
-    result = dict.fromkeys(_expert_params(config))
-    for prefix, entries in by_module.items():
-        module = prefix.removeprefix("base_model.model.")
-        names = sorted(p for p in result if p.rpartition(".")[0] == module)
-        # PEFT wraps parameters in named_parameters order; the first wrapped ends up deepest.
-        order = _nesting_order(names)
-        entries = sorted(entries, key=lambda t: -t[0])  # deepest first
-        if len(order) != len(entries):
-            raise MoetuneError(
-                f"{source}: {module} has {len(entries)} LoRA pairs for {len(order)} targeted weights"
-            )
-        for param, (_, key_a, key_b) in zip(order, entries):
-            result[param] = (key_a, key_b)
-    missing = [p for p, v in result.items() if v is None]
-    if missing:
-        raise MoetuneError(f"{source}: no LoRA weights for targeted parameter {missing[0]}")
-    return result
-
-
-def _expert_params(config: dict) -> list[str]:
-    """The fused expert weights among target_parameters (a 2D router / Linear weight stays as it is)."""
-    return [p for p in config.get("target_parameters") or [] if p.rpartition(".")[0].endswith(".experts")]
-
-
-def _nesting_order(names: list[str]) -> list[str]:
-    """Fused experts register the up projection before down_proj; PEFT wraps in that order."""
-    return sorted(names, key=lambda n: 0 if not n.endswith("down_proj") else 1)
-
-
 def _to_fused(config: dict, weights: dict, source: Path):
     meta_file = source / META_FILE
-    if not meta_file.is_file():
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("format") != "per-expert":
         raise MoetuneError(
-            f"{source}: no {META_FILE}; only folders written by --format per-expert convert back"
+            f"{source}: only folders written by --format per-expert convert back "
+            f"({META_FILE}: format {meta.get('format')!r})"
         )
-    meta = json.loads(meta_file.read_text())
     out = dict(weights)
     modules = set(config.get("target_modules") or [])
     rank_pattern, alpha_pattern = (
@@ -192,7 +200,7 @@ def _to_fused(config: dict, weights: dict, source: Path):
     for param in meta["params"]:
         by_module.setdefault(param.rpartition(".")[0], []).append(param)
     for module, params in by_module.items():
-        for depth, param in enumerate(reversed(_nesting_order(params))):
+        for depth, param in enumerate(reversed(nesting_order(params))):
             info = meta["params"][param]
             num_experts, rank, parts = info["num_experts"], info["rank"], info["parts"]
             in_key = f"base_model.model.{module}.{info['kept'][0]}.{parts[0]}.lora_A.weight"

@@ -6,17 +6,21 @@ push refuses a folder in which any file contains it. `dry_run` lists what would 
 validates the card without a token or a network. Every failure is one MoetuneError line (exit 2).
 
 The upload is one commit (`create_repo(exist_ok=True)`, `create_branch` for a revision, then
-`create_commit`); the card's loading snippet gets the repo id in place of "path/to/this/folder" in
-the uploaded copy (the local README.md is not changed).
+`create_commit`). The uploaded copy of the card is completed first (`adapters.card_completion`: a
+card written when there is none, base model, license, tags) and its loading snippet names the repo
+instead of "path/to/this/folder"; the uploaded adapter_config.json names the base's Hub id when one
+is known. Nothing in the local folder is changed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+from adapters.card_completion import CompletedCard, complete_card
 from adapters.errors import MoetuneError
-from adapters.model_card import THIS_FOLDER, hub_token, scrub, validate_model_card
+from adapters.model_card import THIS_FOLDER, hub_token, is_hub_id, scrub
 
 # Pickle-based weight files: never loaded (merge, combine) and never pushed.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -88,8 +92,14 @@ def push_folder(
     private: bool = False,
     revision: str | None = None,
     dry_run: bool = False,
+    base_model: str | None = None,
+    license: str | None = None,
 ) -> str:
-    """Upload `folder` to the Hub model repo `repo_id` (created if needed); return what was done."""
+    """Upload `folder` to the Hub model repo `repo_id` (created if needed); return what was done.
+
+    The uploaded card is completed first (`adapters.card_completion`: `base_model` is the Hub id of
+    the base, `license` the card's license); the folder itself is never changed.
+    """
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -107,16 +117,20 @@ def push_folder(
             f"--repo-id '{repo_id}' needs a namespace: write your-user/{repo_id} or org/{repo_id}"
         )
     files = _files(folder)
-    warnings = validate_model_card(folder)
+    card = complete_card(folder, base_model=base_model, license=license)
+    contents = _rewritten(folder, card, repo_id)
+    if "README.md" not in {rel for rel, _, _ in files}:
+        files.append(("README.md", folder / "README.md", len(contents["README.md"])))
     token = hub_token()
-    _refuse_token_in_files(files, token)
+    _refuse_token_in_files([f for f in files if f[1].is_file()], token)
 
     total = sum(size for _, _, size in files)
     where = f"{repo_id}" + (f" (branch {revision})" if revision else "") + (" [private]" if private else "")
+    notes = _card_notes(card, contents)
     if dry_run:
         lines = [f"dry run: would upload {len(files)} files ({_human(total)}) to {where}"]
         lines += [f"  {_human(size):>10}  {rel}" for rel, _, size in files]
-        lines.append("model card: valid" + "".join(f"\n  warning: {w}" for w in warnings))
+        lines += notes
         if not token:
             lines.append("note: no Hugging Face token is set; a real push needs HF_TOKEN or `hf auth login`")
         return "\n".join(lines)
@@ -125,16 +139,53 @@ def push_folder(
             "no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again (--dry-run needs none)"
         )
     try:
-        return _upload(
-            folder, repo_id, files, token, private=private, revision=revision, where=where, total=total
+        pushed = _upload(
+            folder,
+            repo_id,
+            files,
+            contents,
+            token,
+            private=private,
+            revision=revision,
+            where=where,
+            total=total,
         )
     except MoetuneError:
         raise
     except Exception as err:
         raise MoetuneError(scrub(_explain(err, repo_id), token)) from None
+    return "\n".join([pushed, *notes])
 
 
-def _upload(folder, repo_id, files, token, *, private, revision, where, total) -> str:
+def _rewritten(folder: Path, card: CompletedCard, repo_id: str) -> dict[str, bytes]:
+    """Files whose uploaded copy differs from the local one: the card, and the adapter's recorded base.
+
+    The card's loading snippet names the repo instead of "path/to/this/folder"; adapter_config.json
+    names the base's Hub id (when known) instead of a local path, so `AutoPeftModel` finds the base.
+    """
+    contents = {"README.md": card.text.replace(THIS_FOLDER, repo_id).encode()}
+    config_path = folder / "adapter_config.json"
+    if card.base_model and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        if config.get("base_model_name_or_path") != card.base_model and not is_hub_id(
+            config.get("base_model_name_or_path")
+        ):
+            config["base_model_name_or_path"] = card.base_model
+            contents["adapter_config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    return contents
+
+
+def _card_notes(card: CompletedCard, contents: dict[str, bytes]) -> list[str]:
+    line = "model card: valid"
+    if card.filled:
+        line += f" after completing the uploaded copy (README.md here is unchanged): {'; '.join(card.filled)}"
+    lines = [line]
+    if "adapter_config.json" in contents:
+        lines.append(f"adapter_config.json: the uploaded copy names the base {card.base_model}")
+    return lines + [f"warning: {w}" for w in card.warnings]
+
+
+def _upload(folder, repo_id, files, contents, token, *, private, revision, where, total) -> str:
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
     if constants.HF_HUB_OFFLINE:
@@ -143,12 +194,10 @@ def _upload(folder, repo_id, files, token, *, private, revision, where, total) -
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision:
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-    operations = []
-    for rel, path, _ in files:
-        content: str | bytes = str(path)
-        if rel == "README.md":  # the uploaded card loads from the repo, not from a local folder
-            content = path.read_text().replace(THIS_FOLDER, repo_id).encode()
-        operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=content))
+    operations = [
+        CommitOperationAdd(path_in_repo=rel, path_or_fileobj=contents.get(rel, str(path)))
+        for rel, path, _ in files
+    ]
     kind = "adapter" if (folder / "adapter_config.json").is_file() else "model"
     info = api.create_commit(
         repo_id,

@@ -9,6 +9,7 @@ fused-expert parameter names (`target_parameters`), so the adapter folder is PEF
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import warnings
@@ -22,7 +23,7 @@ from torch import nn
 from adapters.errors import MoetuneError
 from adapters.experts import exposed_quantized_weights, install_fast_path
 from adapters.selection import load_selection
-from adapters.targets import ALL_GROUPS, clean_name, find_targets, layer_of, resolve_targets
+from adapters.targets import ALL_GROUPS, clean_name, did_you_mean, find_targets, layer_of, resolve_targets
 
 logger = logging.getLogger("moetune")
 
@@ -99,6 +100,12 @@ def _apply_lora(
         selection = load_selection(experts)
         _apply_selection_to_targets(model, resolved, selection)
 
+    if not resolved.modules and not resolved.parameters:
+        raise MoetuneError(
+            f"adapter.targets {requested}: {', '.join(sorted(set(resolved.full.values())))} trains whole "
+            "modules (PEFT modules_to_save), and PEFT needs at least one LoRA target besides; add a group, "
+            "e.g. targets: [encoders, projector]"
+        )
     expert_params = [n for n, g in resolved.parameters.items() if g == "experts"]
     if dropout and expert_params:
         raise MoetuneError(
@@ -148,16 +155,32 @@ def _apply_lora(
 
 
 def load_adapter(
-    model: nn.Module, folder, is_trainable: bool = False, adapter_name: str = "default"
+    model: nn.Module,
+    folder,
+    is_trainable: bool = False,
+    adapter_name: str = "default",
+    base: str | None = None,
 ) -> PeftModel:
     """Load a PEFT adapter folder (moetune's or plain PEFT's) onto `model`, with the fast expert path.
 
-    Refuses, with one line, a folder that is not an adapter and an adapter that does not fit the
-    base (modules missing, shapes differing, or weights in the file that nothing would use).
+    base: the MODEL name `model` was loaded from (default: `model.name_or_path`), compared with the
+    base the adapter records (see `adapters.provenance`: a different name warns, a different
+    architecture is refused). Refuses, with one line, a folder that is not an adapter and an adapter
+    that does not fit the base (modules missing, shapes differing, or weights in the file that nothing
+    would use), naming both bases.
     """
+    from adapters.provenance import check_base, mismatch_error
+
     folder = Path(folder)
-    if not (folder / "adapter_config.json").is_file():
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
         raise MoetuneError(f"{folder}: no adapter_config.json; give the folder that save_pretrained wrote")
+    try:
+        adapter_config = json.loads(config_file.read_text())
+    except ValueError as err:
+        raise MoetuneError(f"{config_file} is not valid JSON ({err}); re-save the adapter") from None
+    given = base or getattr(model, "name_or_path", None) or type(model).__name__
+    check_base(folder, adapter_config, model, given)
     try:
         with _quiet_peft(), exposed_quantized_weights(model):
             peft_model = PeftModel.from_pretrained(
@@ -165,11 +188,10 @@ def load_adapter(
             )
     except (ValueError, RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MoetuneError(
-            f"{folder}: this adapter does not fit {type(model).__name__} ({first[:300]}); "
-            "load it onto the base model it was trained on"
-        ) from None
-    _check_every_weight_used(peft_model, folder, adapter_name)
+        raise mismatch_error(folder, adapter_config, given, first[:300]) from None
+    unused_or_missing = _unused_or_missing_weights(peft_model, folder, adapter_name)
+    if unused_or_missing:
+        raise mismatch_error(folder, adapter_config, given, unused_or_missing)
     install_fast_path(peft_model)
     return peft_model
 
@@ -189,7 +211,8 @@ def _check_settings(r, alpha, dropout, router, group_overrides) -> None:
     for group, values in (group_overrides or {}).items():
         if group not in ALL_GROUPS:
             raise MoetuneError(
-                f"adapter.group_overrides: unknown group '{group}'; groups: {', '.join(ALL_GROUPS)}"
+                f"adapter.group_overrides: unknown group '{group}';{did_you_mean(group, ALL_GROUPS)} "
+                f"groups: {', '.join(ALL_GROUPS)}"
             )
         if not isinstance(values, dict) or set(values) - {"r", "alpha"}:
             raise MoetuneError(f"adapter.group_overrides.{group} takes only r and alpha, got {values!r}")
@@ -333,23 +356,34 @@ def _keep_aux_loss_on(peft_model) -> None:
         )
 
 
-def _check_every_weight_used(peft_model, folder: Path, adapter_name: str) -> None:
-    """The adapter file's tensors and the model's adapter weights must be the same set."""
+def _unused_or_missing_weights(peft_model, folder: Path, adapter_name: str) -> str:
+    """What differs between the adapter file's tensors and the model's adapter weights ("" if nothing).
+
+    A frozen embedding / lm_head under LoRA is optional: PEFT's default `save_embedding_layers="auto"`
+    writes its base weight (`lm_head.base_layer.weight`) whenever an embedding layer is a target, and
+    `moetune train` leaves it out (the vocabulary is never resized, so it is the base's own). Both load.
+    """
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
 
     weights_file = folder / "adapter_model.safetensors"
     if not weights_file.is_file():
-        return  # PEFT already refused (or loaded a .bin); nothing more to compare
+        return ""  # PEFT already refused (or loaded a .bin); nothing more to compare
     with safe_open(str(weights_file), framework="pt") as handle:
         in_file = set(handle.keys())
-    in_model = set(get_peft_model_state_dict(peft_model, adapter_name=adapter_name).keys())
-    unused = sorted(in_file - in_model)
-    missing = sorted(in_model - in_file)
-    if unused or missing:
-        detail = f"{len(unused)} weights unused (first: {unused[0]})" if unused else ""
-        if missing:
-            detail += ("; " if detail else "") + f"{len(missing)} missing (first: {missing[0]})"
-        raise MoetuneError(
-            f"{folder}: adapter does not match {type(peft_model.get_base_model()).__name__}: {detail}"
+    with warnings.catch_warnings():  # "Setting save_embedding_layers to True": we ask for both on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        required = set(
+            get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
         )
+        optional = set(
+            get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=True)
+        )
+    unused = sorted(in_file - required - optional)
+    missing = sorted(required - in_file)
+    parts = []
+    if unused:
+        parts.append(f"{len(unused)} weights unused (first: {unused[0]})")
+    if missing:
+        parts.append(f"{len(missing)} missing (first: {missing[0]})")
+    return "; ".join(parts)

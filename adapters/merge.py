@@ -47,6 +47,7 @@ from adapters.combine import (
 )
 from adapters.errors import MoetuneError
 from adapters.hub import PICKLE_SUFFIXES
+from adapters.provenance import check_base
 
 __all__ = ["combine_adapters", "merge_into_base", "verify_merge"]
 
@@ -277,8 +278,12 @@ def full_module_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     }
 
 
-def _plan(base: Path, adapter_dir: Path, checkpoint: _Checkpoint) -> tuple[list[_Target], object]:
-    """The adapted parameters, each with its checkpoint keys; and the meta base model (for conversions)."""
+def _plan(
+    base: Path, adapter_dir: Path, checkpoint: _Checkpoint, check: bool = True
+) -> tuple[list[_Target], object]:
+    """The adapted parameters, each with its checkpoint keys; and the meta base model (for conversions).
+
+    check: compare the adapter's recorded base with `base` first (`adapters.provenance.check_base`)."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora.layer import Conv2d as LoraConv2d
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -299,6 +304,8 @@ def _plan(base: Path, adapter_dir: Path, checkpoint: _Checkpoint) -> tuple[list[
         ) from err
     lora_config.inference_mode = True
     base_meta, peft_meta = _meta_model(base), _meta_model(base)
+    if check:
+        check_base(adapter_dir, read_adapter_config(adapter_dir, allow=MERGE_HANDLES), base_meta, str(base))
     try:
         with _quiet():
             inject_adapter_in_model(lora_config, peft_meta, adapter_name="default", low_cpu_mem_usage=True)
@@ -461,21 +468,32 @@ def _output_plan(checkpoint: _Checkpoint, max_shard_size) -> list[tuple[str, lis
 
 
 def _copy_side_files(base: Path, out: Path) -> list[str]:
-    """Copy config, tokenizer, generation config, ... (every top-level non-weight file but the card)."""
+    """Copy config, tokenizer, generation config, ... (every non-weight file but the card).
+
+    Sub-folders without weight files are copied too: a processor keeps its extra tokenizers there
+    (the multimodal processor's `text_encoder_tokenizer/`; without it transformers falls back to the
+    root tokenizer with a deprecation warning). Folders holding weights (e.g. `original/`) are not.
+    """
     copied = []
     for path in sorted(base.iterdir()):
         name = path.name
-        if (
-            not path.is_file()
-            or name.startswith(".")
-            or name in ("README.md", INDEX_FILE)
-            or name.endswith(".safetensors")
-            or path.suffix in PICKLE_SUFFIXES
-        ):
+        if name.startswith(".") or name in ("README.md", INDEX_FILE):
+            continue
+        if path.is_dir():
+            inside = [p for p in path.rglob("*") if p.is_file()]
+            if inside and not any(_is_weight_file(p) for p in inside):
+                shutil.copytree(path, out / name)
+                copied.append(f"{name}/")
+            continue
+        if not path.is_file() or _is_weight_file(path):
             continue
         shutil.copy2(path, out / name)
         copied.append(name)
     return copied
+
+
+def _is_weight_file(path: Path) -> bool:
+    return path.name.endswith(".safetensors") or path.suffix in PICKLE_SUFFIXES
 
 
 def _base_model_id(base: Path, adapter_config: dict) -> str:
@@ -625,7 +643,7 @@ def merge_into_base(
     ]
     if verify:
         try:
-            report.append("  " + verify_merge(base, adapter, out, tolerance=tolerance))
+            report.append("  " + verify_merge(base, adapter, out, tolerance=tolerance, check=False))
         except MoetuneError as err:
             raise MoetuneError(f"the merged model was written to {out} but {err}") from err
     return "\n".join(report)
@@ -676,6 +694,7 @@ def verify_merge(
     batches: int = 3,
     batch_size: int = 2,
     length: int = 32,
+    check: bool = True,
 ) -> str:
     """Compare logits of base + adapter (PEFT, unmerged) and the merged model on fixed random batches.
 
@@ -683,7 +702,8 @@ def verify_merge(
     the difference is the merge's own error, not 16-bit arithmetic noise. Raises MoetuneError when the
     max |logit difference| exceeds `tolerance` (absolute; default: a share of the largest |logit|, at
     least 1, by the merged weights' dtype: float32 1e-4, float16 5e-3, bfloat16 2e-2); returns a
-    one-line report otherwise.
+    one-line report otherwise. check: compare the adapter's recorded base with `base_folder` first
+    (`adapters.provenance.check_base`; `merge --verify` has done it already).
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -705,8 +725,10 @@ def verify_merge(
         except Exception as err:
             raise MoetuneError(f"cannot load {folder} as a model: {_short(err)}") from err
 
-    read_adapter_config(adapter, allow=MERGE_HANDLES)  # the clear errors for a bad adapter folder
+    adapter_config = read_adapter_config(adapter, allow=MERGE_HANDLES)  # clear errors for a bad folder
     base_model = load(base)
+    if check:
+        check_base(adapter, adapter_config, base_model, str(base))
     try:
         with _quiet():
             reference = PeftModel.from_pretrained(base_model, str(adapter)).eval()

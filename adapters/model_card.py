@@ -241,7 +241,18 @@ def _metrics_table(metrics: Mapping[str, float]) -> str:
     return "| metric | value |\n| --- | --- |\n" + rows
 
 
-def write_model_card(
+def write_model_card(folder: str | os.PathLike, **kwargs: Any) -> Path:
+    """Write folder/README.md (atomically) and return its path; the arguments are `render_model_card`'s."""
+    folder = Path(folder)
+    text = render_model_card(folder, **kwargs)
+    path = folder / "README.md"
+    tmp = folder / ".README.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def render_model_card(
     folder: str | os.PathLike,
     *,
     base_model: str | None,
@@ -253,8 +264,8 @@ def write_model_card(
     license: str | None = None,
     details: str | None = None,
     title: str | None = None,
-) -> Path:
-    """Write folder/README.md and return its path.
+) -> str:
+    """The text of folder/README.md (the token, if one is set, scrubbed).
 
     kind: "adapter" (library_name peft) or "merged" (a full transformers model). metrics: a dict, a
     path to a metrics.json, or None to read folder/metrics.json if present. recipe: a mapping, a YAML /
@@ -314,11 +325,7 @@ def write_model_card(
         + "---\n\n"
         + "\n".join(body)
     )
-    path = folder / "README.md"
-    tmp = folder / ".README.md.tmp"
-    tmp.write_text(scrub(text))
-    os.replace(tmp, path)
-    return path
+    return scrub(text)
 
 
 # ----------------------------------------------------------------------------- reading and validating
@@ -344,8 +351,6 @@ def read_card_metadata(path: str | os.PathLike) -> dict:
 
 def validate_model_card(folder: str | os.PathLike) -> list[str]:
     """Check folder/README.md before a push; raise MoetuneError on a problem, return warnings."""
-    from huggingface_hub import ModelCard
-
     folder = Path(folder)
     path = folder / "README.md"
     if not path.is_file():
@@ -353,7 +358,17 @@ def validate_model_card(folder: str | os.PathLike) -> list[str]:
             f"{folder} has no model card (README.md); `moetune train` and `moetune merge` write one, or "
             "call adapters.model_card.write_model_card"
         )
-    front, body = split_front_matter(path.read_text())
+    return validate_card_text(
+        path.read_text(), is_adapter=(folder / "adapter_config.json").is_file(), where=path
+    )
+
+
+def validate_card_text(text: str, *, is_adapter: bool, where: str | os.PathLike) -> list[str]:
+    """Check a card's text (`where` names it in errors); raise MoetuneError on a problem, return warnings."""
+    from huggingface_hub import ModelCard
+
+    path = where
+    front, body = split_front_matter(text)
     if front is None:
         raise MoetuneError(f"{path} has no YAML metadata block (--- ... --- at the top)")
     try:
@@ -363,11 +378,10 @@ def validate_model_card(folder: str | os.PathLike) -> list[str]:
     if not isinstance(data, dict):
         raise MoetuneError(f"{path}: the YAML metadata must be a mapping")
     try:
-        ModelCard(path.read_text(), ignore_metadata_errors=False)  # parses model-index like the Hub does
+        ModelCard(text, ignore_metadata_errors=False)  # parses model-index like the Hub does
     except Exception as err:
         raise MoetuneError(f"{path}: invalid metadata: {' '.join(str(err).split())}") from err
 
-    is_adapter = (folder / "adapter_config.json").is_file()
     problems = []
     if is_adapter and data.get("library_name") != "peft":
         problems.append(f"library_name is {data.get('library_name')!r}, an adapter needs 'peft'")
@@ -387,7 +401,10 @@ def validate_model_card(folder: str | os.PathLike) -> list[str]:
         raise MoetuneError(f"{path}: " + "; ".join(problems))
     warnings = []
     if not data.get("base_model"):
-        warnings.append("the card names no base_model (the base is not on the Hub); the Hub will not link it")
+        warnings.append(
+            "the card names no base_model, so the Hub will not link the base; pass --base-model ORG/NAME "
+            "(the Hub id of the base) to `moetune push`"
+        )
     if not body.strip():
         warnings.append("the card has no body text")
     return warnings

@@ -342,8 +342,17 @@ def _resolve_raw(model, request, found, chosen_layers, resolved, model_name) -> 
     if not hit:
         raise MoetuneError(
             f"adapter.targets: '{request}' is neither a group ({', '.join(ALL_GROUPS)}) nor a module or "
-            f"parameter name in {model_name}; groups in this model: {_groups_summary(found)}"
+            f"parameter name in {model_name};{did_you_mean(request, ALL_GROUPS)} groups in this model: "
+            f"{_groups_summary(found)}"
         )
+
+
+def did_you_mean(word: str, choices) -> str:
+    """' did you mean 'experts'?' for a near miss among `choices` (difflib), else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word.lower(), list(choices), n=1, cutoff=0.6)
+    return f" did you mean '{close[0]}'?" if close else ""
 
 
 # ----------------------------------------------------------------------------- the report
@@ -353,24 +362,24 @@ def _group_of(name: str, groups: dict[str, str]) -> str:
     return groups.get(name, "other")
 
 
-def target_report(peft_model: nn.Module) -> str:
-    """Per group: modules / parameters adapted, trainable parameters and their share of the model.
+def _trainable_rows(peft_model: nn.Module) -> dict[str, dict]:
+    """Per group: modules / parameters adapted, parameters that can change, and experts with LoRA.
 
-    Expert LoRA counts only the experts that carry LoRA (an ESFT selection zeroes the others).
+    "Trainable" means parameters that training can change: an ESFT selection leaves the other
+    experts' LoRA factors at zero with zero gradients (PEFT still stores them, as dense stacks), so
+    they are not counted. `experts` maps each experts module to (experts with LoRA, experts).
     """
     from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
     from adapters.experts import expert_lora_mask
 
     groups = {t.name: t.group for t in find_targets(peft_model)}
-    rows = {g: {"modules": 0, "params": 0, "trainable": 0, "experts": [0, 0]} for g in (*ALL_GROUPS, "other")}
-    adapter_names = set()
+    rows = {g: {"modules": 0, "params": 0, "trainable": 0, "experts": {}} for g in (*ALL_GROUPS, "other")}
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
         clean = clean_name(name)
         active = [a for a in module.active_adapters if a in module.lora_A]
-        adapter_names.update(active)
         if not active:
             continue
         adapter = active[0]
@@ -384,8 +393,7 @@ def target_report(peft_model: nn.Module) -> str:
             per_expert //= max(module.num_experts, 1)
             mask = expert_lora_mask(module, adapter)
             chosen = module.num_experts if mask is None else sum(mask)
-            row["experts"][0] += chosen
-            row["experts"][1] += module.num_experts
+            row["experts"][key.rpartition(".")[0]] = (chosen, module.num_experts)
             if module.lora_A[adapter].weight.requires_grad:
                 row["trainable"] += per_expert * chosen
         else:  # a LoRA module, or a 2D weight adapted as a parameter (counted as its module)
@@ -407,7 +415,29 @@ def target_report(peft_model: nn.Module) -> str:
                 group = _group_of(clean + ".weight", groups)
             rows[group]["modules"] += 1
             rows[group]["trainable"] += sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return rows
 
+
+def count_trainable(peft_model: nn.Module) -> int:
+    """Parameters that training can change (ESFT: only the selected experts' LoRA); see `_trainable_rows`.
+
+    The one count moetune reports everywhere: the target report, the training summary, metrics.json
+    and `moetune plan`.
+    """
+    return sum(row["trainable"] for row in _trainable_rows(peft_model).values())
+
+
+def target_report(peft_model: nn.Module) -> str:
+    """Per group: modules / parameters adapted, trainable parameters and their share of the model.
+
+    Expert LoRA counts only the experts that carry LoRA (an ESFT selection zeroes the others):
+    "(3/16 experts)" is experts with LoRA over routed experts, summed over the MoE layers.
+    """
+    rows = _trainable_rows(peft_model)
+    adapter_names = set()
+    for module in peft_model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "active_adapters"):
+            adapter_names.update(a for a in module.active_adapters if a in module.lora_A)
     total = quantized_weight_count(peft_model) + sum(
         p.numel() for n, p in peft_model.named_parameters() if "lora_" not in n and "modules_to_save" not in n
     )
@@ -421,7 +451,8 @@ def target_report(peft_model: nn.Module) -> str:
         if row["modules"]:
             parts.append(f"{row['modules']} modules")
         if row["params"]:
-            chosen, of = row["experts"]
+            chosen = sum(c for c, _ in row["experts"].values())
+            of = sum(n for _, n in row["experts"].values())
             note = f" ({chosen}/{of} experts)" if chosen != of else ""
             parts.append(f"{row['params']} params{note}")
         share = 100.0 * row["trainable"] / max(total, 1)

@@ -246,7 +246,8 @@ def profile_experts(
         "layers": {str(layer): ids for layer, ids in selection.items()},
     }
     (out / "selection.json").write_text(json.dumps(selection_doc, indent=2) + "\n")
-    _heatmap(stats, out / "expert_load.png", title=f"{model_spec}: expert load on {Path(data).name}")
+    title = f"{model_spec}: expert load on {Path(data).name}; selected (p={threshold}, {metric}) outlined"
+    _heatmap(stats, selection, out / "expert_load.png", title=title)
     chosen = sum(len(v) for v in selection.values())
     return (
         f"profiled {stats['tokens']} tokens ({len(batches)} examples) over {len(stats['layers'])} MoE layers; "
@@ -255,22 +256,45 @@ def profile_experts(
     )
 
 
-def _heatmap(stats: dict[str, Any], path: Path, title: str) -> None:
+def profile_figure(stats: dict[str, Any], selection: dict[int, list[int]], title: str):
+    """Expert load per layer (share of routed slots) with the selected experts outlined in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    load = torch.tensor(stats["token_ratio"]) / max(
-        stats["top_k"], 1
-    )  # share of routed slots (rows sum to 1)
+    from finetune.plots import label_expert_axis
+
+    load = torch.tensor(stats["token_ratio"]) / max(stats["top_k"], 1)  # (layers, experts); rows sum to 1
     fig, ax = plt.subplots(figsize=(min(16, max(6, 2 + 0.12 * load.shape[1])), 1.5 + 0.4 * load.shape[0]))
     image = ax.imshow(load.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xlabel("expert")
+    rows = {layer: row for row, layer in enumerate(stats["layers"])}
+    cells = [(expert, rows[layer]) for layer, ids in selection.items() if layer in rows for expert in ids]
+    if cells:
+        xs, ys = zip(*cells)
+        ax.scatter(
+            xs,
+            ys,
+            marker="s",
+            s=60,
+            facecolors="none",
+            edgecolors="red",
+            linewidths=1.2,
+            label=f"selected ({len(cells)})",
+        )
+        ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
+    label_expert_axis(ax, load.shape[1])
     ax.set_ylabel("layer")
     ax.set_yticks(range(len(stats["layers"])), [str(v) for v in stats["layers"]])
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="share of routed tokens")
     fig.tight_layout()
+    return fig
+
+
+def _heatmap(stats: dict[str, Any], selection: dict[int, list[int]], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = profile_figure(stats, selection, title)
     fig.savefig(path, dpi=100)
     plt.close(fig)

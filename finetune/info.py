@@ -2,15 +2,21 @@
 
 The model is built on the meta device from its config, so any size (including `preset:full` and
 hub checkpoints, of which only config.json is fetched) answers in seconds with no weight memory.
+An adapter folder is not a model: `info` then prints a short summary of the adapter (its base, rank,
+what it adapts, its size) and how to use it, as `peft`'s own config printout would, with exit 0.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from finetune.errors import MoetuneError
 from finetune.loading import build_empty_model, load_config
 
 # Config attribute names the transformers MoE families use for the same idea.
@@ -65,9 +71,75 @@ def parameter_counts(model: PreTrainedModel, config: PretrainedConfig) -> tuple[
     return total, active
 
 
+def adapter_info(folder: Path) -> dict[str, Any]:
+    """A PEFT adapter folder as a JSON-able dict: its recorded base, rank, targets and size."""
+    from safetensors import safe_open
+
+    from adapters.provenance import adapted_names, multimodal_parts, recorded_base
+
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise MoetuneError(
+            f"{folder / 'adapter_config.json'} is not valid JSON ({err}); re-save the adapter"
+        ) from None
+    weights = folder / "adapter_model.safetensors"
+    values, tensors = 0, 0
+    if weights.is_file():
+        with safe_open(str(weights), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118  (safe_open handles are not iterable)
+                shape = handle.get_slice(key).get_shape()
+                tensors += 1
+                values += math.prod(shape)
+    modules = config.get("target_modules") or []
+    parameters = config.get("target_parameters") or []
+    return {
+        "kind": "adapter",
+        "adapter": str(folder),
+        "base_model": recorded_base(config),
+        "peft_type": config.get("peft_type"),
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "target_modules": [modules] if isinstance(modules, str) else sorted(modules),
+        "target_parameters": sorted(parameters),
+        "modules_to_save": sorted(config.get("modules_to_save") or []),
+        "multimodal": [p for p in multimodal_parts(adapted_names(folder, config)) if p != "projector"],
+        "tensors": tensors,
+        "values": values,
+        "size_bytes": weights.stat().st_size if weights.is_file() else 0,
+    }
+
+
+def format_adapter_info(info: dict[str, Any]) -> str:
+    """The adapter summary: what it is, its base, what it adapts, and the next commands."""
+    base = info["base_model"] or "(not recorded)"
+    rows = [
+        ("base", base),
+        ("rank / alpha", f"{info['r']} / {info['lora_alpha']}"),
+        ("LoRA modules", f"{len(info['target_modules'])} target_modules entries"),
+        ("LoRA parameters", f"{len(info['target_parameters'])} (fused experts or 2D weights)"),
+        ("trained whole", ", ".join(info["modules_to_save"]) or "none"),
+        (
+            "weights",
+            f"{info['tensors']} tensors, {info['values']:,} values, {info['size_bytes'] / 1e6:.2f} MB",
+        ),
+    ]
+    if info["multimodal"]:
+        rows.append(("encoders", ", ".join(info["multimodal"])))
+    width = max(len(k) for k, _ in rows)
+    kind = {"LORA": "LoRA"}.get(info["peft_type"], info["peft_type"] or "PEFT")
+    lines = [f"{info['adapter']}: a {kind} adapter (PEFT), not a model"]
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    model = base if info["base_model"] else "BASE"
+    lines.append(f"the base's architecture: moetune info {model}")
+    lines.append(f'use it: moetune generate {model} --adapter {info["adapter"]} --prompt "..."')
+    return "\n".join(lines)
+
+
 def model_info(spec: str, quantize: str | None = None) -> dict[str, Any]:
     """The architecture of MODEL as a JSON-able dict (the keys scripts may rely on are documented).
 
+    An adapter folder gives `adapter_info` instead (its "kind" is "adapter"; a model's is "model").
     `weight_bytes` holds each adapter group's bytes in the checkpoint's dtype; with `quantize` (or for a
     folder saved with quantized experts) `weight_bytes_quantized` holds them with the experts stored
     int8 / NF4.
@@ -77,12 +149,16 @@ def model_info(spec: str, quantize: str | None = None) -> dict[str, Any]:
     from finetune.quantization.loading import quantization_of
     from finetune.quantization.memory import weight_bytes_by_group
 
+    folder = Path(str(spec)).expanduser()
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return adapter_info(folder)
     config = load_config(spec)
     method = check_quantize(quantize) or quantization_of(config)[1]
     model = build_empty_model(config)
     total, active = parameter_counts(model, config)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     info: dict[str, Any] = {
+        "kind": "model",
         "model": str(spec),
         "model_type": config.model_type,
         "num_layers": text_config.num_hidden_layers,
@@ -131,6 +207,8 @@ def _human(n: int) -> str:
 
 def format_info(info: dict[str, Any]) -> str:
     """A two-column table of the architecture, then the adaptable groups with their counts."""
+    if info.get("kind") == "adapter":
+        return format_adapter_info(info)
     rows = [
         ("family", info["model_type"]),
         ("layers", info["num_layers"]),

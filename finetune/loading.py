@@ -10,6 +10,7 @@ Weights load from safetensors only, unless `allow_pickle=True`; remote code runs
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -52,8 +53,15 @@ def _preset_name(spec: str) -> str:
 
 
 def _looks_like_hub_id(spec: str) -> bool:
+    """owner/name, unless it is a path (starts like one, or its first part is a local folder: runs/x)."""
     parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not spec.startswith((".", "/", "~"))
+        and not Path(parts[0]).is_dir()
+        and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None
+    )
 
 
 def check_model_folder(folder: Path, *, allow_pickle: bool = False) -> None:
@@ -98,15 +106,17 @@ def download_from_hub(repo_id: str) -> Path:
         pass
     if not _hub_reachable():
         raise MoetuneError(
-            f"cannot reach the Hugging Face Hub to download {repo_id!r} (offline or HF_HUB_OFFLINE=1); "
-            "download it where there is network and pass the local folder"
+            f"model folder {repo_id!r} does not exist here, and moetune cannot reach the Hugging Face Hub to "
+            "download it as a hub id (offline or HF_HUB_OFFLINE=1); pass an existing folder or preset:NAME, "
+            "or download it where there is network"
         )
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as err:  # noqa: BLE001 - repository missing, gated, or network broke mid-way
         raise MoetuneError(
-            f"could not download {repo_id!r} from the Hub: {type(err).__name__}: {err}"
+            f"model folder {repo_id!r} does not exist here, and downloading it as a hub id failed: "
+            f"{type(err).__name__}: {err}"
         ) from err
 
 
@@ -201,6 +211,7 @@ def load_model(
         if device_map not in (None, "cpu"):
             model = model.to("cuda" if device_map == "auto" else device_map)
         tokenizer = build_tokenizer(config.vocab_size)
+        model.name_or_path = spec  # what PEFT records as the adapter's base_model_name_or_path
         if modalities:
             from finetune.modeling.multimodal import build_processor
 
@@ -244,6 +255,8 @@ def load_model(
                 "--trust-remote-code (model.trust_remote_code: true)"
             ) from err
         raise
+    # The adapter's recorded base (PEFT's base_model_name_or_path): the hub id, or the folder's absolute path.
+    model.name_or_path = str(folder.resolve()) if Path(spec).expanduser().exists() else spec
     return model, load_tokenizer(folder, trust_remote_code=trust_remote_code)
 
 

@@ -34,6 +34,14 @@ class MemoryPlan:
     total_gib: float
     gpu_memory_gib: float
     fits: bool
+    # the assumptions the numbers rest on
+    dtype: str = "bfloat16"
+    batch_size: int = 1
+    seq_len: int = 4096
+    r: int = 16
+    targets: tuple[str, ...] = ("attention", "experts")
+    gradient_checkpointing: bool = True
+    optimizer: str = "AdamW on the LoRA parameters: fp32 moments and master copy"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,9 +49,9 @@ class MemoryPlan:
 
 def _trainable_after_lora(model: torch.nn.Module, adapter: dict[str, Any]) -> int:
     from adapters import apply_lora
+    from adapters.targets import count_trainable
 
-    peft_model = apply_lora(model, **adapter)
-    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    return count_trainable(apply_lora(model, **adapter))
 
 
 def _activation_bytes(
@@ -122,6 +130,12 @@ def plan_memory(
         total_gib=needed / GIB,
         gpu_memory_gib=gpu_memory_gib,
         fits=needed <= gpu_memory_gib * GIB,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        batch_size=batch_size,
+        seq_len=seq_len,
+        r=r,
+        targets=tuple(targets),
+        gradient_checkpointing=gradient_checkpointing,
     )
 
 
@@ -135,6 +149,12 @@ def format_plan(plan: MemoryPlan) -> str:
         f"  LoRA + grads + AdamW       {plan.adapter_and_optimizer_gib:8.2f} GiB",
         f"  activations (estimate)     {plan.activations_gib:8.2f} GiB",
         f"  total per GPU              {plan.total_gib:8.2f} GiB",
+        "assumptions:",
+        f"  dtype                      {plan.dtype} weights and activations",
+        f"  batch x sequence           {plan.batch_size} x {plan.seq_len} tokens per GPU",
+        f"  LoRA                       r={plan.r}, alpha={2 * plan.r} on {', '.join(plan.targets)}",
+        f"  gradient checkpointing     {'on' if plan.gradient_checkpointing else 'off'}",
+        f"  optimizer                  {plan.optimizer}",
     ]
     if not plan.fits:
         lines.append("  try: more GPUs, a shorter seq_len / batch, or gradient checkpointing")

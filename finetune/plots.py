@@ -61,8 +61,25 @@ def plot_loss(
     return path
 
 
-def plot_expert_load(path: Path, before: Sequence[Sequence[float]], after: Sequence[Sequence[float]]) -> Path:
-    """Heat maps (MoE layer x expert) of the share of routed tokens, before, after, and the change."""
+MAX_EXPERT_TICKS = 32  # beyond this many experts, label every k-th so the labels stay readable
+
+
+def expert_ticks(num_experts: int, max_ticks: int = MAX_EXPERT_TICKS) -> list[int]:
+    """Expert ids to label on an axis: every one up to `max_ticks` experts, else every k-th (0, k, 2k, ...)."""
+    step = max(1, math.ceil(num_experts / max_ticks))
+    return list(range(0, num_experts, step))
+
+
+def label_expert_axis(ax, num_experts: int) -> None:
+    """Expert ids on the x axis (every one, or every k-th on wide models), named in the axis label."""
+    ticks = expert_ticks(num_experts)
+    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7 if len(ticks) > 16 else None)
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1
+    ax.set_xlabel("expert" if step == 1 else f"expert (a label every {step})")
+
+
+def expert_load_figure(before: Sequence[Sequence[float]], after: Sequence[Sequence[float]]):
+    """The figure of `plot_expert_load` (returned, so tests can read its axes)."""
     layers, experts = len(before), max((len(row) for row in before), default=0)
     uniform = 1.0 / experts if experts else 0.0
     change = [[a - b for a, b in zip(ra, rb)] for ra, rb in zip(after, before)]
@@ -79,12 +96,18 @@ def plot_expert_load(path: Path, before: Sequence[Sequence[float]], after: Seque
     for ax, (data, title, cmap, lo, hi) in zip(axes[0], panels):
         image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
         ax.set_title(title)
-        ax.set_xlabel("expert")
+        label_expert_axis(ax, experts)
         ax.set_ylabel("MoE layer")
         ax.set_yticks(range(layers))
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(f"share of routed tokens per expert (uniform = {uniform:.3g}); {_imbalance(before, after)}")
     fig.tight_layout()
+    return fig
+
+
+def plot_expert_load(path: Path, before: Sequence[Sequence[float]], after: Sequence[Sequence[float]]) -> Path:
+    """Heat maps (MoE layer x expert) of the share of routed tokens, before, after, and the change."""
+    fig = expert_load_figure(before, after)
     fig.savefig(path)
     plt.close(fig)
     return path

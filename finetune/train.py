@@ -121,7 +121,7 @@ class TrainingRun:
 
         from adapters import apply_lora
         from adapters.experts import set_experts_backend
-        from adapters.targets import target_report
+        from adapters.targets import count_trainable, target_report
         from finetune.data import build_datasets, make_collator
         from finetune.evaluate import expert_call_sites
         from finetune.loading import load_model
@@ -160,7 +160,7 @@ class TrainingRun:
             # Multi-label head sized and ordered by the data, before LoRA so the adapter can train it.
             model.set_label_names(list(label_names))
         self.model = apply_lora(model, **dataclasses.asdict(r.adapter))
-        self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.trainable_params = count_trainable(self.model)  # as the report counts (ESFT: chosen experts)
         self.total_params = sum(p.numel() for p in self.model.parameters())
         acc.print(target_report(self.model))
         self.routes = getattr(self.base_config, "output_router_logits", None) is not None  # returns aux loss

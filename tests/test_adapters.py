@@ -265,7 +265,7 @@ def test_expert_selection_trains_only_selected_experts_and_stays_loadable(tmp_pa
     path = tmp_path / "selection.json"
     path.write_text(json.dumps({"metric": "token_ratio", "threshold": 0.2, "layers": selection}))
     model = apply_lora(build("moetune"), targets=["attention", "experts"], experts=str(path), r=4, alpha=8)
-    assert "(6/32 experts)" in target_report(model)  # 2 params per layer x (2 + 1) chosen of 8
+    assert "(3/16 experts)" in target_report(model)  # (2 + 1) chosen of 8 per layer, 2 layers
     model.train()
     model(**random_batch()).loss.backward()
     experts = model.base_model.model.model.layers[0].mlp.experts  # down_proj wrapper (outermost)
@@ -274,7 +274,7 @@ def test_expert_selection_trains_only_selected_experts_and_stays_loadable(tmp_pa
     assert nonzero == {1, 5}
     assert experts.lora_A["default"].weight.view(8, 4, -1)[[0, 2, 3, 4, 6, 7]].abs().sum() == 0
     _assert_plain_peft_reproduces(model, "moetune", tmp_path / "esft", random_batch(seed=4))
-    assert "(6/32 experts)" in target_report(load_adapter(build("moetune"), tmp_path / "esft"))
+    assert "(3/16 experts)" in target_report(load_adapter(build("moetune"), tmp_path / "esft"))
     with pytest.raises(MoetuneError, match="selects expert 9 but has 8"):
         apply_lora(build("moetune"), targets=["experts"], experts={0: [9]})
     with pytest.raises(MoetuneError, match="not found"):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from peft.tuners.lora.layer import ParamWrapper
 from safetensors.torch import load_file
 
 from adapters import MoetuneError, apply_lora, export_adapter, select_experts
@@ -19,13 +20,22 @@ pytestmark = [
 
 
 def _trained_adapter(folder, family="moetune", **kwargs):
+    """Random non-zero A and B everywhere, except the experts an ESFT selection left out (kept zero)."""
     model = apply_lora(build(family), targets=["attention", "experts"], r=4, alpha=8, **kwargs)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
+        selected = {  # wrapper -> (E,) experts with LoRA, read before B (zero at init) is filled
+            module: module.lora_A["default"].weight.view(module.num_experts, -1).ne(0).any(1)
+            for module in model.modules()
+            if isinstance(module, ParamWrapper) and module.num_experts > 1
+        }
         for name, p in model.named_parameters():
             if "lora_" in name:
-                nonzero = p.ne(0)  # keep an ESFT selection's zeros
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2 * nonzero)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        for module, mask in selected.items():
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            a.view(len(mask), -1, a.shape[-1]).mul_(mask[:, None, None])  # (E, r, in)
+            b.view(b.shape[0], -1, len(mask)).mul_(mask)  # (out, r, E)
     model.save_pretrained(folder)
     return model
 

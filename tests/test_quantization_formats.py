@@ -25,7 +25,9 @@ def test_nf4_code_book_is_bitsandbytes():
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_nf4_bytes_and_scales_are_bitsandbytes_per_expert(shape):
-    weight = torch.randn(shape) * torch.logspace(-2, 1, shape[1]).unsqueeze(-1)  # rows of very different scale
+    weight = torch.randn(shape) * torch.logspace(-2, 1, shape[1]).unsqueeze(
+        -1
+    )  # rows of very different scale
     codes, absmax = quantize(weight, "nf4")
     qshape = _shape("nf4", weight)
     assert codes.shape == qshape.qweight_shape() and absmax.shape == qshape.scale_shape()

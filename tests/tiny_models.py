@@ -12,6 +12,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV3Config,
+    GptOssConfig,
     MixtralConfig,
     PreTrainedModel,
     Qwen3MoeConfig,
@@ -55,6 +56,19 @@ def mixtral_config(**overrides) -> MixtralConfig:
     return MixtralConfig(**kwargs)
 
 
+def gpt_oss_config(**overrides) -> GptOssConfig:
+    """GQA attention with sinks, alternating sliding / full layers, 4 routed experts (top-2) whose
+    fused `gate_up_proj` is stored transposed [E, in, 2I] with gate and up interleaved along 2I."""
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=256, sliding_window=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 150000.0},  # no YaRN at this length
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return GptOssConfig(**kwargs)
+
+
 def moetune_config(**overrides):
     """The built-in architecture at its `tiny` preset, with the shared test vocabulary."""
     from finetune.modeling import preset_config
@@ -68,12 +82,16 @@ CONFIGS = {
     "deepseek_v3": deepseek_v3_config,
     "qwen3_moe": qwen3_moe_config,
     "mixtral": mixtral_config,
+    "gpt_oss": gpt_oss_config,
 }
-FAMILIES = tuple(CONFIGS)
+# The families every adapter test runs on. GPT-OSS (interleaved gate/up, expert biases, attention
+# sinks) is built for the serving-export tests only: EXPORT_FAMILIES.
+FAMILIES = ("moetune", "deepseek_v3", "qwen3_moe", "mixtral")
+EXPORT_FAMILIES = (*FAMILIES, "gpt_oss")
 
 
 def build(family: str, seed: int = 0, **overrides) -> PreTrainedModel:
-    """A seeded random-init causal LM of `family` (one of FAMILIES), in fp32, eval mode."""
+    """A seeded random-init causal LM of `family` (a key of CONFIGS), in fp32, eval mode."""
     import finetune  # noqa: F401  (registers the built-in architecture with the Auto classes)
 
     config = CONFIGS[family](**overrides)
