@@ -226,10 +226,10 @@ def load_model(
                 f"{folder} was saved with modalities {saved or 'none'} but {list(modalities)} were asked for; "
                 "drop model.modalities for a saved model, or init a model with those modalities"
             )
-    saved_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    method = _quantization_to_load(folder, saved_config, quantize)
     try:
-        if method is not None or _is_quantized_folder(saved_config):
+        saved_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        method = _quantization_to_load(folder, saved_config, quantize)
+        if method is not None:
             from finetune.quantization.loading import load_with_quantized_experts
 
             model = load_with_quantized_experts(
@@ -240,14 +240,14 @@ def load_model(
                 device_map=device_map,
                 trust_remote_code=trust_remote_code,
             )
-            return model, load_tokenizer(folder, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            dtype=torch_dtype if torch_dtype is not None else "auto",
-            device_map=device_map,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True,
-        )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder,
+                dtype=torch_dtype if torch_dtype is not None else "auto",
+                device_map=device_map,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle else True,
+            )
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise MoetuneError(
