@@ -33,10 +33,15 @@ are skipped, so the global work is about n^2 / (2 * block_size) instead of dense
 in O(n) memory; it is fused with the local branch and the gate in one autograd Function that keeps
 only its inputs for backward and recomputes the rest there, one head (global) or one chunk of rows
 (local) at a time (peak memory of the attention at or below dense sdpa's, see
-benchmarks/sparse_attention.py). Padded, packed or cached inputs, and other devices, take
-an exact general path: the same summaries, read through `scaled_dot_product_attention` with an explicit
-(queries x summaries) block mask. The local branch is one pass over q and the shifted keys per window
-offset (a batched matmul over views, no (n, window, D) copy): time and memory linear in n.
+benchmarks/sparse_attention.py). Left-padded, packed or cached inputs, and every other device, take
+the exact general path: the same summaries, read a chunk of query rows at a time, each chunk against
+only the summaries its rows can see (from the first block of its first row's document to the last
+block its last row has closed), with the block mask built per chunk; a chunk's scores are never larger
+than the queries (T x D per head), and the backward recomputes them from the output and the log-sum-exp like
+flash attention. So the general path is linear in n in memory too, and on a single document it skips
+the summaries above the diagonal a chunk at a time. The local branch is one pass over q and the
+shifted keys per window offset (a batched matmul over views, no (n, window, D) copy): time and memory
+linear in n.
 
 Padding and packing: `padding_mask` (1 = real token) and `position_ids` restarting at 0 mark the
 documents; tokens never attend across documents or to padding, and blocks are counted from each
@@ -369,6 +374,156 @@ class _BlockSparse(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_gate, None, None, None
 
 
+_GLOBAL_CHUNK = 0  # (query rows x summaries) per head in one chunk of the general path; 0: T x head_dim
+
+
+@dataclass
+class _SummaryPlan:
+    """General path: the block summaries of every row, who may read them, and the chunks of query rows.
+
+    Summaries are listed per row in order of their block's last token (`end_pos`, in T_all
+    coordinates); a row with fewer than m summaries is filled up with `end_pos` = T_all and `doc` = -1
+    (never visible). Query row i (token past + i) reads summary j iff end_pos[j] <= past + i and both
+    lie in the same document. A chunk (r0, r1, s0, s1) is a run of query rows with the only summaries
+    any of them can read: s0 .. s1 - 1, from the first block of row r0's document to the last block
+    ended by row r1 - 1. So a chunk's scores are (r1 - r0) x (s1 - s0), never (T x m).
+    """
+
+    end_pos: torch.Tensor  # (B, m) long
+    doc: torch.Tensor  # (B, m) long, -1: no summary
+    q_pos: torch.Tensor  # (T,) long: T_all index of each query
+    q_doc: torch.Tensor  # (B, T) long
+    has_global: torch.Tensor  # (B, T) bool: the query sees at least one summary
+    chunks: list[tuple[int, int, int, int]]
+
+    @classmethod
+    def build(cls, layout: _Layout, past: int, length: int, block: int, budget: int) -> _SummaryPlan | None:
+        """None when no row has a complete block; `budget`: most (rows x summaries) per chunk."""
+        device = layout.real.device
+        total = layout.real.shape[1]
+        ends = layout.real & ((layout.local_idx + 1) % block == 0)  # (B, T_all): a block closes here
+        counts = ends.sum(dim=1)
+        m = int(counts.max())
+        if m == 0:
+            return None
+        index = torch.arange(total, device=device)
+        order = torch.sort(ends.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :m]
+        valid = torch.arange(m, device=device) < counts[:, None]  # (B, m)
+        end_pos = torch.where(valid, order, total)  # ascending per row, then T_all
+        doc = torch.where(valid, layout.doc.gather(1, order), -1)
+
+        # a query sees a summary iff a block of its document ended at or before it
+        closed = ends.cumsum(dim=1)  # blocks closed up to and including each token
+        doc_start = index - layout.local_idx  # (B, T_all) first token of each token's document
+        before_doc = (closed - ends.long()).gather(1, doc_start)  # blocks closed before the document
+        has_global = (closed - before_doc)[:, past:] > 0
+
+        # per query row: the first summary of its document and one past the last it can see (both
+        # non-decreasing along the row); a chunk takes the union over the batch
+        q_pos = index[past:]
+        first = torch.searchsorted(end_pos, doc_start[:, past:].contiguous()).amin(dim=0).tolist()
+        upto = torch.searchsorted(end_pos, q_pos.expand(len(end_pos), -1).contiguous(), right=True)
+        upto = upto.amax(dim=0).tolist()
+        chunks, r0 = [], 0
+        while r0 < length:  # the longest run of rows from r0 whose scores fit in the budget
+            lo, hi = r0 + 1, length
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if (mid - r0) * (upto[mid - 1] - first[r0]) <= budget else (lo, mid - 1)
+            chunks.append((r0, lo, first[r0], upto[lo - 1]))
+            r0 = lo
+        return cls(end_pos, doc, q_pos, layout.doc[:, past:], has_global, chunks)
+
+    def visible(self, chunk: tuple[int, int, int, int]) -> torch.Tensor:
+        """(B, 1, 1, rows, summaries) bool for one chunk; rows that see no summary read all (finite)."""
+        r0, r1, s0, s1 = chunk
+        end_pos, doc = self.end_pos[:, None, s0:s1], self.doc[:, None, s0:s1]
+        seen = (end_pos <= self.q_pos[r0:r1, None]) & (doc == self.q_doc[:, r0:r1, None])
+        seen |= ~self.has_global[:, r0:r1, None]  # the gate gives these rows no global share
+        return seen[:, None, None]
+
+    def summaries(self, key: torch.Tensor, value: torch.Tensor, block: int):
+        """Mean key / value of every listed block: (B, nKV, m, D) each (filler entries: finite, unread)."""
+        total = key.shape[2]
+        members = (self.end_pos - block + 1)[..., None] + torch.arange(block, device=key.device)
+        members = members.clamp(0, total - 1).flatten(1)  # (B, m * block)
+        return tuple(
+            torch.stack([x[b].index_select(1, members[b]) for b in range(len(x))])
+            .unflatten(2, (-1, block))
+            .mean(dim=3)
+            for x in (key, value)
+        )
+
+
+def _chunk_probs(query, sum_k, plan: _SummaryPlan, chunk, scale: float):
+    """One chunk's queries (B, nKV, g * rows, D) and their fp32 scores over its summaries, masked.
+
+    query (B, nKV, g, T, D); sum_k (B, nKV, m, D). Scores: (B, nKV, g * rows, summaries).
+    """
+    r0, r1, s0, s1 = chunk
+    batch, kv_heads, groups, _, dim = query.shape
+    q = query[..., r0:r1, :].reshape(batch, kv_heads, groups * (r1 - r0), dim)
+    scores = torch.matmul(q, sum_k[:, :, s0:s1].transpose(-1, -2)).float().mul_(scale)
+    hidden = ~plan.visible(chunk)  # (B, 1, 1, rows, summaries)
+    scores.view(batch, kv_heads, groups, r1 - r0, s1 - s0).masked_fill_(hidden, float("-inf"))
+    return q, scores
+
+
+class _GlobalChunked(torch.autograd.Function):
+    """General path's global branch: block summaries read one chunk of query rows at a time.
+
+    Any device, any layout (padding, packed documents, KV cache). Like flash attention it keeps
+    only its inputs, its output and the per-row log-sum-exp for backward, and recomputes a chunk's
+    probabilities there; no chunk's scores exceed `plan`'s budget, so memory is linear in T.
+    """
+
+    @staticmethod
+    def forward(ctx, query, sum_k, sum_v, plan: _SummaryPlan, scale: float):
+        # query (B, nKV, g, T, D); sum_k / sum_v (B, nKV, m, D)
+        batch, kv_heads, groups, length, dim = query.shape
+        out = torch.zeros_like(query)
+        lse = query.new_zeros(batch, kv_heads, groups, length, dtype=torch.float32)
+        for chunk in plan.chunks:
+            r0, r1, s0, s1 = chunk
+            if s1 == s0:  # no summary any row of the chunk can read
+                continue
+            _, scores = _chunk_probs(query, sum_k, plan, chunk, scale)
+            chunk_lse = scores.logsumexp(dim=-1, keepdim=True)  # (B, nKV, g * rows, 1)
+            probs = scores.sub_(chunk_lse).exp_().to(query.dtype)
+            part = torch.matmul(probs, sum_v[:, :, s0:s1])  # (B, nKV, g * rows, D)
+            out[..., r0:r1, :] = part.view(batch, kv_heads, groups, r1 - r0, dim)
+            lse[..., r0:r1] = chunk_lse.view(batch, kv_heads, groups, r1 - r0)
+        ctx.save_for_backward(query, sum_k, sum_v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, sum_k, sum_v, out, lse = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        batch, kv_heads, groups, length, dim = query.shape
+        grad_q = torch.zeros_like(query)
+        grad_k = torch.zeros_like(sum_k, dtype=torch.float32)
+        grad_v = torch.zeros_like(sum_v, dtype=torch.float32)
+        for chunk in plan.chunks:
+            r0, r1, s0, s1 = chunk
+            if s1 == s0:
+                continue
+            shape = (batch, kv_heads, groups * (r1 - r0), dim)
+            q, probs = _chunk_probs(query, sum_k, plan, chunk, scale)
+            probs = probs.sub_(lse[..., r0:r1].reshape(*shape[:3], 1)).exp_()  # (B, nKV, g * rows, s)
+            grad = grad_out[..., r0:r1, :].reshape(shape)
+            inner = (grad.float() * out[..., r0:r1, :].reshape(shape).float()).sum(-1, keepdim=True)
+            grad_v[:, :, s0:s1] += torch.matmul(probs.mT, grad.float())
+            grad_s = torch.matmul(grad, sum_v[:, :, s0:s1].mT).float()  # d loss / d probs
+            grad_s = grad_s.sub_(inner).mul_(probs).mul_(scale)  # softmax backward, then the scale
+            del probs
+            part = torch.matmul(grad_s.to(query.dtype), sum_k[:, :, s0:s1])
+            grad_q[..., r0:r1, :] = part.view(batch, kv_heads, groups, r1 - r0, dim)
+            grad_k[:, :, s0:s1] += torch.matmul(grad_s.mT, q.float())
+        return grad_q, grad_k.to(sum_k.dtype), grad_v.to(sum_v.dtype), None, None
+
+
 class HierarchicalSparseAttention(nn.Module):
     """Local window + block-summary global attention mixed by a learned per-token gate (GQA)."""
 
@@ -435,12 +590,14 @@ class HierarchicalSparseAttention(nn.Module):
         q5 = query.view(batch, key.shape[1], -1, length, dim)  # (B, nKV, g, T, D)
         k5, v5 = key[:, :, None, lo:], value[:, :, None, lo:]  # (B, nKV, 1, past - lo + T, D)
         local = _LocalWindow.apply(q5, k5, v5, allowed, past - lo, self.scaling).view_as(query)
-        glob, has_global = self._global_masked(query, key, value, layout, past)
-        gate = self._gate(gate_logits, has_global).to(query.dtype)
-        mixed = local * gate[:, None, :, 0, None]
-        if glob is not None:
-            mixed = mixed + glob * gate[:, None, :, 1, None]
-        return mixed
+        budget = _GLOBAL_CHUNK or length * dim  # a chunk's scores: no larger than the queries (T x D)
+        plan = _SummaryPlan.build(layout, past, length, self.block_size, budget)
+        if plan is None:  # no token sees a complete block: the local branch alone
+            return local
+        sum_k, sum_v = plan.summaries(key, value, self.block_size)
+        glob = _GlobalChunked.apply(q5, sum_k, sum_v, plan, self.scaling).view_as(query)
+        gate = self._gate(gate_logits, plan.has_global).to(query.dtype)
+        return local * gate[:, None, :, 0, None] + glob * gate[:, None, :, 1, None]
 
     @staticmethod
     def _gate(gate_logits: torch.Tensor, has_global: torch.Tensor) -> torch.Tensor:
@@ -457,39 +614,3 @@ class HierarchicalSparseAttention(nn.Module):
         real = layout.real[:, lo:].gather(1, key_pos.clamp(min=0).flatten()[None].expand(batch, -1))
         allowed = (offset <= layout.local_idx[:, past:, None]) & real.view(batch, length, window)
         return allowed | (offset == 0)  # a token always sees itself (padding too: no empty row)
-
-    def _global_masked(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        layout: _Layout,
-        past: int,
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """General path (padding, packed documents, KV cache): summaries at each block's last token."""
-        batch, heads, length, dim = query.shape
-        block = self.block_size
-        ends = layout.real & ((layout.local_idx + 1) % block == 0)  # (B, T_all): a block closes here
-        counts = ends.sum(dim=1)
-        m = int(counts.max())
-        if m == 0:
-            return None, torch.zeros(batch, length, dtype=torch.bool, device=query.device)
-        end_pos = torch.sort(ends.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :m]
-        valid = torch.arange(m, device=query.device) < counts[:, None]  # (B, m)
-        members = (end_pos - block + 1).clamp(min=0)[..., None] + torch.arange(block, device=query.device)
-        members = members.view(batch, 1, m * block, 1)  # every index <= its block's end <= T_all - 1
-        members = members.expand(batch, key.shape[1], m * block, dim)
-        sum_k = key.gather(2, members).view(batch, -1, m, block, dim).mean(dim=3)  # (B, nKV, m, D)
-        sum_v = value.gather(2, members).view(batch, -1, m, block, dim).mean(dim=3)
-
-        q_pos = torch.arange(past, past + length, device=query.device)
-        q_doc = layout.doc[:, past:]  # (B, T)
-        visible = (end_pos[:, None, :] <= q_pos[None, :, None]) & valid[:, None, :]
-        visible &= layout.doc.gather(1, end_pos)[:, None, :] == q_doc[:, :, None]  # (B, T, m)
-        has_global = visible.any(dim=-1)
-        visible |= ~has_global[..., None]  # rows without a summary read all (finite); the gate drops them
-        out = F.scaled_dot_product_attention(
-            query, sum_k, sum_v, attn_mask=visible[:, None], scale=self.scaling,
-            enable_gqa=True,
-        )  # fmt: skip
-        return out, has_global
