@@ -130,7 +130,12 @@ def _group_sum(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([r.permute(1, 2, 0, 3) for r in rows])  # (T, nKV, 1, D) -> (nKV, 1, T, D)
 
 
-_LOCAL_CHUNK = 1 << 14  # (rows x heads x window) elements of fp32 per chunk of the local backward
+# (rows x heads x window) fp32 elements per chunk of the local backward: 2 MiB buffers, so that the
+# chunk's probabilities stay small next to q / k / v, while a chunk is long enough (8192 rows at 8
+# heads and window 8) that the ~150 small operations per chunk stay few: every operation is a
+# fork / join of the intra-op threads, and thousands of them made the backward's wall time hostage
+# to how the threads were scheduled (see benchmarks/sparse_decoder.py)
+_LOCAL_CHUNK = 1 << 19
 
 
 def _local_probs(query, key, allowed, base: int, scale: float) -> torch.Tensor:
