@@ -399,3 +399,18 @@ def test_local_window_chunks_with_cached_keys_match_one_chunk(monkeypatch):
     for whole, chunked in zip(*results):
         torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
     assert all(g.abs().sum() > 0 for g in results[1])
+
+
+def test_fast_path_backward_twice_with_retained_graph():
+    """The fused backward drops each head's kept global output once used; a second backward of the
+    same graph (retain_graph) reruns those heads' forward kernels and gets the same gradients."""
+    config = sparse_config(global_ratio=0.1, local_window=4)
+    module = attention(config)
+    hidden = torch.randn(1, 45, config.hidden_size, requires_grad=True)
+    out = run(module, config, hidden, torch.arange(45)[None])
+    loss = (out * torch.randn_like(out)).sum()
+    first = torch.autograd.grad(loss, [hidden, *module.parameters()], retain_graph=True)
+    second = torch.autograd.grad(loss, [hidden, *module.parameters()])
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert first[0].abs().sum() > 0

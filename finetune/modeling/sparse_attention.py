@@ -130,12 +130,14 @@ def _group_sum(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([r.permute(1, 2, 0, 3) for r in rows])  # (T, nKV, 1, D) -> (nKV, 1, T, D)
 
 
-# (rows x heads x window) fp32 elements per chunk of the local backward: 2 MiB buffers, so that the
-# chunk's probabilities stay small next to q / k / v, while a chunk is long enough (8192 rows at 8
-# heads and window 8) that the ~150 small operations per chunk stay few: every operation is a
-# fork / join of the intra-op threads, and thousands of them made the backward's wall time hostage
-# to how the threads were scheduled (see benchmarks/sparse_decoder.py)
-_LOCAL_CHUNK = 1 << 19
+# The local backward recomputes the window probabilities a chunk of query rows at a time. A chunk's
+# (rows x heads x window) fp32 buffers hold 1/_LOCAL_SHARE of the queries' elements (at least
+# _LOCAL_CHUNK): a few percent of the peak, and a fixed number of chunks at any length (4 at head dim
+# 64 and window 8), each ~100 small operations. Every operation is a fork / join of the intra-op
+# threads; the 64 KiB chunks used before made that thousands per backward (80 chunks at 20480 tokens),
+# and the backward's wall time hostage to how the threads were scheduled (benchmarks/sparse_decoder.py).
+_LOCAL_SHARE = 32
+_LOCAL_CHUNK = 1 << 15
 
 
 def _local_probs(query, key, allowed, base: int, scale: float) -> torch.Tensor:
@@ -173,7 +175,7 @@ def _local_backward(grad_out, query, key, value, allowed, base: int, scale: floa
     """
     length, window = query.shape[-2], allowed.shape[-1]
     per_row = max(1, query[..., 0, 0].numel() * window)
-    chunk = max(window, _LOCAL_CHUNK // per_row)
+    chunk = max(window, max(_LOCAL_CHUNK, query.numel() // _LOCAL_SHARE) // per_row)
     grad_weight = None if weight is None else query.new_zeros(query.shape[0], length, dtype=torch.float32)
     for start in range(0, length, chunk):
         end = min(length, start + chunk)
@@ -259,15 +261,18 @@ class _BlockSparse(torch.autograd.Function):
     block) whose kernel skips the masked tiles. The phases are a strided view of a padded copy of one
     head's queries (batch = phase), and the kernel writes its output already in token order; one
     (batch, head) at a time, so no buffer larger than one head's is ever allocated. Saved for
-    backward: the inputs only. The backward reruns each head's global kernel (for its output and
-    log-sum-exp) just before that head's backward, rebuilds the summaries, and recomputes the local
+    backward: the inputs, and each head's global output and log-sum-exp (what sdpa keeps too; `keep`
+    False, e.g. under no_grad, keeps none). The backward runs the heads first, dropping each head's
+    output as soon as its backward is done (a head whose output is gone, as in a second backward with
+    retain_graph, reruns its forward kernel), rebuilds the summaries, and then recomputes the local
     probabilities a chunk of rows at a time; the local output itself is not needed (the gate's
-    gradient is folded into the local backward). So at its peak it holds what sdpa's backward holds:
-    the output and the q / k / v gradients.
+    gradient is folded into the local backward). The key / value gradients are allocated only after
+    the heads, when the kept outputs are gone, so at its peak the backward holds what sdpa's backward
+    holds: the output and the q / k / v gradients.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, gate, allowed, block: int, scale: float):
+    def forward(ctx, query, key, value, gate, allowed, block: int, scale: float, keep: bool):
         # query (B, nH, T, D); key / value (B, nKV, T, D); gate (B, T, 2) probabilities (local, global)
         batch, heads, length, dim = query.shape
         kv_heads = key.shape[1]
@@ -277,6 +282,7 @@ class _BlockSparse(torch.autograd.Function):
         mixed = local.view(batch, heads, length, dim).mul_(gate[:, None, :, 0, None].to(query.dtype))
         sum_k, sum_v = _BlockSparse._summaries(key, value, block, m)
         rows = length - block + 1  # queries t = block-1 .. T-1 see at least one summary
+        kept = []  # per (batch, head): the global output (block, 1, m, D) and log-sum-exp, for backward
         for b in range(batch if m else 0):
             for h in range(heads):
                 out, lse = _flash_forward(
@@ -285,9 +291,10 @@ class _BlockSparse(torch.autograd.Function):
                 )  # fmt: skip
                 out_tokens = _BlockSparse._tokens(out)[:rows]  # queries t = block-1 .. block-2+rows
                 mixed[b, h, block - 1 :].addcmul_(out_tokens, gate[b, block - 1 :, 1, None].to(query.dtype))
+                kept.append((out, lse) if keep else None)
                 del out, lse, out_tokens
         ctx.save_for_backward(query, key, value, gate, allowed)
-        ctx.block, ctx.scale = block, scale
+        ctx.block, ctx.scale, ctx.kept = block, scale, kept
         return mixed
 
     @staticmethod
@@ -318,9 +325,9 @@ class _BlockSparse(torch.autograd.Function):
         gate_q = gate.to(query.dtype)
         grad_q, grad_gate = torch.zeros_like(query), torch.zeros_like(gate)
 
-        # Global branch first, one (batch, head) at a time: each head's global output and log-sum-exp
-        # are recomputed here (the forward keeps none), the summaries rebuilt (a mean, cheap), and the
-        # key / value gradients allocated only after the loop, so that the peak stays at dense sdpa's.
+        # Global branch first, one (batch, head) at a time: each head's kept global output and
+        # log-sum-exp are dropped once used, the summaries rebuilt (a mean, cheap), and the key / value
+        # gradients allocated only after the loop, so that the peak stays at dense sdpa's.
         sum_k, sum_v = _BlockSparse._summaries(key, value, block, m)
         grad_sum_k, grad_sum_v = torch.zeros_like(sum_k), torch.zeros_like(sum_v)
         rows = length - block + 1
@@ -328,14 +335,15 @@ class _BlockSparse(torch.autograd.Function):
             phases = _BlockSparse._phases(query[b, h], block, m)
             sum_kh = sum_k[b, h // groups].expand(block, 1, m, dim)
             sum_vh = sum_v[b, h // groups].expand(block, 1, m, dim)
-            out, lse = _flash_forward(phases, sum_kh, sum_vh, 0.0, True, scale=scale)
+            saved, ctx.kept[b * heads + h] = ctx.kept[b * heads + h], None  # dropped after this head
+            out, lse = saved or _flash_forward(phases, sum_kh, sum_vh, 0.0, True, scale=scale)
             grad_rows = grad_mixed[b, h, block - 1 :]  # (rows, D)
             grad_gate[b, block - 1 :, 1] += (grad_rows * _BlockSparse._tokens(out)[:rows]).sum(-1)
             grad_out = grad_rows.new_zeros(m * block, dim)
             torch.mul(grad_rows, gate_q[b, block - 1 :, 1, None], out=grad_out[:rows])
             grad_out = grad_out.view(m, block, dim).transpose(0, 1)[:, None]  # phase order, like `out`
             dq, dk, dv = _flash_backward(grad_out, phases, sum_kh, sum_vh, out, lse, 0.0, True, scale=scale)
-            del out, lse, grad_out, phases, sum_kh, sum_vh
+            del saved, out, lse, grad_out, phases, sum_kh, sum_vh
             grad_q[b, h, block - 1 :] += _BlockSparse._tokens(dq)[:rows]
             grad_sum_k[b, h // groups] += dk.sum(dim=(0, 1))
             grad_sum_v[b, h // groups] += dv.sum(dim=(0, 1))
@@ -376,7 +384,7 @@ class _BlockSparse(torch.autograd.Function):
             grads,
             weight,
         )
-        return grad_q, grad_k, grad_v, grad_gate, None, None, None
+        return grad_q, grad_k, grad_v, grad_gate, None, None, None, None
 
 
 _GLOBAL_CHUNK = 0  # (query rows x summaries) per head in one chunk of the general path; 0: T x head_dim
@@ -590,7 +598,8 @@ class HierarchicalSparseAttention(nn.Module):
         if layout.regular and query.device.type == "cpu":  # fused fast path (a CPU kernel)
             has_global = torch.arange(length, device=query.device) >= self.block_size - 1  # a block done
             gate = self._gate(gate_logits, has_global.expand(batch, length))
-            return _BlockSparse.apply(query, key, value, gate, allowed, self.block_size, self.scaling)
+            keep = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, gate))
+            return _BlockSparse.apply(query, key, value, gate, allowed, self.block_size, self.scaling, keep)
 
         q5 = query.view(batch, key.shape[1], -1, length, dim)  # (B, nKV, g, T, D)
         k5, v5 = key[:, :, None, lo:], value[:, :, None, lo:]  # (B, nKV, 1, past - lo + T, D)
