@@ -67,7 +67,6 @@ class _Layout:
     """Where the documents are, for every cached + current token of each row (B, T_all)."""
 
     real: torch.Tensor  # bool: a real token (not padding)
-    doc: torch.Tensor  # long: document index (increases along the row)
     local_idx: torch.Tensor  # long: tokens since the start of the token's document
     regular: bool  # one document from index 0 per row (right padding at most), no cache: fast path
 
@@ -99,7 +98,7 @@ class _Layout:
         index = torch.arange(total, device=device).expand(batch, total)
         local_idx = index - torch.where(start, index, 0).cummax(dim=1).values
         regular = past == 0 and bool((local_idx == index).all())
-        return cls(real=real, doc=start.cumsum(dim=1), local_idx=local_idx, regular=regular)
+        return cls(real=real, local_idx=local_idx, regular=regular)
 
 
 def _window_steps(length: int, base: int, window: int):
@@ -395,17 +394,16 @@ class _SummaryPlan:
     """General path: the block summaries of every row, who may read them, and the chunks of query rows.
 
     Summaries are listed per row in order of their block's last token (`end_pos`, in T_all
-    coordinates); a row with fewer than m summaries is filled up with `end_pos` = T_all and `doc` = -1
-    (never visible). Query row i (token past + i) reads summary j iff end_pos[j] <= past + i and both
-    lie in the same document. A chunk (r0, r1, s0, s1) is a run of query rows with the only summaries
+    coordinates); a row with fewer than m summaries is filled up with `end_pos` = T_all (never
+    visible). Query row i (token past + i) reads summary j iff its document's first token <= end_pos[j]
+    <= past + i (documents are contiguous, so that is "an earlier block of the same document"). A chunk (r0, r1, s0, s1) is a run of query rows with the only summaries
     any of them can read: s0 .. s1 - 1, from the first block of row r0's document to the last block
     ended by row r1 - 1. So a chunk's scores are (r1 - r0) x (s1 - s0), never (T x m).
     """
 
     end_pos: torch.Tensor  # (B, m) long
-    doc: torch.Tensor  # (B, m) long, -1: no summary
     q_pos: torch.Tensor  # (T,) long: T_all index of each query
-    q_doc: torch.Tensor  # (B, T) long
+    q_start: torch.Tensor  # (B, T) long: T_all index of the first token of each query's document
     has_global: torch.Tensor  # (B, T) bool: the query sees at least one summary
     chunks: list[tuple[int, int, int, int]]
 
@@ -423,7 +421,6 @@ class _SummaryPlan:
         order = torch.sort(ends.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :m]
         valid = torch.arange(m, device=device) < counts[:, None]  # (B, m)
         end_pos = torch.where(valid, order, total)  # ascending per row, then T_all
-        doc = torch.where(valid, layout.doc.gather(1, order), -1)
 
         # a query sees a summary iff a block of its document ended at or before it
         closed = ends.cumsum(dim=1)  # blocks closed up to and including each token
@@ -434,7 +431,8 @@ class _SummaryPlan:
         # per query row: the first summary of its document and one past the last it can see (both
         # non-decreasing along the row); a chunk takes the union over the batch
         q_pos = index[past:]
-        first = torch.searchsorted(end_pos, doc_start[:, past:].contiguous()).amin(dim=0).tolist()
+        q_start = doc_start[:, past:].contiguous()
+        first = torch.searchsorted(end_pos, q_start).amin(dim=0).tolist()
         upto = torch.searchsorted(end_pos, q_pos.expand(len(end_pos), -1).contiguous(), right=True)
         upto = upto.amax(dim=0).tolist()
         chunks, r0 = [], 0
@@ -445,15 +443,18 @@ class _SummaryPlan:
                 lo, hi = (mid, hi) if (mid - r0) * (upto[mid - 1] - first[r0]) <= budget else (lo, mid - 1)
             chunks.append((r0, lo, first[r0], upto[lo - 1]))
             r0 = lo
-        return cls(end_pos, doc, q_pos, layout.doc[:, past:], has_global, chunks)
+        return cls(end_pos, q_pos, q_start, has_global, chunks)
 
-    def visible(self, chunk: tuple[int, int, int, int]) -> torch.Tensor:
-        """(B, 1, 1, rows, summaries) bool for one chunk; rows that see no summary read all (finite)."""
+    def hidden(self, chunk: tuple[int, int, int, int]) -> torch.Tensor:
+        """(B, 1, 1, rows, summaries) bool for one chunk: True where the query may not read the summary.
+
+        Rows that see no summary read them all (finite values; the gate gives those rows no global share).
+        """
         r0, r1, s0, s1 = chunk
-        end_pos, doc = self.end_pos[:, None, s0:s1], self.doc[:, None, s0:s1]
-        seen = (end_pos <= self.q_pos[r0:r1, None]) & (doc == self.q_doc[:, r0:r1, None])
-        seen |= ~self.has_global[:, r0:r1, None]  # the gate gives these rows no global share
-        return seen[:, None, None]
+        end_pos = self.end_pos[:, None, s0:s1]  # (B, 1, s)
+        out = (end_pos > self.q_pos[r0:r1, None]) | (end_pos < self.q_start[:, r0:r1, None])
+        out &= self.has_global[:, r0:r1, None]
+        return out[:, None, None]
 
     def summaries(self, key: torch.Tensor, value: torch.Tensor, block: int):
         """Mean key / value of every listed block: (B, nKV, m, D) each (filler entries: finite, unread)."""
@@ -477,7 +478,7 @@ def _chunk_probs(query, sum_k, plan: _SummaryPlan, chunk, scale: float):
     batch, kv_heads, groups, _, dim = query.shape
     q = query[..., r0:r1, :].reshape(batch, kv_heads, groups * (r1 - r0), dim)
     scores = torch.matmul(q, sum_k[:, :, s0:s1].transpose(-1, -2)).float().mul_(scale)
-    hidden = ~plan.visible(chunk)  # (B, 1, 1, rows, summaries)
+    hidden = plan.hidden(chunk)  # (B, 1, 1, rows, summaries)
     scores.view(batch, kv_heads, groups, r1 - r0, s1 - s0).masked_fill_(hidden, float("-inf"))
     return q, scores
 
