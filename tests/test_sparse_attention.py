@@ -373,12 +373,13 @@ def test_general_path_equals_the_fused_fast_path():
         torch.testing.assert_close(fast, general, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["one document", "left padded"])
+@pytest.mark.parametrize("layout", ["one document", "left padded", "packed"])
 def test_local_backward_in_row_chunks_matches_the_definition(monkeypatch, layout):
     """The local backward recomputes its probabilities a chunk of rows at a time: tiny chunks, same grads."""
     from finetune.modeling import sparse_attention
 
     monkeypatch.setattr(sparse_attention, "_LOCAL_CHUNK", 1)  # chunks of `local_window` rows
+    monkeypatch.setattr(sparse_attention, "_LOCAL_SHARE", 1 << 30)
     assert_gradients_match_the_definition(sparse_config(num_key_value_heads=2, local_window=3), layout)
 
 
@@ -392,6 +393,7 @@ def test_local_window_chunks_with_cached_keys_match_one_chunk(monkeypatch):
     steps = torch.arange(base, base + length)[:, None] - torch.arange(window)
     allowed = (steps >= 0).expand(2, 1, 1, length, window)
     results = []
+    monkeypatch.setattr(sparse_attention, "_LOCAL_SHARE", 1 << 30)
     for chunk in (1 << 30, 1):
         monkeypatch.setattr(sparse_attention, "_LOCAL_CHUNK", chunk)
         out = sparse_attention._LocalWindow.apply(q, k, v, allowed, base, 0.3)
