@@ -31,9 +31,9 @@ n / block_size queries over the n / block_size summaries. On a CPU the fast path
 no cache) runs exactly that through the causal flash-attention kernel, whose tiles above the diagonal
 are skipped, so the global work is about n^2 / (2 * block_size) instead of dense attention's n^2 / 2,
 in O(n) memory; it is fused with the local branch and the gate in one autograd Function that keeps
-only its inputs for backward and recomputes the rest there, one head (global) or one chunk of rows
-(local) at a time (peak memory of the attention at or below dense sdpa's, see
-benchmarks/sparse_attention.py). Left-padded, packed or cached inputs, and every other device, take
+its inputs and, as sdpa does, each head's global output and log-sum-exp for backward, and recomputes
+the local window's probabilities there a few chunks of rows at a time (peak memory of the attention
+within a few percent of dense sdpa's, see benchmarks/sparse_attention.py). Left-padded, packed or cached inputs, and every other device, take
 the exact general path: the same summaries, read a chunk of query rows at a time, each chunk against
 only the summaries its rows can see (from the first block of its first row's document to the last
 block its last row has closed), with the block mask built per chunk; a chunk's scores are never larger
