@@ -1,5 +1,9 @@
 """Hierarchical sparse attention vs dense causal sdpa: forward + backward time and peak memory, as ratios.
 
+This is the attention alone on one unpadded document (the fused CPU fast path), timed as process CPU
+time with one thread by default: the kernel's compute cost. What a training step costs a user (wall
+time, 2 threads, a whole decoder layer with its MoE, packed input too) is benchmarks/sparse_decoder.py.
+
 Both sides are the built-in model's attention modules at the same shape (batch 1, 8 heads, 8 KV heads,
 head dim 64, hidden 512, so q/k/v/o projections are included on both sides and cost the same): the dense
 `MoetuneAttention` dispatched to torch's `scaled_dot_product_attention(is_causal=True)`, and

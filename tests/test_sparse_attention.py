@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -27,7 +29,7 @@ def attention(config) -> HierarchicalSparseAttention:
 
 
 def run(module, config, hidden, position_ids, padding_mask=None, cache=None):
-    rope = MoetuneRotaryEmbedding(config)
+    rope = MoetuneRotaryEmbedding(config).to(hidden.device)
     return module(
         hidden, rope(hidden, position_ids), None, cache=cache, position_ids=position_ids,
         padding_mask=padding_mask,
@@ -38,8 +40,8 @@ def reference(module, config, hidden, start, stop):
     """The definition, one token at a time, for the document hidden[:, start:stop] (batch 1)."""
     doc = hidden[:, start:stop]
     n, d, w, block = doc.shape[1], module.head_dim, module.local_window, module.block_size
-    rope = MoetuneRotaryEmbedding(config)
-    cos, sin = rope(doc, torch.arange(n)[None])
+    rope = MoetuneRotaryEmbedding(config).to(doc.device)
+    cos, sin = rope(doc, torch.arange(n, device=doc.device)[None])
     q = module.q_proj(doc).view(1, n, -1, d).transpose(1, 2)[0]  # (nH, n, D)
     k = module.k_proj(doc).view(1, n, -1, d).transpose(1, 2)
     v = module.v_proj(doc).view(1, n, -1, d).transpose(1, 2)[0]
@@ -77,30 +79,82 @@ def test_matches_the_token_by_token_definition(kv_heads, length, shape):
     torch.testing.assert_close(out, reference(module, config, hidden, 0, length), rtol=1e-4, atol=1e-5)
 
 
+# name -> (pads before, document lengths, pads after) of one batch row; documents restart their
+# position_ids at 0 (as the packing collator writes them), pads carry padding_mask 0
+LAYOUTS = {
+    "one document": (0, [23], 0),  # the fused CPU fast path
+    "left padded": (2, [23], 0),  # the general path from here on
+    "packed": (0, [9, 14], 0),
+    "packed and padded": (3, [13, 21], 2),
+}
+
+
+def layout_row(config, layout: str, device="cpu", dtype=torch.float32):
+    """hidden (1, T, H) leaf, position_ids (1, T), padding_mask (1, T) or None, document spans [(start, stop)]."""
+    left, docs, right = LAYOUTS[layout]
+    spans, positions, at = [], [torch.zeros(left, dtype=torch.long)], left
+    for n in docs:
+        spans.append((at, at + n))
+        positions.append(torch.arange(n))
+        at += n
+    positions.append(torch.arange(right))
+    mask = None
+    if left or right:
+        mask = torch.zeros(1, at + right, dtype=torch.long, device=device)
+        mask[:, left:at] = 1
+    hidden = torch.randn(1, at + right, config.hidden_size, dtype=dtype, device=device, requires_grad=True)
+    return hidden, torch.cat(positions)[None].to(device), mask, spans
+
+
+def assert_matches_the_definition(module, config, layout: str, rtol=1e-4, atol=1e-5) -> None:
+    """Outputs and gradients (every parameter, the input) equal the token-by-token reference, per document.
+
+    The input gradient also shows that no real token reads a pad: the pads' gradient is exactly zero.
+    """
+    device = next(module.parameters()).device
+    hidden, position_ids, mask, spans = layout_row(config, layout, device)
+    out = run(module, config, hidden, position_ids, mask)
+    got = torch.cat([out[:, a:b] for a, b in spans], dim=1)
+    want = torch.cat([reference(module, config, hidden, a, b) for a, b in spans], dim=1)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    leaves = [hidden, *module.parameters()]
+    probe = torch.randn_like(got)
+    got_grads = torch.autograd.grad((got * probe).sum(), leaves)
+    want_grads = torch.autograd.grad((want * probe).sum(), leaves)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+    real = torch.zeros(hidden.shape[1], dtype=torch.bool)
+    for a, b in spans:
+        real[a:b] = True
+    assert got_grads[0][0, ~real.to(device)].abs().sum() == 0  # pads are never read
+    assert all(g.abs().sum() > 0 for g in got_grads)
+
+
 def assert_gradients_match_the_definition(config, layout: str) -> None:
-    """Parameter gradients of the module (fast or general path) equal those of the token-by-token reference."""
-    module = attention(config)
-    hidden = torch.randn(1, 23, config.hidden_size)
-    pads = 0 if layout == "one document" else 2  # the padded row takes the general (masked) path
-    padded = torch.cat([torch.randn(1, pads, config.hidden_size), hidden], dim=1)
-    mask = torch.cat([torch.zeros(1, pads), torch.ones(1, 23)], dim=1).long()
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    grads = []
-    for fn in (lambda: run(module, config, padded, position_ids, mask)[:, pads:],
-               lambda: reference(module, config, hidden, 0, 23)):  # fmt: skip
-        module.zero_grad()
-        fn().square().sum().backward()
-        grads.append([p.grad.clone() for p in module.parameters()])
-    for fast, slow in zip(*grads):
-        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    """Parameter and input gradients of the module (fast or general path) equal the reference's."""
+    assert_matches_the_definition(attention(config), config, layout)
 
 
 @pytest.mark.parametrize("shape", [dict(), dict(local_window=1, global_ratio=1.0)])
 @pytest.mark.parametrize("kv_heads", [2, 4])
-@pytest.mark.parametrize("layout", ["one document", "left padded"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_gradients_match_the_definition(kv_heads, layout, shape):
     config = sparse_config(num_key_value_heads=kv_heads, **shape)
     assert_gradients_match_the_definition(config, layout)
+
+
+@pytest.mark.parametrize("chunk", [1, 12])
+@pytest.mark.parametrize("layout", ["left padded", "packed", "packed and padded"])
+def test_general_path_in_small_chunks_matches_the_definition(monkeypatch, layout, chunk):
+    """The general path's global branch reads the summaries a chunk of rows at a time: tiny chunks, same result.
+
+    chunk 1: one query row per chunk (rows before their document's first block read nothing);
+    chunk 12: several rows and several summaries per chunk.
+    """
+    from finetune.modeling import sparse_attention
+
+    monkeypatch.setattr(sparse_attention, "_GLOBAL_CHUNK", chunk)
+    assert_gradients_match_the_definition(sparse_config(num_key_value_heads=2), layout)
 
 
 def test_packed_documents_and_left_padding_match_each_document_alone():
@@ -171,17 +225,38 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_never_builds_an_n_by_n_matrix(packed):
+def largest_tensor(layout: str, n: int) -> int:
+    """Elements of the largest tensor of one forward + backward (a cached row: forward only) at length n."""
     config = sparse_config(global_ratio=0.1, local_window=8)
     module = HierarchicalSparseAttention(config, layer_idx=0)
-    n = 2048
     hidden = torch.randn(1, n, config.hidden_size, requires_grad=True)
-    position_ids = torch.arange(n)[None] % 1000 if packed else torch.arange(n)[None]
+    positions, mask = torch.arange(n)[None], None
+    if layout == "packed":  # two documents of n / 2 tokens
+        positions = positions % (n // 2)
+    elif layout == "left padded":
+        mask = (positions >= 8).long()
+        positions = (positions - 8).clamp(min=0)
+    if layout == "cached":  # the second half of a prefill, reading the first half from the cache
+        cache = DynamicCache(config=config)
+        with torch.no_grad():
+            run(module, config, hidden[:, : n // 2], positions[:, : n // 2], cache=cache)
+            with LargestTensor() as probe:
+                run(module, config, hidden[:, n // 2 :], positions[:, n // 2 :], cache=cache)
+        return probe.largest
     with LargestTensor() as probe:
-        run(module, config, hidden, position_ids).sum().backward()
-    # q / k / v are n * 64 here; an n x n score matrix per head would be 4 * n * n.
-    assert probe.largest < n * n / 8, probe.largest
+        run(module, config, hidden, positions, mask).sum().backward()
+    return probe.largest
+
+
+@pytest.mark.parametrize("layout", ["one document", "packed", "left padded", "cached"])
+def test_memory_grows_linearly_with_length(layout):
+    """From n to 2n tokens the largest tensor (forward and backward) doubles, no more.
+
+    At these sizes a (T x summaries) score or mask tensor of the 4 heads (0.4 T^2 elements) is the
+    largest one and would grow 4x; the linear ones (hidden states, q / k / v: 64 T) grow 2x.
+    """
+    small, large = (largest_tensor(layout, n) for n in (1024, 2048))
+    assert large <= 2.1 * small, (small, large)
 
 
 def test_incremental_decoding_gives_the_full_forward_tokens():
@@ -201,7 +276,11 @@ def test_incremental_decoding_gives_the_full_forward_tokens():
     assert torch.equal(full.argmax(-1), tokens[:, 11:])
 
 
-def test_cache_prefill_in_pieces_matches_one_pass():
+@pytest.mark.parametrize("chunk", [0, 1])
+def test_cache_prefill_in_pieces_matches_one_pass(monkeypatch, chunk):
+    from finetune.modeling import sparse_attention
+
+    monkeypatch.setattr(sparse_attention, "_GLOBAL_CHUNK", chunk)  # 1: one query row per chunk
     config = sparse_config()
     module = attention(config)
     hidden = torch.randn(2, 33, config.hidden_size)
@@ -238,13 +317,24 @@ def test_model_left_padding_changes_nothing_for_real_tokens():
     torch.testing.assert_close(alone, left_padded, rtol=1e-4, atol=1e-4)
 
 
-def test_bfloat16_runs():
+@pytest.mark.parametrize("packed", [False, True])
+def test_bfloat16_tracks_the_fp32_definition(packed):
+    """bf16 on the fast path (one document) and the general path (two packed documents): output and
+    input gradient within bf16 rounding of the fp32 reference."""
     config = sparse_config()
-    module = attention(config).to(torch.bfloat16)
-    hidden = torch.randn(1, 50, config.hidden_size, dtype=torch.bfloat16)
-    out = run(module, config, hidden, torch.arange(50)[None])
-    reference_out = reference(module.float(), config, hidden.float(), 0, 50)
-    torch.testing.assert_close(out.float(), reference_out, rtol=0.05, atol=0.02)
+    module = attention(config)
+    hidden = torch.randn(1, 50, config.hidden_size)
+    position_ids = torch.arange(50)[None] % 25 if packed else torch.arange(50)[None]
+    spans = [(0, 25), (25, 50)] if packed else [(0, 50)]
+    probe = torch.randn(1, 50, config.hidden_size)
+    x32 = hidden.clone().requires_grad_()
+    want = torch.cat([reference(module, config, x32, a, b) for a, b in spans], dim=1)
+    (want * probe).sum().backward()
+    x16 = hidden.bfloat16().requires_grad_()
+    got = run(copy.deepcopy(module).bfloat16(), config, x16, position_ids)
+    (got.float() * probe).sum().backward()
+    torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.01)
+    torch.testing.assert_close(x16.grad.float(), x32.grad, rtol=0.02, atol=0.02)
 
 
 # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` in PeftModel.__init__.
@@ -283,12 +373,13 @@ def test_general_path_equals_the_fused_fast_path():
         torch.testing.assert_close(fast, general, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["one document", "left padded"])
+@pytest.mark.parametrize("layout", ["one document", "left padded", "packed"])
 def test_local_backward_in_row_chunks_matches_the_definition(monkeypatch, layout):
     """The local backward recomputes its probabilities a chunk of rows at a time: tiny chunks, same grads."""
     from finetune.modeling import sparse_attention
 
     monkeypatch.setattr(sparse_attention, "_LOCAL_CHUNK", 1)  # chunks of `local_window` rows
+    monkeypatch.setattr(sparse_attention, "_LOCAL_SHARE", 1 << 30)
     assert_gradients_match_the_definition(sparse_config(num_key_value_heads=2, local_window=3), layout)
 
 
@@ -302,6 +393,7 @@ def test_local_window_chunks_with_cached_keys_match_one_chunk(monkeypatch):
     steps = torch.arange(base, base + length)[:, None] - torch.arange(window)
     allowed = (steps >= 0).expand(2, 1, 1, length, window)
     results = []
+    monkeypatch.setattr(sparse_attention, "_LOCAL_SHARE", 1 << 30)
     for chunk in (1 << 30, 1):
         monkeypatch.setattr(sparse_attention, "_LOCAL_CHUNK", chunk)
         out = sparse_attention._LocalWindow.apply(q, k, v, allowed, base, 0.3)
@@ -309,3 +401,18 @@ def test_local_window_chunks_with_cached_keys_match_one_chunk(monkeypatch):
     for whole, chunked in zip(*results):
         torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
     assert all(g.abs().sum() > 0 for g in results[1])
+
+
+def test_fast_path_backward_twice_with_retained_graph():
+    """The fused backward drops each head's kept global output once used; a second backward of the
+    same graph (retain_graph) reruns those heads' forward kernels and gets the same gradients."""
+    config = sparse_config(global_ratio=0.1, local_window=4)
+    module = attention(config)
+    hidden = torch.randn(1, 45, config.hidden_size, requires_grad=True)
+    out = run(module, config, hidden, torch.arange(45)[None])
+    loss = (out * torch.randn_like(out)).sum()
+    first = torch.autograd.grad(loss, [hidden, *module.parameters()], retain_graph=True)
+    second = torch.autograd.grad(loss, [hidden, *module.parameters()])
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert first[0].abs().sum() > 0

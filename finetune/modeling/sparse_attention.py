@@ -31,12 +31,17 @@ n / block_size queries over the n / block_size summaries. On a CPU the fast path
 no cache) runs exactly that through the causal flash-attention kernel, whose tiles above the diagonal
 are skipped, so the global work is about n^2 / (2 * block_size) instead of dense attention's n^2 / 2,
 in O(n) memory; it is fused with the local branch and the gate in one autograd Function that keeps
-only its inputs for backward and recomputes the rest there, one head (global) or one chunk of rows
-(local) at a time (peak memory of the attention at or below dense sdpa's, see
-benchmarks/sparse_attention.py). Padded, packed or cached inputs, and other devices, take
-an exact general path: the same summaries, read through `scaled_dot_product_attention` with an explicit
-(queries x summaries) block mask. The local branch is one pass over q and the shifted keys per window
-offset (a batched matmul over views, no (n, window, D) copy): time and memory linear in n.
+its inputs and, as sdpa does, each head's global output and log-sum-exp for backward, and recomputes
+the local window's probabilities there a few chunks of rows at a time (peak memory of the attention
+within a few percent of dense sdpa's, see benchmarks/sparse_attention.py). Left-padded, packed or cached inputs, and every other device, take
+the exact general path: the same summaries, read a chunk of query rows at a time, each chunk against
+only the summaries its rows can see (from the first block of its first row's document to the last
+block its last row has closed), with the block mask built per chunk; a chunk's scores are never larger
+than the queries (T x D per head), and the backward recomputes them from the output and the log-sum-exp like
+flash attention. So the general path is linear in n in memory too, and on a single document it skips
+the summaries above the diagonal a chunk at a time. The local branch is one pass over q and the
+shifted keys per window offset (a batched matmul over views, no (n, window, D) copy): time and memory
+linear in n.
 
 Padding and packing: `padding_mask` (1 = real token) and `position_ids` restarting at 0 mark the
 documents; tokens never attend across documents or to padding, and blocks are counted from each
@@ -62,7 +67,6 @@ class _Layout:
     """Where the documents are, for every cached + current token of each row (B, T_all)."""
 
     real: torch.Tensor  # bool: a real token (not padding)
-    doc: torch.Tensor  # long: document index (increases along the row)
     local_idx: torch.Tensor  # long: tokens since the start of the token's document
     regular: bool  # one document from index 0 per row (right padding at most), no cache: fast path
 
@@ -94,7 +98,7 @@ class _Layout:
         index = torch.arange(total, device=device).expand(batch, total)
         local_idx = index - torch.where(start, index, 0).cummax(dim=1).values
         regular = past == 0 and bool((local_idx == index).all())
-        return cls(real=real, doc=start.cumsum(dim=1), local_idx=local_idx, regular=regular)
+        return cls(real=real, local_idx=local_idx, regular=regular)
 
 
 def _window_steps(length: int, base: int, window: int):
@@ -125,7 +129,14 @@ def _group_sum(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([r.permute(1, 2, 0, 3) for r in rows])  # (T, nKV, 1, D) -> (nKV, 1, T, D)
 
 
-_LOCAL_CHUNK = 1 << 14  # (rows x heads x window) elements of fp32 per chunk of the local backward
+# The local backward recomputes the window probabilities a chunk of query rows at a time. A chunk's
+# (rows x heads x window) fp32 buffers hold 1/_LOCAL_SHARE of the queries' elements (at least
+# _LOCAL_CHUNK): a few percent of the peak, and a fixed number of chunks at any length (4 at head dim
+# 64 and window 8), each ~100 small operations. Every operation is a fork / join of the intra-op
+# threads; the 64 KiB chunks used before made that thousands per backward (80 chunks at 20480 tokens),
+# and the backward's wall time hostage to how the threads were scheduled (benchmarks/sparse_decoder.py).
+_LOCAL_SHARE = 32
+_LOCAL_CHUNK = 1 << 15
 
 
 def _local_probs(query, key, allowed, base: int, scale: float) -> torch.Tensor:
@@ -163,7 +174,7 @@ def _local_backward(grad_out, query, key, value, allowed, base: int, scale: floa
     """
     length, window = query.shape[-2], allowed.shape[-1]
     per_row = max(1, query[..., 0, 0].numel() * window)
-    chunk = max(window, _LOCAL_CHUNK // per_row)
+    chunk = max(window, max(_LOCAL_CHUNK, query.numel() // _LOCAL_SHARE) // per_row)
     grad_weight = None if weight is None else query.new_zeros(query.shape[0], length, dtype=torch.float32)
     for start in range(0, length, chunk):
         end = min(length, start + chunk)
@@ -249,15 +260,18 @@ class _BlockSparse(torch.autograd.Function):
     block) whose kernel skips the masked tiles. The phases are a strided view of a padded copy of one
     head's queries (batch = phase), and the kernel writes its output already in token order; one
     (batch, head) at a time, so no buffer larger than one head's is ever allocated. Saved for
-    backward: the inputs only. The backward reruns each head's global kernel (for its output and
-    log-sum-exp) just before that head's backward, rebuilds the summaries, and recomputes the local
+    backward: the inputs, and each head's global output and log-sum-exp (what sdpa keeps too; `keep`
+    False, e.g. under no_grad, keeps none). The backward runs the heads first, dropping each head's
+    output as soon as its backward is done (a head whose output is gone, as in a second backward with
+    retain_graph, reruns its forward kernel), rebuilds the summaries, and then recomputes the local
     probabilities a chunk of rows at a time; the local output itself is not needed (the gate's
-    gradient is folded into the local backward). So at its peak it holds what sdpa's backward holds:
-    the output and the q / k / v gradients.
+    gradient is folded into the local backward). The key / value gradients are allocated only after
+    the heads, when the kept outputs are gone, so at its peak the backward holds what sdpa's backward
+    holds: the output and the q / k / v gradients.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, gate, allowed, block: int, scale: float):
+    def forward(ctx, query, key, value, gate, allowed, block: int, scale: float, keep: bool):
         # query (B, nH, T, D); key / value (B, nKV, T, D); gate (B, T, 2) probabilities (local, global)
         batch, heads, length, dim = query.shape
         kv_heads = key.shape[1]
@@ -267,6 +281,7 @@ class _BlockSparse(torch.autograd.Function):
         mixed = local.view(batch, heads, length, dim).mul_(gate[:, None, :, 0, None].to(query.dtype))
         sum_k, sum_v = _BlockSparse._summaries(key, value, block, m)
         rows = length - block + 1  # queries t = block-1 .. T-1 see at least one summary
+        kept = []  # per (batch, head): the global output (block, 1, m, D) and log-sum-exp, for backward
         for b in range(batch if m else 0):
             for h in range(heads):
                 out, lse = _flash_forward(
@@ -275,9 +290,10 @@ class _BlockSparse(torch.autograd.Function):
                 )  # fmt: skip
                 out_tokens = _BlockSparse._tokens(out)[:rows]  # queries t = block-1 .. block-2+rows
                 mixed[b, h, block - 1 :].addcmul_(out_tokens, gate[b, block - 1 :, 1, None].to(query.dtype))
+                kept.append((out, lse) if keep else None)
                 del out, lse, out_tokens
         ctx.save_for_backward(query, key, value, gate, allowed)
-        ctx.block, ctx.scale = block, scale
+        ctx.block, ctx.scale, ctx.kept = block, scale, kept
         return mixed
 
     @staticmethod
@@ -308,9 +324,9 @@ class _BlockSparse(torch.autograd.Function):
         gate_q = gate.to(query.dtype)
         grad_q, grad_gate = torch.zeros_like(query), torch.zeros_like(gate)
 
-        # Global branch first, one (batch, head) at a time: each head's global output and log-sum-exp
-        # are recomputed here (the forward keeps none), the summaries rebuilt (a mean, cheap), and the
-        # key / value gradients allocated only after the loop, so that the peak stays at dense sdpa's.
+        # Global branch first, one (batch, head) at a time: each head's kept global output and
+        # log-sum-exp are dropped once used, the summaries rebuilt (a mean, cheap), and the key / value
+        # gradients allocated only after the loop, so that the peak stays at dense sdpa's.
         sum_k, sum_v = _BlockSparse._summaries(key, value, block, m)
         grad_sum_k, grad_sum_v = torch.zeros_like(sum_k), torch.zeros_like(sum_v)
         rows = length - block + 1
@@ -318,14 +334,15 @@ class _BlockSparse(torch.autograd.Function):
             phases = _BlockSparse._phases(query[b, h], block, m)
             sum_kh = sum_k[b, h // groups].expand(block, 1, m, dim)
             sum_vh = sum_v[b, h // groups].expand(block, 1, m, dim)
-            out, lse = _flash_forward(phases, sum_kh, sum_vh, 0.0, True, scale=scale)
+            saved, ctx.kept[b * heads + h] = ctx.kept[b * heads + h], None  # dropped after this head
+            out, lse = saved or _flash_forward(phases, sum_kh, sum_vh, 0.0, True, scale=scale)
             grad_rows = grad_mixed[b, h, block - 1 :]  # (rows, D)
             grad_gate[b, block - 1 :, 1] += (grad_rows * _BlockSparse._tokens(out)[:rows]).sum(-1)
             grad_out = grad_rows.new_zeros(m * block, dim)
             torch.mul(grad_rows, gate_q[b, block - 1 :, 1, None], out=grad_out[:rows])
             grad_out = grad_out.view(m, block, dim).transpose(0, 1)[:, None]  # phase order, like `out`
             dq, dk, dv = _flash_backward(grad_out, phases, sum_kh, sum_vh, out, lse, 0.0, True, scale=scale)
-            del out, lse, grad_out, phases, sum_kh, sum_vh
+            del saved, out, lse, grad_out, phases, sum_kh, sum_vh
             grad_q[b, h, block - 1 :] += _BlockSparse._tokens(dq)[:rows]
             grad_sum_k[b, h // groups] += dk.sum(dim=(0, 1))
             grad_sum_v[b, h // groups] += dv.sum(dim=(0, 1))
@@ -366,7 +383,159 @@ class _BlockSparse(torch.autograd.Function):
             grads,
             weight,
         )
-        return grad_q, grad_k, grad_v, grad_gate, None, None, None
+        return grad_q, grad_k, grad_v, grad_gate, None, None, None, None
+
+
+_GLOBAL_CHUNK = 0  # (query rows x summaries) per head in one chunk of the general path; 0: T x head_dim
+
+
+@dataclass
+class _SummaryPlan:
+    """General path: the block summaries of every row, who may read them, and the chunks of query rows.
+
+    Summaries are listed per row in order of their block's last token (`end_pos`, in T_all
+    coordinates); a row with fewer than m summaries is filled up with `end_pos` = T_all (never
+    visible). Query row i (token past + i) reads summary j iff its document's first token <= end_pos[j]
+    <= past + i (documents are contiguous, so that is "an earlier block of the same document"). A chunk (r0, r1, s0, s1) is a run of query rows with the only summaries
+    any of them can read: s0 .. s1 - 1, from the first block of row r0's document to the last block
+    ended by row r1 - 1. So a chunk's scores are (r1 - r0) x (s1 - s0), never (T x m).
+    """
+
+    end_pos: torch.Tensor  # (B, m) long
+    q_pos: torch.Tensor  # (T,) long: T_all index of each query
+    q_start: torch.Tensor  # (B, T) long: T_all index of the first token of each query's document
+    has_global: torch.Tensor  # (B, T) bool: the query sees at least one summary
+    chunks: list[tuple[int, int, int, int]]
+
+    @classmethod
+    def build(cls, layout: _Layout, past: int, length: int, block: int, budget: int) -> _SummaryPlan | None:
+        """None when no row has a complete block; `budget`: most (rows x summaries) per chunk."""
+        device = layout.real.device
+        total = layout.real.shape[1]
+        ends = layout.real & ((layout.local_idx + 1) % block == 0)  # (B, T_all): a block closes here
+        counts = ends.sum(dim=1)
+        m = int(counts.max())
+        if m == 0:
+            return None
+        index = torch.arange(total, device=device)
+        order = torch.sort(ends.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :m]
+        valid = torch.arange(m, device=device) < counts[:, None]  # (B, m)
+        end_pos = torch.where(valid, order, total)  # ascending per row, then T_all
+
+        # a query sees a summary iff a block of its document ended at or before it
+        closed = ends.cumsum(dim=1)  # blocks closed up to and including each token
+        doc_start = index - layout.local_idx  # (B, T_all) first token of each token's document
+        before_doc = (closed - ends.long()).gather(1, doc_start)  # blocks closed before the document
+        has_global = (closed - before_doc)[:, past:] > 0
+
+        # per query row: the first summary of its document and one past the last it can see (both
+        # non-decreasing along the row); a chunk takes the union over the batch
+        q_pos = index[past:]
+        q_start = doc_start[:, past:].contiguous()
+        first = torch.searchsorted(end_pos, q_start).amin(dim=0).tolist()
+        upto = torch.searchsorted(end_pos, q_pos.expand(len(end_pos), -1).contiguous(), right=True)
+        upto = upto.amax(dim=0).tolist()
+        chunks, r0 = [], 0
+        while r0 < length:  # the longest run of rows from r0 whose scores fit in the budget
+            lo, hi = r0 + 1, length
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if (mid - r0) * (upto[mid - 1] - first[r0]) <= budget else (lo, mid - 1)
+            chunks.append((r0, lo, first[r0], upto[lo - 1]))
+            r0 = lo
+        return cls(end_pos, q_pos, q_start, has_global, chunks)
+
+    def hidden(self, chunk: tuple[int, int, int, int]) -> torch.Tensor:
+        """(B, 1, 1, rows, summaries) bool for one chunk: True where the query may not read the summary.
+
+        Rows that see no summary read them all (finite values; the gate gives those rows no global share).
+        """
+        r0, r1, s0, s1 = chunk
+        end_pos = self.end_pos[:, None, s0:s1]  # (B, 1, s)
+        out = (end_pos > self.q_pos[r0:r1, None]) | (end_pos < self.q_start[:, r0:r1, None])
+        out &= self.has_global[:, r0:r1, None]
+        return out[:, None, None]
+
+    def summaries(self, key: torch.Tensor, value: torch.Tensor, block: int):
+        """Mean key / value of every listed block: (B, nKV, m, D) each (filler entries: finite, unread)."""
+        total = key.shape[2]
+        members = (self.end_pos - block + 1)[..., None] + torch.arange(block, device=key.device)
+        members = members.clamp(0, total - 1).flatten(1)  # (B, m * block)
+        return tuple(
+            torch.stack([x[b].index_select(1, members[b]) for b in range(len(x))])
+            .unflatten(2, (-1, block))
+            .mean(dim=3)
+            for x in (key, value)
+        )
+
+
+def _chunk_probs(query, sum_k, plan: _SummaryPlan, chunk, scale: float):
+    """One chunk's queries (B, nKV, g * rows, D) and their fp32 scores over its summaries, masked.
+
+    query (B, nKV, g, T, D); sum_k (B, nKV, m, D). Scores: (B, nKV, g * rows, summaries).
+    """
+    r0, r1, s0, s1 = chunk
+    batch, kv_heads, groups, _, dim = query.shape
+    q = query[..., r0:r1, :].reshape(batch, kv_heads, groups * (r1 - r0), dim)
+    scores = torch.matmul(q, sum_k[:, :, s0:s1].transpose(-1, -2)).float().mul_(scale)
+    hidden = plan.hidden(chunk)  # (B, 1, 1, rows, summaries)
+    scores.view(batch, kv_heads, groups, r1 - r0, s1 - s0).masked_fill_(hidden, float("-inf"))
+    return q, scores
+
+
+class _GlobalChunked(torch.autograd.Function):
+    """General path's global branch: block summaries read one chunk of query rows at a time.
+
+    Any device, any layout (padding, packed documents, KV cache). Like flash attention it keeps
+    only its inputs, its output and the per-row log-sum-exp for backward, and recomputes a chunk's
+    probabilities there; no chunk's scores exceed `plan`'s budget, so memory is linear in T.
+    """
+
+    @staticmethod
+    def forward(ctx, query, sum_k, sum_v, plan: _SummaryPlan, scale: float):
+        # query (B, nKV, g, T, D); sum_k / sum_v (B, nKV, m, D)
+        batch, kv_heads, groups, length, dim = query.shape
+        out = torch.zeros_like(query)
+        lse = query.new_zeros(batch, kv_heads, groups, length, dtype=torch.float32)
+        for chunk in plan.chunks:
+            r0, r1, s0, s1 = chunk
+            if s1 == s0:  # no summary any row of the chunk can read
+                continue
+            _, scores = _chunk_probs(query, sum_k, plan, chunk, scale)
+            chunk_lse = scores.logsumexp(dim=-1, keepdim=True)  # (B, nKV, g * rows, 1)
+            probs = scores.sub_(chunk_lse).exp_().to(query.dtype)
+            part = torch.matmul(probs, sum_v[:, :, s0:s1])  # (B, nKV, g * rows, D)
+            out[..., r0:r1, :] = part.view(batch, kv_heads, groups, r1 - r0, dim)
+            lse[..., r0:r1] = chunk_lse.view(batch, kv_heads, groups, r1 - r0)
+        ctx.save_for_backward(query, sum_k, sum_v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, sum_k, sum_v, out, lse = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        batch, kv_heads, groups, length, dim = query.shape
+        grad_q = torch.zeros_like(query)
+        grad_k = torch.zeros_like(sum_k, dtype=torch.float32)
+        grad_v = torch.zeros_like(sum_v, dtype=torch.float32)
+        for chunk in plan.chunks:
+            r0, r1, s0, s1 = chunk
+            if s1 == s0:
+                continue
+            shape = (batch, kv_heads, groups * (r1 - r0), dim)
+            q, probs = _chunk_probs(query, sum_k, plan, chunk, scale)
+            probs = probs.sub_(lse[..., r0:r1].reshape(*shape[:3], 1)).exp_()  # (B, nKV, g * rows, s)
+            grad = grad_out[..., r0:r1, :].reshape(shape)
+            inner = (grad.float() * out[..., r0:r1, :].reshape(shape).float()).sum(-1, keepdim=True)
+            grad_v[:, :, s0:s1] += torch.matmul(probs.mT, grad.float())
+            grad_s = torch.matmul(grad, sum_v[:, :, s0:s1].mT).float()  # d loss / d probs
+            grad_s = grad_s.sub_(inner).mul_(probs).mul_(scale)  # softmax backward, then the scale
+            del probs
+            part = torch.matmul(grad_s.to(query.dtype), sum_k[:, :, s0:s1])
+            grad_q[..., r0:r1, :] = part.view(batch, kv_heads, groups, r1 - r0, dim)
+            grad_k[:, :, s0:s1] += torch.matmul(grad_s.mT, q.float())
+        return grad_q, grad_k.to(sum_k.dtype), grad_v.to(sum_v.dtype), None, None
 
 
 class HierarchicalSparseAttention(nn.Module):
@@ -430,17 +599,20 @@ class HierarchicalSparseAttention(nn.Module):
         if layout.regular and query.device.type == "cpu":  # fused fast path (a CPU kernel)
             has_global = torch.arange(length, device=query.device) >= self.block_size - 1  # a block done
             gate = self._gate(gate_logits, has_global.expand(batch, length))
-            return _BlockSparse.apply(query, key, value, gate, allowed, self.block_size, self.scaling)
+            keep = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, gate))
+            return _BlockSparse.apply(query, key, value, gate, allowed, self.block_size, self.scaling, keep)
 
         q5 = query.view(batch, key.shape[1], -1, length, dim)  # (B, nKV, g, T, D)
         k5, v5 = key[:, :, None, lo:], value[:, :, None, lo:]  # (B, nKV, 1, past - lo + T, D)
         local = _LocalWindow.apply(q5, k5, v5, allowed, past - lo, self.scaling).view_as(query)
-        glob, has_global = self._global_masked(query, key, value, layout, past)
-        gate = self._gate(gate_logits, has_global).to(query.dtype)
-        mixed = local * gate[:, None, :, 0, None]
-        if glob is not None:
-            mixed = mixed + glob * gate[:, None, :, 1, None]
-        return mixed
+        budget = _GLOBAL_CHUNK or length * dim  # a chunk's scores: no larger than the queries (T x D)
+        plan = _SummaryPlan.build(layout, past, length, self.block_size, budget)
+        if plan is None:  # no token sees a complete block: the local branch alone
+            return local
+        sum_k, sum_v = plan.summaries(key, value, self.block_size)
+        glob = _GlobalChunked.apply(q5, sum_k, sum_v, plan, self.scaling).view_as(query)
+        gate = self._gate(gate_logits, plan.has_global).to(query.dtype)
+        return local * gate[:, None, :, 0, None] + glob * gate[:, None, :, 1, None]
 
     @staticmethod
     def _gate(gate_logits: torch.Tensor, has_global: torch.Tensor) -> torch.Tensor:
@@ -457,39 +629,3 @@ class HierarchicalSparseAttention(nn.Module):
         real = layout.real[:, lo:].gather(1, key_pos.clamp(min=0).flatten()[None].expand(batch, -1))
         allowed = (offset <= layout.local_idx[:, past:, None]) & real.view(batch, length, window)
         return allowed | (offset == 0)  # a token always sees itself (padding too: no empty row)
-
-    def _global_masked(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        layout: _Layout,
-        past: int,
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """General path (padding, packed documents, KV cache): summaries at each block's last token."""
-        batch, heads, length, dim = query.shape
-        block = self.block_size
-        ends = layout.real & ((layout.local_idx + 1) % block == 0)  # (B, T_all): a block closes here
-        counts = ends.sum(dim=1)
-        m = int(counts.max())
-        if m == 0:
-            return None, torch.zeros(batch, length, dtype=torch.bool, device=query.device)
-        end_pos = torch.sort(ends.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :m]
-        valid = torch.arange(m, device=query.device) < counts[:, None]  # (B, m)
-        members = (end_pos - block + 1).clamp(min=0)[..., None] + torch.arange(block, device=query.device)
-        members = members.view(batch, 1, m * block, 1)  # every index <= its block's end <= T_all - 1
-        members = members.expand(batch, key.shape[1], m * block, dim)
-        sum_k = key.gather(2, members).view(batch, -1, m, block, dim).mean(dim=3)  # (B, nKV, m, D)
-        sum_v = value.gather(2, members).view(batch, -1, m, block, dim).mean(dim=3)
-
-        q_pos = torch.arange(past, past + length, device=query.device)
-        q_doc = layout.doc[:, past:]  # (B, T)
-        visible = (end_pos[:, None, :] <= q_pos[None, :, None]) & valid[:, None, :]
-        visible &= layout.doc.gather(1, end_pos)[:, None, :] == q_doc[:, :, None]  # (B, T, m)
-        has_global = visible.any(dim=-1)
-        visible |= ~has_global[..., None]  # rows without a summary read all (finite); the gate drops them
-        out = F.scaled_dot_product_attention(
-            query, sum_k, sum_v, attn_mask=visible[:, None], scale=self.scaling,
-            enable_gqa=True,
-        )  # fmt: skip
-        return out, has_global
