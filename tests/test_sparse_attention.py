@@ -416,3 +416,21 @@ def test_fast_path_backward_twice_with_retained_graph():
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert first[0].abs().sum() > 0
+
+
+def test_an_all_sparse_model_builds_no_dense_causal_mask(monkeypatch):
+    """The T x T mask is for dense layers only: a model whose layers are all sparse never builds it
+    (400 MiB for packed input at 20480 tokens), and a model with a dense layer still does."""
+    import finetune.modeling.modeling_moetune as modeling
+    from tiny_models import build
+
+    calls = []
+    original = modeling.create_causal_mask
+    monkeypatch.setattr(modeling, "create_causal_mask", lambda **kw: calls.append(1) or original(**kw))
+    ids = torch.randint(3, 100, (1, 24))
+    packed = torch.cat([torch.arange(10), torch.arange(14)]).unsqueeze(0)  # two documents in one row
+    with torch.no_grad():
+        build("moetune", attention_type="hierarchical_sparse")(input_ids=ids, position_ids=packed)
+        assert calls == []
+        build("moetune", attention_type=["hierarchical_sparse", "dense"])(input_ids=ids, position_ids=packed)
+    assert calls == [1]

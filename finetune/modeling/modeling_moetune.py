@@ -309,13 +309,18 @@ class MoetuneModel(MoetunePreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
+        # Only dense layers read the 4D causal mask; sparse layers build their own from `padding_mask`
+        # and `position_ids`. For packed input the mask is T x T (400 MiB at 20480 tokens): skip it
+        # when no layer needs it.
+        causal_mask = None
+        if "dense" in self.config.layer_attention_types:
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=position_ids,
+            )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)  # (B, T, D) each
         for layer in self.layers:
