@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moetune-installed
 
-.PHONY: setup quickstart test test-all lint format bench clean
+.PHONY: setup quickstart test test-all test-gpu lint format bench bench-full clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"
 
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -38,6 +41,11 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/expert_lora.py
 	$(PY) benchmarks/sparse_attention.py
+	$(PY) benchmarks/sparse_decoder.py
+	$(PY) benchmarks/quantized_experts.py
+
+bench-full: $(STAMP)
+	$(PY) benchmarks/full_model.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
