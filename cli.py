@@ -90,6 +90,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides=args.set,
         output_dir=args.output,
         resume=args.resume,
+        overwrite=args.overwrite,
         num_processes=args.num_processes,
         debug=args.debug,
     )
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.add_argument("--output", default=None, help="run folder (default: the recipe's output.dir)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run folder")
     p.add_argument("--num-processes", type=int, default=1, help="launch N processes with Accelerate")
 
     add("recipes", cmd_recipes, "list the bundled recipes")
