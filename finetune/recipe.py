@@ -790,7 +790,42 @@ def load_recipe(path_or_name: str, overrides: Sequence[str] = ()) -> Recipe:
             f"{_display(path)}: cannot read the recipe ({err.__class__.__name__}: {err})"
         ) from err
     where = _display(path)
-    return recipe_from_dict(parse_yaml(text, where), where, name=_name_of(path), overrides=overrides)
+    recipe = recipe_from_dict(parse_yaml(text, where), where, name=_name_of(path), overrides=overrides)
+    if _is_bundled(path):
+        resolve_bundled_paths(recipe, overridden={o.partition("=")[0].strip() for o in overrides})
+    return recipe
+
+
+def _is_bundled(path: Path) -> bool:
+    return path.resolve().is_relative_to(RECIPES_DIR.resolve())
+
+
+def resolve_bundled_paths(recipe: Recipe, overridden: set[str] = frozenset()) -> None:
+    """Point a bundled recipe's own sample data at the installation when the working folder lacks it.
+
+    The bundled recipes name their data relative to the repository (`recipes/data/chat-sample.jsonl`,
+    `docs`), which is the working folder when run from a clone; from any other folder the same path
+    is looked up next to the recipes instead, and a note says so. A path the user gave (`--set`) or
+    one that exists where `moetune` runs is left alone."""
+    root = RECIPES_DIR.parent
+    for key in ("data.train", "data.eval"):
+        if key in overridden:
+            continue
+        value = _get(recipe, key)
+        sources = value if isinstance(value, list) else [value]
+        resolved = []
+        for source in sources:
+            if (
+                isinstance(source, str)
+                and not Path(source).is_absolute()
+                and not Path(source).exists()
+                and (root / source).exists()
+            ):
+                recipe.notes.append(f"{key}: {source} is read from the moetune installation: {root / source}")
+                source = str(root / source)
+            resolved.append(source)
+        if value is not None:
+            setattr(recipe.data, key.split(".")[1], resolved if isinstance(value, list) else resolved[0])
 
 
 def _display(path: Path) -> str:
