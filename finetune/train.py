@@ -965,29 +965,33 @@ def relaunch_with_accelerate(
         fd, name = tempfile.mkstemp(suffix=".yaml", prefix="moetune-recipe-")
         os.close(fd)
         recipe = str(save_recipe(recipe, name))
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--num_processes", str(num_processes), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
-        "--multi_gpu",
-    ]  # fmt: skip
-    cmd += [str(Path(cli.__file__).resolve()), "train", str(recipe)]
-    for item in overrides:
-        cmd += ["--set", item]
-    if output_dir is not None:
-        cmd += ["--output", str(output_dir)]
-    if resume:
-        cmd.append("--resume")
-    if overwrite:
-        cmd.append("--overwrite")
-    if debug:
-        cmd.append("--debug")
+
+    def command(port: int) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--num_processes", str(num_processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port),
+            "--multi_gpu",
+        ]  # fmt: skip
+        cmd += [str(Path(cli.__file__).resolve()), "train", str(recipe)]
+        for item in overrides:
+            cmd += ["--set", item]
+        if output_dir is not None:
+            cmd += ["--output", str(output_dir)]
+        if resume:
+            cmd.append("--resume")
+        if overwrite:
+            cmd.append("--overwrite")
+        if debug:
+            cmd.append("--debug")
+        return cmd
+
     env = dict(os.environ)
     if not _has_accelerator():
         env["ACCELERATE_USE_CPU"] = "true"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
-    rc = subprocess.call(cmd, env=env)
+    rc, _ = launch_on_a_free_port(command, env=env)
     if rc != 0:
         raise MoetuneError(
             f"training on {num_processes} processes failed (exit code {rc}); see the messages above"
@@ -995,7 +999,50 @@ def relaunch_with_accelerate(
     return ""
 
 
+def launch_on_a_free_port(
+    command: Any,
+    *,
+    env: dict[str, str],
+    cwd: str | os.PathLike | None = None,
+    echo: bool = True,
+    attempts: int = 3,
+    timeout: float | None = None,
+) -> tuple[int, str]:
+    """Run `command(port)` (a launcher whose rendezvous listens on `port`); returns (exit code, stderr).
+
+    A free port has to be chosen before the launcher binds it, and another process may take it in
+    between (the launcher then fails at once with EADDRINUSE, before any training): that case is
+    retried on a new port. stderr is passed through as it comes (`echo`) and kept for the caller;
+    a launcher still running after `timeout` seconds is killed.
+    """
+    import codecs
+    import threading
+
+    for attempt in range(1, attempts + 1):
+        proc = subprocess.Popen(command(_free_port()), env=env, cwd=cwd, stderr=subprocess.PIPE)
+        watchdog = threading.Timer(timeout, proc.kill) if timeout else None
+        if watchdog is not None:
+            watchdog.start()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a chunk may split a character
+        parts = []
+        while chunk := os.read(proc.stderr.fileno(), 65536):
+            parts.append(decoder.decode(chunk))
+            if echo:
+                sys.stderr.write(parts[-1])
+                sys.stderr.flush()
+        rc = proc.wait()
+        proc.stderr.close()
+        if watchdog is not None:
+            watchdog.cancel()
+        err = "".join(parts) + decoder.decode(b"", final=True)
+        taken = "EADDRINUSE" in err or "address already in use" in err.lower()
+        if rc == 0 or not taken or attempt == attempts:
+            break
+    return rc, err
+
+
 def _free_port() -> int:
+    """A port nothing listens on now (it may be taken again before use: see launch_on_a_free_port)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
