@@ -12,7 +12,7 @@ checkpoint needs; when it does not fit, a `MoetuneError` says so and nothing is 
 
 Ctrl-C (SIGINT) or SIGTERM during training is caught by `InterruptGuard`: the step in flight
 finishes, a checkpoint is written the same atomic way, and the run stops with `TrainingInterrupted`
-("rerun with --resume"). A second signal while that checkpoint is written stops at once (the atomic
+("rerun with --resume"). A second Ctrl-C while that checkpoint is written stops at once (the atomic
 write leaves the previous checkpoints intact).
 """
 
@@ -74,9 +74,11 @@ class TrainingInterrupted(MoetuneError):
 class InterruptGuard:
     """While active, SIGINT / SIGTERM only set a flag that the training loop checks after each step.
 
-    The first signal asks the loop to stop cleanly (checkpoint, then `TrainingInterrupted`); the
-    handlers then go back to the defaults, so a second Ctrl-C stops the process at once. Signal
-    handlers can only be installed from the main thread; elsewhere the guard does nothing.
+    The first signal asks the loop to stop cleanly (checkpoint, then `TrainingInterrupted`). Ctrl-C
+    then goes back to its default, so a second Ctrl-C stops the process at once; SIGTERM stays a
+    request, because launchers (torchrun's agent on Ctrl-C, job schedulers) follow the first signal
+    with SIGTERM and then, after a grace period, SIGKILL: the checkpoint gets that grace period.
+    Signal handlers can only be installed from the main thread; elsewhere the guard does nothing.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -94,8 +96,9 @@ class InterruptGuard:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-        self._restore()
+        self.received = self.received or signum
+        if signal.SIGINT in self._previous:
+            signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():

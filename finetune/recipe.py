@@ -6,7 +6,8 @@ recipe by name, applies `--set section.key=value` overrides (values parsed as YA
 ranges and cross-field conflicts in one place (`_check_conflicts`), and refuses mistakes with a
 `MoetuneError` that names the file, the key path and the fix; all the problems of a recipe are
 reported together, one line each. Nothing is rewritten silently: the values filled in are documented
-defaults, the recipe's `notes` say which ones a run relies on (printed when training starts), and the
+defaults, the recipe's `notes` say which ones a run relies on (printed when training starts; an
+override that replaced a recipe key is one of its `warnings`, printed on stderr), and the
 resolved recipe (`save_recipe`) shows them all.
 
 An override wins over the recipe, as on the command line of the peers (torchtune, axolotl,
@@ -248,9 +249,11 @@ class Recipe:
     data: DataSection
     train: TrainSection
     output: OutputSection
-    # What loading decided for the user: overrides that replaced a recipe key, defaults a run relies
-    # on. One line each; the training loop prints them. Not part of the recipe itself.
+    # What loading decided for the user, one line each, printed by the training loop; not part of the
+    # recipe itself. notes: defaults a run relies on, sample data found in the installation (stdout);
+    # warnings: overrides that replaced a key of the recipe file (stderr).
     notes: list[str] = field(default_factory=list, compare=False, repr=False)
+    warnings: list[str] = field(default_factory=list, compare=False, repr=False)
 
 
 SECTIONS: dict[str, type] = {
@@ -496,7 +499,7 @@ def _is_set(value: Any) -> bool:
     return value is not None and value is not False
 
 
-def _merge_overrides(raw: dict, overrides: Sequence[str], where: str, notes: list[str]) -> dict:
+def _merge_overrides(raw: dict, overrides: Sequence[str], where: str, warnings: list[str]) -> dict:
     """Apply `section.key=value` overrides (value parsed as YAML) onto the raw mapping.
 
     An override wins over the recipe: when it sets one key of an EXCLUSIVE pair and the recipe (not
@@ -524,7 +527,7 @@ def _merge_overrides(raw: dict, overrides: Sequence[str], where: str, notes: lis
             body = raw.get(other_section)
             if other in parsed or not isinstance(body, dict) or not _is_set(body.get(other_name)):
                 continue
-            notes.append(
+            warnings.append(
                 f"--set {key}={_show(value)} replaces the recipe's {other}: {_show(body[other_name])} "
                 "(the two cannot both be set)"
             )
@@ -714,8 +717,8 @@ def recipe_from_dict(
             f"{where}: a recipe is a mapping with sections {', '.join(SECTIONS)}; got {type(raw).__name__}"
         )
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    notes: list[str] = []
-    raw = _merge_overrides(raw, overrides, where, notes)
+    warnings: list[str] = []
+    raw = _merge_overrides(raw, overrides, where, warnings)
     overridden = {item.partition("=")[0].strip() for item in overrides}
     problems = _Problems(where)
     for section in raw:
@@ -738,7 +741,8 @@ def recipe_from_dict(
     if recipe.output.dir is None:
         recipe.output.dir = str(Path("runs") / name)
     defaults = _defaults_note(raw, recipe, where)
-    recipe.notes = notes + ([defaults] if defaults else [])
+    recipe.notes = [defaults] if defaults else []
+    recipe.warnings = warnings
     return recipe
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -157,8 +158,10 @@ class TrainingRun:
                 "raise train.batch_size instead, or use recipes/accelerate/fsdp.yaml"
             )
         checkpoint = self._checkpoint_to_resume()
-        for note in getattr(r, "notes", ()):  # overrides that replaced recipe keys, defaults relied on
-            self.say(note, err=True)
+        for line in getattr(r, "warnings", ()):  # overrides that replaced a key of the recipe file
+            self.say(line, err=True)
+        for line in getattr(r, "notes", ()):  # defaults relied on, sample data found in the installation
+            self.say(line)
 
         # Model: the same seed on every process, so randomly initialised parts agree.
         set_seed(t.seed)
@@ -346,8 +349,6 @@ class TrainingRun:
 
     def _stop_on_interrupt(self, step: int, signum: int) -> None:
         """Save a resumable checkpoint of the finished `step` (unless there is one) and stop."""
-        import signal
-
         self.progress.close()
         if step != self.last_saved_step:
             self.save_checkpoint(step)
@@ -992,6 +993,11 @@ def relaunch_with_accelerate(
         env["ACCELERATE_USE_CPU"] = "true"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
     rc, _ = launch_on_a_free_port(command, env=env)
+    if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        raise MoetuneError(
+            f"training on {num_processes} processes was interrupted (exit code {rc}); they saved a checkpoint: "
+            "rerun the same command with --resume to continue"
+        )
     if rc != 0:
         raise MoetuneError(
             f"training on {num_processes} processes failed (exit code {rc}); see the messages above"
@@ -1024,8 +1030,20 @@ def launch_on_a_free_port(
         if watchdog is not None:
             watchdog.start()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a chunk may split a character
-        parts = []
-        while chunk := os.read(proc.stderr.fileno(), 65536):
+        parts, interrupted = [], False
+        while True:
+            try:
+                chunk = os.read(proc.stderr.fileno(), 65536)
+            except KeyboardInterrupt:
+                # Ctrl-C reached the launched processes as well: they save a checkpoint and stop, so
+                # wait for them; a second Ctrl-C stops them at once.
+                if interrupted:
+                    proc.kill()
+                    raise
+                interrupted = True
+                continue
+            if not chunk:
+                break
             parts.append(decoder.decode(chunk))
             if echo:
                 sys.stderr.write(parts[-1])

@@ -96,8 +96,7 @@ def test_an_override_replaces_the_recipe_key_it_conflicts_with_and_says_so(
     key, value = override.split("=")
     assert getattr(getattr(recipe, key.split(".")[0]), key.split(".")[1]) == yaml.safe_load(value)
     assert getattr(getattr(recipe, dropped[0]), dropped[1]) in (None, False)
-    replaced = [n for n in recipe.notes if n.startswith("--set")]
-    assert replaced == [
+    assert recipe.warnings == [
         f"--set {override} replaces the recipe's {'.'.join(dropped)}: "
         f"{raw[dropped[0]][dropped[1]] if not isinstance(raw[dropped[0]][dropped[1]], bool) else 'true'} "
         "(the two cannot both be set)"

@@ -53,7 +53,7 @@ def test_a_minimal_recipe_trains_attention_and_experts_and_prints_the_defaults(
     assert cli.main(["train", str(path), "--output", str(out), "--set", "train.max_steps=1"]) == 0
     captured = capsys.readouterr()
     assert (
-        "defaults used: adapter.targets=[attention, experts], adapter.r=16, adapter.alpha=32" in captured.err
+        "defaults used: adapter.targets=[attention, experts], adapter.r=16, adapter.alpha=32" in captured.out
     )
     assert "data.format not set; the records' fields (text) fit text" in caplog.text  # a warning on stderr
     report = captured.out  # the target report lists both groups
@@ -125,6 +125,6 @@ def test_a_bundled_recipe_runs_from_any_folder(tmp_path, monkeypatch, capsys):
         "data.max_examples=16",
     ]
     assert cli.main(args) == 0
-    err = capsys.readouterr().err
-    assert "data.train: recipes/data/instruct-sample.jsonl is read from the moetune installation" in err
+    out = capsys.readouterr().out
+    assert "data.train: recipes/data/instruct-sample.jsonl is read from the moetune installation" in out
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
