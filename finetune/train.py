@@ -352,6 +352,8 @@ class TrainingRun:
         self.progress.close()
         if step != self.last_saved_step:
             self.save_checkpoint(step)
+        if not self.accelerator.is_main_process:  # the main process says it, once
+            raise SystemExit(128 + signum)
         name = signal.Signals(signum).name
         latest = ckpt.latest_checkpoint(self.run_dir)
         raise ckpt.TrainingInterrupted(
@@ -992,11 +994,12 @@ def relaunch_with_accelerate(
     if not _has_accelerator():
         env["ACCELERATE_USE_CPU"] = "true"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
-    rc, _ = launch_on_a_free_port(command, env=env)
-    if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-        raise MoetuneError(
-            f"training on {num_processes} processes was interrupted (exit code {rc}); they saved a checkpoint: "
-            "rerun the same command with --resume to continue"
+    rc, err = launch_on_a_free_port(command, env=env)
+    if rc != 0 and "rerun the same command with --resume" in err:  # they stopped on Ctrl-C and saved
+        raise ckpt.TrainingInterrupted(
+            f"training on {num_processes} processes was interrupted (see above); rerun the same command "
+            "with --resume to continue",
+            signal.SIGINT,
         )
     if rc != 0:
         raise MoetuneError(
