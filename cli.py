@@ -115,6 +115,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides=args.set,
         output_dir=args.output,
         resume=args.resume,
+        overwrite=args.overwrite,
         num_processes=args.num_processes,
         debug=args.debug,
     )
@@ -402,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", default=None, help="run folder (default: the recipe's output.dir)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint (default: off)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in the run folder (default: off: a finished run is refused)",
+    )
     p.add_argument(
         "--num-processes", type=int, default=1, help="launch N processes with Accelerate (default: 1)"
     )

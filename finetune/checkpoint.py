@@ -9,6 +9,11 @@ The final adapter folder is written the same way (`atomic_folder`).
 
 Before writing, the free space of the target file system is compared with an estimate of what the
 checkpoint needs; when it does not fit, a `MoetuneError` says so and nothing is written.
+
+Ctrl-C (SIGINT) or SIGTERM during training is caught by `InterruptGuard`: the step in flight
+finishes, a checkpoint is written the same atomic way, and the run stops with `TrainingInterrupted`
+("rerun with --resume"). A second Ctrl-C while that checkpoint is written stops at once (the atomic
+write leaves the previous checkpoints intact).
 """
 
 from __future__ import annotations
@@ -40,15 +45,76 @@ SLACK_BYTES = 8 << 20
 
 
 def failpoint(name: str, step: int | None = None) -> None:
-    """`kill -9` this process here when MOETUNE_FAILPOINT names this point (fault tests only).
+    """Send this process a signal here when MOETUNE_FAILPOINT names this point (fault tests only).
 
-    MOETUNE_FAILPOINT is `NAME` or `NAME@STEP`. The fault tests need a kill at an exact place (halfway
-    through writing a checkpoint), which no polling from outside can hit reliably; the signal is
-    real, and the process dies exactly as it would under `kill -9`.
+    MOETUNE_FAILPOINT is `NAME`, `NAME@STEP`, optionally followed by `:SIGNAL` (default SIGKILL), e.g.
+    `after-step@7` or `after-step@5:SIGINT`. The fault tests need a signal at an exact place (halfway
+    through writing a checkpoint, after a given step), which no polling from outside can hit reliably;
+    the signal is real, and the process meets it exactly as it would from `kill` or a Ctrl-C.
     """
     wanted = os.environ.get("MOETUNE_FAILPOINT")
-    if wanted and wanted in (name, f"{name}@{step}"):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if not wanted:
+        return
+    point, _, signal_name = wanted.partition(":")
+    if point in (name, f"{name}@{step}"):
+        os.kill(os.getpid(), getattr(signal, signal_name or "SIGKILL"))
+
+
+# ----------------------------------------------------------------------------- interrupts
+
+
+class TrainingInterrupted(MoetuneError):
+    """The run stopped on SIGINT / SIGTERM after saving a resumable checkpoint."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
+
+
+class InterruptGuard:
+    """While active, SIGINT / SIGTERM only set a flag that the training loop checks after each step.
+
+    The first signal asks the loop to stop cleanly (checkpoint, then `TrainingInterrupted`). Ctrl-C
+    then goes back to its default, so a second Ctrl-C stops the process at once; SIGTERM stays a
+    request, because launchers (torchrun's agent on Ctrl-C, job schedulers) follow the first signal
+    with SIGTERM and then, after a grace period, SIGKILL: the checkpoint gets that grace period.
+    Signal handlers can only be installed from the main thread; elsewhere the guard does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> InterruptGuard:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = self.received or signum
+        if signal.SIGINT in self._previous:
+            signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def requested(self, accelerator) -> int | None:
+        """The signal received by any process (all of them must stop at the same step), else None."""
+        mine = self.received or 0
+        if accelerator.num_processes > 1:
+            flag = torch.tensor(mine, device=accelerator.device)
+            mine = int(accelerator.reduce(flag, "max").item())
+        return mine or None
 
 
 # ----------------------------------------------------------------------------- disk space
@@ -259,6 +325,30 @@ def save_checkpoint(
         publish(tmp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+# What `moetune train` writes into a run folder (and `--overwrite` removes; nothing else is touched).
+RUN_OUTPUTS = (CHECKPOINTS, "adapter", "plots", "logs", "metrics.json", "history.json", "recipe.yaml")
+
+
+def remove_run_outputs(run_dir: Path) -> list[str]:
+    """Delete a previous run's outputs from `run_dir` (other files stay); returns the names removed."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        for path in (
+            Path(run_dir) / name,
+            Path(run_dir) / (TMP_PREFIX + name),
+            Path(run_dir) / (OLD_PREFIX + name),
+        ):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            else:
+                continue
+            if path.name == name:
+                removed.append(name)
+    return removed
 
 
 def prune_checkpoints(run_dir: Path, keep: int | None) -> None:

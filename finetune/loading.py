@@ -9,10 +9,12 @@ Weights load from safetensors only, unless `allow_pickle=True`; remote code runs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -34,6 +36,21 @@ DTYPES = {
     "fp16": torch.float16,
 }
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+# `preset:NAME` is one model wherever it is loaded (train, experts profile, generate, info): its
+# weights are drawn with this seed, the same as `init-model --preset NAME` with its default --seed.
+PRESET_SEED = 0
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Random initialisation that depends on `seed` alone and leaves the caller's RNG as it was.
+
+    Only the CPU generator is seeded (models are built on the CPU, then moved); `fork_rng` restores
+    its state afterwards, so a training run's own seed decides what happens next (LoRA init, data).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
@@ -179,12 +196,9 @@ def load_model(
 ) -> tuple[PreTrainedModel, Any]:
     """MODEL spec -> (model, tokenizer or processor).
 
-    `quantize` ("int8" / "nf4") stores the routed experts quantized (finetune.quantization): a float
-    folder is quantized while it loads, a folder written quantized loads as it is (quantize None or
-    its own method), a preset is quantized right after it is built.
-
-    `preset:NAME` builds the built-in architecture with random weights and the offline tokenizer
-    (with `modalities`, the multimodal model and its processor); `preset:full` is refused on a
+    `preset:NAME` builds the built-in architecture with random weights drawn with PRESET_SEED (the
+    same weights on every load, whatever the caller's RNG, which is left untouched) and the offline
+    tokenizer (with `modalities`, the multimodal model and its processor); `preset:full` is refused on a
     CPU-only machine (it is ~19B parameters: use `moetune info`). A folder's own config decides its
     modalities, so asking for others there is refused rather than silently ignored.
     """
@@ -201,9 +215,10 @@ def load_model(
         from finetune.tokenizer import build_tokenizer
 
         config = _preset_or_multimodal_config(name, modalities)
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=torch_dtype if isinstance(torch_dtype, torch.dtype) else None
-        )
+        with seeded_init(PRESET_SEED):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=torch_dtype if isinstance(torch_dtype, torch.dtype) else None
+            )
         if quantize:
             from finetune.quantization import quantize_model_experts_
 
@@ -318,11 +333,13 @@ def init_model(
     *,
     attention: str | None = None,
     modalities: list[str] | None = None,
-    seed: int = 0,
+    seed: int = PRESET_SEED,
     quantize: str | None = None,
 ) -> Path:
     """Write a random-initialised built-in model of `preset` and its tokenizer to `output`.
 
+    The weights depend on `seed` alone (the caller's RNG is neither used nor advanced); with the
+    default seed and no other option they equal what `load_model("preset:NAME")` builds.
     With `quantize` ("int8" / "nf4") the model is written block by block with its routed experts
     quantized and never held in full precision (finetune.quantization.checkpoint): this is how the
     full preset (19.2B parameters) is created on a machine without GPUs. Its non-expert weights are
@@ -357,8 +374,8 @@ def init_model(
         dtype = torch.bfloat16 if name in META_ONLY_ON_CPU else torch.float32
         init_quantized_preset(config, tmp, quantize, dtype=dtype, seed=seed)
     else:
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        with seeded_init(seed):
+            model = AutoModelForCausalLM.from_config(config)
         model.save_pretrained(tmp)
     tokenizer = build_tokenizer(config.vocab_size)
     if modalities:

@@ -3,12 +3,21 @@
 Each section is a dataclass whose fields are the recipe keys, documented in `metadata["help"]`
 (`moetune recipes` and docs/recipes-and-data.md show them). `load_recipe` reads a file or a bundled
 recipe by name, applies `--set section.key=value` overrides (values parsed as YAML), checks types,
-ranges and cross-field conflicts in one place (`_check_conflicts`), and refuses every mistake with a
-`MoetuneError` that names the file, the key path and the fix. Nothing is rewritten silently: the only
-values filled in are documented defaults, and the resolved recipe (`save_recipe`) shows them all.
+ranges and cross-field conflicts in one place (`_check_conflicts`), and refuses mistakes with a
+`MoetuneError` that names the file, the key path and the fix; all the problems of a recipe are
+reported together, one line each. Nothing is rewritten silently: the values filled in are documented
+defaults, the recipe's `notes` say which ones a run relies on (printed when training starts; an
+override that replaced a recipe key is one of its `warnings`, printed on stderr), and the
+resolved recipe (`save_recipe`) shows them all.
+
+An override wins over the recipe, as on the command line of the peers (torchtune, axolotl,
+LLaMA-Factory): `--set train.max_steps=5` on a recipe with `train.epochs: 2` replaces the epochs
+(the two cannot both be set) and a note says so; only keys the recipe sets conflict this way, two
+overrides that contradict each other are still refused.
 
 Relative paths in a recipe (data files, an experts selection.json, output.dir) are relative to the
-directory `moetune` runs in, as for any command-line argument.
+directory `moetune` runs in, as for any command-line argument; the data paths of the bundled recipes
+(`recipes/data/...`) are found next to the recipes when they are not there (`resolve_bundled_path`).
 """
 
 from __future__ import annotations
@@ -82,7 +91,8 @@ class AdapterSection:
 
     targets: list[str] = _doc(
         "groups (attention, experts, shared_experts, dense_mlp, router, encoders, projector) "
-        "and/or raw module or parameter names. Required."
+        "and/or raw module or parameter names; one name may be given as a plain string",
+        default_factory=lambda: ["attention", "experts"],
     )
     r: int = _doc("LoRA rank", default=16)
     alpha: int | float = _doc(
@@ -122,10 +132,12 @@ class DataSection:
         "hold out this share of data.train (by record, seeded with train.seed) instead of data.eval",
         default=None,
     )
-    format: Literal["text", "instruction", "chat", "multimodal"] = _doc(
+    format: Literal["text", "instruction", "chat", "multimodal"] | None = _doc(
         "text: loss on every token; instruction: loss on the response only; chat: loss on assistant "
-        "turns only; multimodal: records with image / audio (finetune.data.multimodal)",
-        default="text",
+        "turns only; multimodal: records with image / audio (finetune.data.multimodal); null = inferred "
+        "from the records' fields (messages -> chat, prompt + response or Alpaca's instruction + output -> "
+        "instruction, text -> text; the choice is printed)",
+        default=None,
     )
     max_length: int = _doc(
         "tokens per example; longer examples are truncated (the count is reported), or with packing, "
@@ -142,9 +154,18 @@ class DataSection:
     )
     pad_to_multiple_of: int | None = _doc("pad each batch to a multiple of this length", default=None)
     text_field: str = _doc("record field holding the text (format text, multimodal)", default="text")
-    prompt_field: str = _doc("record field holding the prompt (format instruction)", default="prompt")
+    prompt_field: str = _doc(
+        "record field holding the prompt (format instruction); records with Alpaca's instruction / input / "
+        "output fields and no prompt field are read as instruction + input -> output",
+        default="prompt",
+    )
     response_field: str = _doc("record field holding the response (format instruction)", default="response")
     separator: str = _doc("text placed between prompt and response (format instruction)", default="\n")
+    input_field: str | None = _doc(
+        "record field appended to the prompt on a new line when present and not empty (Alpaca's input; "
+        "format instruction); null = none",
+        default="input",
+    )
     messages_field: str = _doc(
         "record field holding a list of {role, content} messages (format chat)", default="messages"
     )
@@ -165,7 +186,8 @@ class DataSection:
         default=None,
     )
     on_bad_record: Literal["fail", "skip"] = _doc(
-        "a record with a missing or malformed field: fail with its number, or skip it (counted)",
+        "a record with a missing or malformed field, or a malformed JSON line: fail with its number, or "
+        "skip it (counted and reported)",
         default="fail",
     )
     max_examples: int | None = _doc("use at most this many training records (after the split)", default=None)
@@ -198,7 +220,9 @@ class TrainSection:
         default=None,
     )
     save_every: int | None = _doc(
-        "save a resumable checkpoint every N steps; null = at the end only", default=None
+        "save a resumable checkpoint every N steps; a checkpoint is always saved at the end (null = at "
+        "the end only)",
+        default=None,
     )
     log_every: int = _doc("log loss / lr / throughput every N steps", default=10)
     mixed_precision: Literal["no", "bf16", "fp16"] = _doc(
@@ -236,13 +260,34 @@ class Recipe:
     data: DataSection
     train: TrainSection
     output: OutputSection
+    # What loading decided for the user, one line each, printed by the training loop; not part of the
+    # recipe itself. notes: defaults a run relies on, sample data found in the installation (stdout);
+    # warnings: overrides that replaced a key of the recipe file (stderr).
+    notes: list[str] = field(default_factory=list, compare=False, repr=False)
+    warnings: list[str] = field(default_factory=list, compare=False, repr=False)
 
 
 SECTIONS: dict[str, type] = {
     "model": ModelSection, "adapter": AdapterSection, "data": DataSection, "train": TrainSection,
     "output": OutputSection,
 }  # fmt: skip
-REQUIRED = ("model.name", "adapter.targets", "data.train")
+REQUIRED = ("model.name", "data.train")
+# Keys whose value must not be empty when given (a default exists for when they are left out).
+NOT_EMPTY = ("adapter.targets",)
+# Defaults worth a line when a recipe leaves them out: they decide what is trained, on what, how long.
+HEADLINE_DEFAULTS = (
+    "adapter.targets", "adapter.r", "adapter.alpha", "data.max_length", "train.epochs",
+    "train.batch_size", "train.lr", "output.dir",
+)  # fmt: skip
+# Pairs of keys that cannot both be set: an override of one replaces the other's recipe value.
+EXCLUSIVE = (
+    ("train.max_steps", "train.epochs"),
+    ("train.warmup_steps", "train.warmup_fraction"),
+    ("data.eval", "data.eval_fraction"),
+    ("data.packing", "data.group_by_length"),
+)
+# A key given as one value where the recipe keeps a list.
+ONE_OR_LIST = ("adapter.targets",)
 
 # Lower bounds (inclusive) and open ranges, checked after types.
 _AT_LEAST = {
@@ -430,8 +475,47 @@ def _unknown_key(where: str, section: str, key: str) -> MoetuneError:
 # ----------------------------------------------------------------------------- building
 
 
-def _merge_overrides(raw: dict, overrides: Sequence[str], where: str) -> dict:
-    """Apply `section.key=value` overrides (value parsed as YAML) onto the raw mapping."""
+class RecipeProblems(MoetuneError):
+    """Several mistakes in one recipe, reported together: a count, then one line each.
+
+    (A plain MoetuneError folds its message onto one line; each line here names the file, the key and
+    the fix on its own, so the lines are kept.)"""
+
+    def __init__(self, where: str, lines: Sequence[str]) -> None:
+        self.lines = [" ".join(line.split()) for line in lines]
+        body = "\n".join(f"  {line}" for line in self.lines)
+        Exception.__init__(self, f"{where}: {len(self.lines)} problems; fix each:\n{body}")
+
+
+class _Problems:
+    """The mistakes found in one recipe, collected so that all of them are reported at once."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.lines: list[str] = []
+
+    def add(self, message: str) -> None:
+        if message not in self.lines:
+            self.lines.append(message)
+
+    def raise_if_any(self) -> None:
+        """One problem: its line. Several: a count, then one line each (each names the file and key)."""
+        if len(self.lines) == 1:
+            raise MoetuneError(self.lines[0])
+        if self.lines:
+            raise RecipeProblems(self.where, self.lines)
+
+
+def _is_set(value: Any) -> bool:
+    return value is not None and value is not False
+
+
+def _merge_overrides(raw: dict, overrides: Sequence[str], where: str, warnings: list[str]) -> dict:
+    """Apply `section.key=value` overrides (value parsed as YAML) onto the raw mapping.
+
+    An override wins over the recipe: when it sets one key of an EXCLUSIVE pair and the recipe (not
+    another override) sets the other, the recipe's value is dropped and a note says so."""
+    parsed: dict[str, tuple[str, str, Any]] = {}
     for item in overrides:
         label = f"--set {item}"
         key, sep, text = item.partition("=")
@@ -444,7 +528,22 @@ def _merge_overrides(raw: dict, overrides: Sequence[str], where: str) -> dict:
         if "." in name:
             raise MoetuneError(f"{label}: '{key}' is nested too deep; set the whole value, e.g. {section}."
                                f"{name.split('.')[0]}={{...}}")  # fmt: skip
-        value = parse_yaml(text, label) if text.strip() else None
+        parsed[key] = (section, name, parse_yaml(text, label) if text.strip() else None)
+    for key, (_, _, value) in parsed.items():
+        for pair in EXCLUSIVE:
+            if key not in pair or not _is_set(value):
+                continue
+            other = pair[1 - pair.index(key)]
+            other_section, other_name = other.split(".")
+            body = raw.get(other_section)
+            if other in parsed or not isinstance(body, dict) or not _is_set(body.get(other_name)):
+                continue
+            warnings.append(
+                f"--set {key}={_show(value)} replaces the recipe's {other}: {_show(body[other_name])} "
+                "(the two cannot both be set)"
+            )
+            del body[other_name]
+    for section, name, value in parsed.values():
         body = raw.setdefault(section, {})
         if body is None:
             body = raw[section] = {}
@@ -456,14 +555,20 @@ def _merge_overrides(raw: dict, overrides: Sequence[str], where: str) -> dict:
     return raw
 
 
-def _build_section(section: str, body: Any, where: str, overridden: set[str]) -> Any:
+def _show(value: Any) -> str:
+    """A value as YAML writes it inline (`[attention, experts]`, `2`, `null`)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def _build_section(section: str, body: Any, where: str, overridden: set[str], problems: _Problems) -> Any:
+    """The section's dataclass from its raw mapping; every mistake goes to `problems` (the section is
+    then built from what is valid, so later checks still run; None if it cannot be built)."""
     cls = SECTIONS[section]
     if body is None:
         body = {}
     if not isinstance(body, dict):
-        raise MoetuneError(
-            f"{where}: section '{section}' must be a mapping of keys, not {type(body).__name__}"
-        )
+        problems.add(f"{where}: section '{section}' must be a mapping of keys, not {type(body).__name__}")
+        body = {}
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
@@ -471,11 +576,17 @@ def _build_section(section: str, body: Any, where: str, overridden: set[str]) ->
         path = f"{section}.{key}"
         place = f"--set {path}" if path in overridden else f"{where}: {path}"
         if key not in names:
-            raise _unknown_key(f"--set {path}" if path in overridden else where, section, str(key))
+            problems.add(
+                str(_unknown_key(f"--set {path}" if path in overridden else where, section, str(key)))
+            )
+            continue
+        if path in ONE_OR_LIST and isinstance(value, str):
+            value = [value]
         try:
             values[key] = _coerce(value, hints[key])
         except _Mismatch:
-            raise MoetuneError(f"{place}: expected {_type_name(hints[key])}, got {value!r}") from None
+            problems.add(f"{place}: expected {_type_name(hints[key])}, got {value!r}")
+    missing = False
     for f in dataclasses.fields(cls):
         path = f"{section}.{f.name}"
         if (
@@ -484,128 +595,132 @@ def _build_section(section: str, body: Any, where: str, overridden: set[str]) ->
             and f.default_factory is dataclasses.MISSING
         ):
             what = f.metadata["help"].removesuffix(" Required.")
-            raise MoetuneError(f"{where}: missing required key '{path}' ({what})")
-    return cls(**values)
+            if f.name not in body:
+                problems.add(f"{where}: missing required key '{path}' ({what})")
+            missing = True
+    return None if missing else cls(**values)
 
 
-def _check_values(recipe: Recipe, where: str) -> None:
+def _check_values(recipe: Recipe, where: str, problems: _Problems) -> None:
     def value(path: str) -> Any:
         section, key = path.split(".")
         return getattr(getattr(recipe, section), key)
 
-    for path in REQUIRED:
+    for path in REQUIRED + NOT_EMPTY:
         v = value(path)
         if v is None or v == "" or v == []:
-            raise MoetuneError(f"{where}: '{path}' is required and empty; give a value")
+            problems.add(f"{where}: '{path}' is required and empty; give a value")
     for path, low in _AT_LEAST.items():
         v = value(path)
         if v is not None and v < low:
-            raise MoetuneError(f"{where}: {path} must be >= {low}, got {v}")
+            problems.add(f"{where}: {path} must be >= {low}, got {v}")
     for path in _POSITIVE:
         v = value(path)
         if v is not None and not v > 0:
-            raise MoetuneError(f"{where}: {path} must be > 0, got {v}")
+            problems.add(f"{where}: {path} must be > 0, got {v}")
     for path, interval in _UNIT_INTERVAL.items():
         v = value(path)
         ok = v is None or (0 <= v < 1 if interval == "[0, 1)" else 0 < v < 1)
         if not ok:
-            raise MoetuneError(f"{where}: {path} must be in {interval}, got {v}")
+            problems.add(f"{where}: {path} must be in {interval}, got {v}")
     a = recipe.adapter
     if any(not t.strip() for t in a.targets):
-        raise MoetuneError(f"{where}: adapter.targets has an empty name; list group or module names")
+        problems.add(f"{where}: adapter.targets has an empty name; list group or module names")
     if isinstance(a.layers, str):
         bounds = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", a.layers)
         if not bounds or int(bounds[1]) > int(bounds[2]):
-            raise MoetuneError(
+            problems.add(
                 f"{where}: adapter.layers '{a.layers}' is not a range START-END (e.g. 0-11) or a list"
             )
     elif a.layers is not None and any(i < 0 for i in a.layers):
-        raise MoetuneError(f"{where}: adapter.layers must be layer indices >= 0, got {a.layers}")
+        problems.add(f"{where}: adapter.layers must be layer indices >= 0, got {a.layers}")
     if isinstance(a.experts, dict) and any(i < 0 for ids in a.experts.values() for i in ids):
-        raise MoetuneError(f"{where}: adapter.experts has a negative expert id; ids start at 0")
+        problems.add(f"{where}: adapter.experts has a negative expert id; ids start at 0")
     if isinstance(a.experts, dict) and any(k < 0 for k in a.experts):
-        raise MoetuneError(f"{where}: adapter.experts has a negative layer index; layers start at 0")
+        problems.add(f"{where}: adapter.experts has a negative layer index; layers start at 0")
     if isinstance(a.experts, str) and not a.experts.strip():
-        raise MoetuneError(f"{where}: adapter.experts is an empty path; give selection.json or null")
+        problems.add(f"{where}: adapter.experts is an empty path; give selection.json or null")
     for name in recipe.data.train if isinstance(recipe.data.train, list) else [recipe.data.train]:
         if not name.strip():
-            raise MoetuneError(
-                f"{where}: data.train has an empty source; give a file, folder, glob or hub id"
-            )
+            problems.add(f"{where}: data.train has an empty source; give a file, folder, glob or hub id")
     repo = recipe.output.push_to_hub
     if repo is not None and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo):
-        raise MoetuneError(f"{where}: output.push_to_hub '{repo}' is not a hub repo id; use OWNER/NAME")
+        problems.add(f"{where}: output.push_to_hub '{repo}' is not a hub repo id; use OWNER/NAME")
 
 
-def _check_conflicts(recipe: Recipe, where: str) -> None:
-    """Cross-field rules: settings that contradict each other are refused, never silently resolved."""
+def _check_conflicts(recipe: Recipe, where: str, problems: _Problems) -> None:
+    """Cross-field rules: settings that contradict each other are refused, never silently resolved
+    (an override that replaces a recipe key is resolved earlier, and noted: `_merge_overrides`)."""
     d, t, o, m = recipe.data, recipe.train, recipe.output, recipe.model
-    both = [
-        (
-            t.warmup_steps is not None and t.warmup_fraction is not None,
-            "train.warmup_steps",
-            "train.warmup_fraction",
-        ),
-        (t.max_steps is not None and t.epochs is not None, "train.max_steps", "train.epochs"),
-        (d.eval is not None and d.eval_fraction is not None, "data.eval", "data.eval_fraction"),
-        (d.packing and d.group_by_length, "data.packing", "data.group_by_length"),
-    ]
-    for clash, a, b in both:
-        if clash:
-            raise MoetuneError(f"{where}: {a} and {b} both set; keep one")
+    for a, b in EXCLUSIVE:
+        if _is_set(_get(recipe, a)) and _is_set(_get(recipe, b)):
+            problems.add(f"{where}: {a} and {b} both set; keep one")
     if d.eval is None and d.eval_fraction is None:
         for key, value in (("train.eval_every", t.eval_every), ("train.eval_batches", t.eval_batches),
                            ("data.max_eval_examples", d.max_eval_examples)):  # fmt: skip
             if value is not None:
-                raise MoetuneError(
+                problems.add(
                     f"{where}: {key} is set but there is no eval data; set data.eval or data.eval_fraction"
                 )
     if o.private and o.push_to_hub is None:
-        raise MoetuneError(
+        problems.add(
             f"{where}: output.private is set but output.push_to_hub is null; name the repo or drop private"
         )
     if m.modalities is not None and not m.name.startswith("preset:"):
-        raise MoetuneError(
+        problems.add(
             f"{where}: model.modalities applies to preset:NAME models only; {m.name} has its encoders "
             "already (or none): remove model.modalities"
         )
     if d.format == "multimodal":
-        _check_multimodal(d, where)
+        _check_multimodal(d, where, problems)
     elif d.multimodal is not None:
-        raise MoetuneError(
-            f"{where}: data.multimodal is set but data.format is {d.format}; remove it or use format multimodal"
+        problems.add(
+            f"{where}: data.multimodal is set but data.format is not multimodal; remove it or set data.format: "
+            "multimodal"
         )
     if (t.mixed_precision, m.dtype) in (("fp16", "bfloat16"), ("bf16", "float16")):
-        raise MoetuneError(f"{where}: train.mixed_precision {t.mixed_precision} contradicts model.dtype {m.dtype}; "
-                           "make them agree")  # fmt: skip
+        problems.add(f"{where}: train.mixed_precision {t.mixed_precision} contradicts model.dtype {m.dtype}; "
+                     "make them agree")  # fmt: skip
     if d.pad_to_multiple_of is not None and d.pad_to_multiple_of > d.max_length:
-        raise MoetuneError(f"{where}: data.pad_to_multiple_of ({d.pad_to_multiple_of}) exceeds data.max_length "
-                           f"({d.max_length}); lower it")  # fmt: skip
-    if t.save_every is not None and t.max_steps is not None and t.save_every > t.max_steps:
-        raise MoetuneError(f"{where}: train.save_every ({t.save_every}) exceeds train.max_steps ({t.max_steps}); "
-                           "no checkpoint would be saved before the end")  # fmt: skip
+        problems.add(f"{where}: data.pad_to_multiple_of ({d.pad_to_multiple_of}) exceeds data.max_length "
+                     f"({d.max_length}); lower it")  # fmt: skip
 
 
-def _check_multimodal(d: DataSection, where: str) -> None:
+def _get(recipe: Recipe, path: str) -> Any:
+    section, key = path.split(".")
+    return getattr(getattr(recipe, section), key)
+
+
+def _check_multimodal(d: DataSection, where: str, problems: _Problems) -> None:
     """Text-pipeline keys that format multimodal does not use are refused, not ignored; the
     `data.multimodal` options are checked by the multimodal module itself."""
     for key, is_set in (("data.packing", d.packing), ("data.group_by_length", d.group_by_length)):
         if is_set:
-            raise MoetuneError(f"{where}: {key} is not supported with data.format: multimodal; remove it")
-    try:
-        from finetune.data.multimodal import MultimodalOptions
-    except ImportError:  # the multimodal half is not installed: build_datasets says so when it is used
-        return
+            problems.add(f"{where}: {key} is not supported with data.format: multimodal; remove it")
+    from finetune.data.multimodal import MultimodalOptions
+
     try:
         MultimodalOptions.from_section(d)
     except MoetuneError as err:
-        raise MoetuneError(f"{where}: {err}") from err
+        problems.add(f"{where}: {err}")
+
+
+def _defaults_note(raw: dict, recipe: Recipe, where: str) -> str | None:
+    """One line naming the headline defaults the recipe relies on (keys it and --set leave out)."""
+    used = [
+        f"{path}={_show(_get(recipe, path))}"
+        for path in HEADLINE_DEFAULTS
+        if path.split(".")[1] not in (raw.get(path.split(".")[0]) or {}) and _get(recipe, path) is not None
+    ]
+    return f"{where}: defaults used: {', '.join(used)}" if used else None
 
 
 def recipe_from_dict(
     raw: Any, where: str = "recipe", *, name: str = "recipe", overrides: Sequence[str] = ()
 ) -> Recipe:
-    """Validate a raw mapping (as read from YAML) and build a `Recipe`; `where` names it in errors."""
+    """Validate a raw mapping (as read from YAML) and build a `Recipe`; `where` names it in errors.
+
+    Every problem found is reported in one MoetuneError (one line each)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -613,28 +728,33 @@ def recipe_from_dict(
             f"{where}: a recipe is a mapping with sections {', '.join(SECTIONS)}; got {type(raw).__name__}"
         )
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    raw = _merge_overrides(raw, overrides, where)
+    warnings: list[str] = []
+    raw = _merge_overrides(raw, overrides, where, warnings)
     overridden = {item.partition("=")[0].strip() for item in overrides}
+    problems = _Problems(where)
     for section in raw:
         if section not in SECTIONS:
             hint = _suggest(str(section), list(SECTIONS))
             home = _home_of(str(section))
             if home:
                 hint = f"; keys live inside a section, e.g. '{home}'"
-            raise MoetuneError(f"{where}: unknown section '{section}'{hint}")
-    sections = {s: _build_section(s, raw.get(s), where, overridden) for s in SECTIONS}
+            problems.add(f"{where}: unknown section '{section}'{hint}")
+    sections = {s: _build_section(s, raw.get(s), where, overridden, problems) for s in SECTIONS}
+    if any(section is None for section in sections.values()):
+        problems.raise_if_any()  # a required key is missing: nothing further can be checked
     recipe = Recipe(**sections)
-    _check_values(recipe, where)
-    _check_conflicts(recipe, where)
+    _check_values(recipe, where, problems)
+    _check_conflicts(recipe, where, problems)
+    problems.raise_if_any()
     # Documented defaults, filled in so the saved recipe shows what ran.
     if recipe.train.max_steps is None and recipe.train.epochs is None:
         recipe.train.epochs = 1
     if recipe.output.dir is None:
         recipe.output.dir = str(Path("runs") / name)
+    defaults = _defaults_note(raw, recipe, where)
+    recipe.notes = [defaults] if defaults else []
+    recipe.warnings = warnings
     return recipe
-
-
-# ----------------------------------------------------------------------------- files and names
 
 
 def _recipe_files() -> dict[str, Path]:
@@ -685,7 +805,42 @@ def load_recipe(path_or_name: str, overrides: Sequence[str] = ()) -> Recipe:
             f"{_display(path)}: cannot read the recipe ({err.__class__.__name__}: {err})"
         ) from err
     where = _display(path)
-    return recipe_from_dict(parse_yaml(text, where), where, name=_name_of(path), overrides=overrides)
+    recipe = recipe_from_dict(parse_yaml(text, where), where, name=_name_of(path), overrides=overrides)
+    if _is_bundled(path):
+        resolve_bundled_paths(recipe, overridden={o.partition("=")[0].strip() for o in overrides})
+    return recipe
+
+
+def _is_bundled(path: Path) -> bool:
+    return path.resolve().is_relative_to(RECIPES_DIR.resolve())
+
+
+def resolve_bundled_paths(recipe: Recipe, overridden: set[str] = frozenset()) -> None:
+    """Point a bundled recipe's own sample data at the installation when the working folder lacks it.
+
+    The bundled recipes name their data relative to the repository (`recipes/data/chat-sample.jsonl`,
+    `docs`), which is the working folder when run from a clone; from any other folder the same path
+    is looked up next to the recipes instead, and a note says so. A path the user gave (`--set`) or
+    one that exists where `moetune` runs is left alone."""
+    root = RECIPES_DIR.parent
+    for key in ("data.train", "data.eval"):
+        if key in overridden:
+            continue
+        value = _get(recipe, key)
+        sources = value if isinstance(value, list) else [value]
+        resolved = []
+        for source in sources:
+            if (
+                isinstance(source, str)
+                and not Path(source).is_absolute()
+                and not Path(source).exists()
+                and (root / source).exists()
+            ):
+                recipe.notes.append(f"{key}: {source} is read from the moetune installation: {root / source}")
+                source = str(root / source)
+            resolved.append(source)
+        if value is not None:
+            setattr(recipe.data, key.split(".")[1], resolved if isinstance(value, list) else resolved[0])
 
 
 def _display(path: Path) -> str:

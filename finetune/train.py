@@ -3,7 +3,7 @@
     setup    Accelerator, base model + LoRA, data, AdamW on the trainable parameters, schedule,
              trackers; `--resume` restores the last checkpoint
     train    each optimizer step takes `grad_accum` micro-batches per process; eval, logging and
-             checkpoints every N steps
+             checkpoints every N steps, and one at the end; Ctrl-C / SIGTERM saves one and stops
     save     adapter/ (PEFT + model card + recipe + metrics), metrics.json, plots, recipe.yaml; push
     cleanup  close the trackers, release the process group
 
@@ -18,6 +18,7 @@ Exact resume. A checkpoint holds the trainable weights, the optimizer, the sched
 counter; data order is a pure function of (train.seed, epoch) and dropout is reseeded from
 (train.seed, step, process) before every step, so a run resumed from step k replays steps k+1..N
 exactly as the uninterrupted run did (the fault tests compare the final adapters tensor by tensor).
+A run folder is never silently reused: continuing needs `--resume`, replacing needs `--overwrite`.
 
 Several processes. `launch_training(..., num_processes=N)` re-launches itself through
 `accelerate launch`; `accelerate launch --config_file recipes/accelerate/ddp.yaml cli.py train R.yaml`
@@ -29,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -58,17 +60,24 @@ def launch_training(
     overrides: Sequence[str] = (),
     output_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     num_processes: int = 1,
     debug: bool = False,
 ) -> str:
     """Train the LoRA adapter a recipe describes; returns the summary printed at the end.
 
     `recipe` is a YAML path, a bundled recipe name or a `Recipe`; `overrides` are `section.key=value`.
+    A run folder that already holds checkpoints or an adapter needs `resume` (continue it) or
+    `overwrite` (replace it).
     """
     from finetune.recipe import Recipe
 
     if num_processes < 1:
         raise MoetuneError(f"--num-processes must be >= 1, got {num_processes}")
+    if resume and overwrite:
+        raise MoetuneError(
+            "--resume and --overwrite both given; --resume continues a run, --overwrite replaces it"
+        )
     if isinstance(recipe, Recipe):
         if overrides:
             raise MoetuneError("pass overrides with a recipe file, not with a Recipe object")
@@ -79,9 +88,15 @@ def launch_training(
         resolved = load_recipe(str(recipe), overrides)  # validate before starting any process
     if num_processes > 1 and not inside_distributed_launch():
         return relaunch_with_accelerate(
-            recipe, overrides, output_dir=output_dir, resume=resume, num_processes=num_processes, debug=debug
+            recipe,
+            overrides,
+            output_dir=output_dir,
+            resume=resume,
+            overwrite=overwrite,
+            num_processes=num_processes,
+            debug=debug,
         )
-    run = TrainingRun(resolved, output_dir=output_dir, resume=resume)
+    run = TrainingRun(resolved, output_dir=output_dir, resume=resume, overwrite=overwrite)
     try:
         run.setup()
         run.train()
@@ -96,13 +111,22 @@ def launch_training(
 class TrainingRun:
     """One training run; the four phases below are the whole story."""
 
-    def __init__(self, recipe: Any, *, output_dir: str | os.PathLike | None = None, resume: bool = False):
+    def __init__(
+        self,
+        recipe: Any,
+        *,
+        output_dir: str | os.PathLike | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+    ):
         self.recipe = recipe
         self.run_dir = Path(output_dir or recipe.output.dir).expanduser()
-        self.resume = resume
+        self.resume, self.overwrite = resume, overwrite
         self.accelerator = None
+        self.last_saved_step: int | None = None  # the step of the newest checkpoint on disk
         self.state: dict[str, Any] = {
             "step": 0,
+            "resumed_at": [],  # the steps this run was resumed from, one per --resume
             "tokens": 0,  # input tokens processed (all processes)
             "train_seconds": 0.0,
             "skipped_steps": [],
@@ -135,6 +159,10 @@ class TrainingRun:
                 "raise train.batch_size instead, or use recipes/accelerate/fsdp.yaml"
             )
         checkpoint = self._checkpoint_to_resume()
+        for line in getattr(r, "warnings", ()):  # overrides that replaced a key of the recipe file
+            self.say(line, err=True)
+        for line in getattr(r, "notes", ()):  # defaults relied on, sample data found in the installation
+            self.say(line)
 
         # Model: the same seed on every process, so randomly initialised parts agree.
         set_seed(t.seed)
@@ -189,6 +217,12 @@ class TrainingRun:
         )
 
         if acc.is_main_process:
+            if self.overwrite:  # only now, once model and data loaded: a failed start keeps the old run
+                removed = ckpt.remove_run_outputs(self.run_dir)
+                if removed:
+                    self.say(
+                        f"--overwrite: removed the previous run's {', '.join(removed)} in {self.run_dir}"
+                    )
             ckpt.clean_stale(self.run_dir / ckpt.CHECKPOINTS)
             save_recipe(r, self.run_dir / "recipe.yaml")
         acc.init_trackers(TRACKER_PROJECT, config=_flat_config(r))
@@ -199,11 +233,20 @@ class TrainingRun:
     def _checkpoint_to_resume(self) -> Path | None:
         """The checkpoint `--resume` continues from (checked against the recipe before any loading)."""
         existing = ckpt.latest_checkpoint(self.run_dir)
+        finished = (self.run_dir / "adapter" / "adapter_config.json").exists()
+        if self.overwrite:
+            return None
         if not self.resume:
+            if finished:
+                raise MoetuneError(
+                    f"run folder {self.run_dir} holds a finished run (its adapter/ is written); pass "
+                    "--overwrite to replace it, --resume to continue it (e.g. with a larger train.max_steps), "
+                    "or choose another --output"
+                )
             if existing is not None:
                 raise MoetuneError(
                     f"run folder {self.run_dir} already has checkpoints (latest: {existing.name}); "
-                    "pass --resume to continue it, or choose another --output"
+                    "pass --resume to continue it, --overwrite to replace it, or choose another --output"
                 )
             return None
         if existing is None:
@@ -220,16 +263,20 @@ class TrainingRun:
 
     def _restore(self, checkpoint: Path) -> None:
         state = ckpt.load_checkpoint(self.accelerator, checkpoint)
+        state.setdefault("resumed_at", []).append(state["step"])
         self.state = state
-        self.accelerator.print(f"resumed from {checkpoint} (step {state['step']} of {self.total_steps})")
+        self.last_saved_step = state["step"]
+        left = max(self.total_steps - state["step"], 0)
+        self.accelerator.print(
+            f"resumed from {checkpoint} (step {state['step']} of {self.total_steps}; {left} step(s) to run)"
+        )
 
     # ------------------------------------------------------------------ train
 
     def train(self) -> None:
-        from accelerate import skip_first_batches
         from tqdm.auto import tqdm
 
-        acc, t = self.accelerator, self.recipe.train
+        acc = self.accelerator
         if self.state["step"] == 0 and self.eval_batches:
             before = self.evaluate()
             self.state["eval_loss_before"] = before["loss"]
@@ -246,9 +293,24 @@ class TrainingRun:
         window = _Window()
         load = ExpertLoad()
         self.model.train()
+        with ckpt.InterruptGuard() as interrupts:
+            self._loop(window, load, interrupts)
+        progress.close()
+        if self.state["step"] != self.last_saved_step:  # the end is always resumable
+            self.save_checkpoint(self.state["step"])
+        if self.eval_batches:
+            self.run_eval(self.state["step"])
+
+    def _loop(self, window: _Window, load: ExpertLoad, interrupts: ckpt.InterruptGuard) -> None:
+        """Optimizer steps from the current one to the last; stops with a checkpoint on Ctrl-C."""
+        from accelerate import skip_first_batches
+
+        acc, t, progress = self.accelerator, self.recipe.train, self.progress
         while self.state["step"] < self.total_steps:
             epoch, first_update = divmod(self.state["step"], self.steps_per_epoch)
-            self.sampler.set_epoch(epoch)
+            # Through the prepared loader: Accelerate's own epoch counter re-sets the sampler's epoch each
+            # time the loader is iterated, and it only advances when an iteration runs to exhaustion.
+            self.train_dl.set_epoch(epoch)
             skip = first_update * t.grad_accum  # micro-batches this process already used this epoch
             batches = iter(skip_first_batches(self.train_dl, skip) if skip else self.train_dl)
             for update in range(first_update, self.steps_per_epoch):
@@ -281,11 +343,27 @@ class TrainingRun:
                     self.run_eval(step)
                 if t.save_every and step % t.save_every == 0 and step != self.total_steps:
                     self.save_checkpoint(step)
+                ckpt.failpoint("after-step", step)
                 if step >= self.total_steps:
-                    break
-        progress.close()
-        if self.eval_batches:
-            self.run_eval(self.state["step"])
+                    return
+                signum = interrupts.requested(acc)
+                if signum is not None:
+                    self._stop_on_interrupt(step, signum)
+
+    def _stop_on_interrupt(self, step: int, signum: int) -> None:
+        """Save a resumable checkpoint of the finished `step` (unless there is one) and stop."""
+        self.progress.close()
+        if step != self.last_saved_step:
+            self.save_checkpoint(step)
+        if not self.accelerator.is_main_process:  # the main process says it, once
+            raise SystemExit(128 + signum)
+        name = signal.Signals(signum).name
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        raise ckpt.TrainingInterrupted(
+            f"training interrupted by {name} after step {step} of {self.total_steps}; checkpoint saved in "
+            f"{latest}; rerun the same command with --resume to continue",
+            signum,
+        )
 
     def train_step(self, micro_batches: list[dict], step: int, load: ExpertLoad) -> dict[str, float]:
         """One optimizer step over `micro_batches`; the loss is normalised by the global token count."""
@@ -398,19 +476,20 @@ class TrainingRun:
         acc = self.accelerator
         _check_finite(self.model, f"the checkpoint of step {step}")
         ckpt.save_checkpoint(acc, self.run_dir, step, self.state, needed_bytes=self.checkpoint_bytes)
+        self.last_saved_step = step
         if acc.is_main_process:
             ckpt.prune_checkpoints(self.run_dir, self.recipe.output.keep_checkpoints)
         acc.wait_for_everyone()
 
-    def say(self, text: str) -> None:
-        """A line on the main process, written above the progress bar rather than through it."""
+    def say(self, text: str, *, err: bool = False) -> None:
+        """A line on the main process (stderr with `err`), written above the progress bar."""
         if not self.accelerator.is_main_process:
             return
         progress = getattr(self, "progress", None)
         if progress is not None and not progress.disable:
-            progress.write(text)
+            progress.write(text, file=sys.stderr if err else None)
         else:
-            print(text, flush=True)
+            print(text, flush=True, file=sys.stderr if err else sys.stdout)
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.accelerator.log(values, step=step)
@@ -485,12 +564,15 @@ class TrainingRun:
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "skipped_steps": s["skipped_steps"],
+            "resumed_at": s.get("resumed_at", []),
             "num_processes": self.accelerator.num_processes,
             "mixed_precision": self.recipe.train.mixed_precision,
         }
 
     def summary(self, m: dict[str, Any], adapter_dir: Path) -> str:
         lines = [f"trained {m['steps']} steps in {m['train_seconds']:.1f}s"]
+        if m["resumed_at"]:
+            lines[0] += f" (resumed at step {', '.join(map(str, m['resumed_at']))})"
         if m["tokens_per_second"]:
             lines[0] += f" ({m['tokens_per_second']:.0f} tokens/s on {m['num_processes']} process(es))"
         if m["train_loss"] is not None:
@@ -879,6 +961,7 @@ def relaunch_with_accelerate(
     resume: bool,
     num_processes: int,
     debug: bool,
+    overwrite: bool = False,
 ) -> str:
     """`moetune train R.yaml --num-processes N` = `accelerate launch --num_processes N cli.py train R.yaml`."""
     import cli
@@ -888,27 +971,39 @@ def relaunch_with_accelerate(
         fd, name = tempfile.mkstemp(suffix=".yaml", prefix="moetune-recipe-")
         os.close(fd)
         recipe = str(save_recipe(recipe, name))
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--num_processes", str(num_processes), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
-        "--multi_gpu",
-    ]  # fmt: skip
-    cmd += [str(Path(cli.__file__).resolve()), "train", str(recipe)]
-    for item in overrides:
-        cmd += ["--set", item]
-    if output_dir is not None:
-        cmd += ["--output", str(output_dir)]
-    if resume:
-        cmd.append("--resume")
-    if debug:
-        cmd.append("--debug")
+
+    def command(port: int) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--num_processes", str(num_processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port),
+            "--multi_gpu",
+        ]  # fmt: skip
+        cmd += [str(Path(cli.__file__).resolve()), "train", str(recipe)]
+        for item in overrides:
+            cmd += ["--set", item]
+        if output_dir is not None:
+            cmd += ["--output", str(output_dir)]
+        if resume:
+            cmd.append("--resume")
+        if overwrite:
+            cmd.append("--overwrite")
+        if debug:
+            cmd.append("--debug")
+        return cmd
+
     env = dict(os.environ)
     if not _has_accelerator():
         env["ACCELERATE_USE_CPU"] = "true"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
-    rc = subprocess.call(cmd, env=env)
+    rc, err = launch_on_a_free_port(command, env=env)
+    if rc != 0 and "rerun the same command with --resume" in err:  # they stopped on Ctrl-C and saved
+        raise ckpt.TrainingInterrupted(
+            f"training on {num_processes} processes was interrupted (see above); rerun the same command "
+            "with --resume to continue",
+            signal.SIGINT,
+        )
     if rc != 0:
         raise MoetuneError(
             f"training on {num_processes} processes failed (exit code {rc}); see the messages above"
@@ -916,7 +1011,62 @@ def relaunch_with_accelerate(
     return ""
 
 
+def launch_on_a_free_port(
+    command: Any,
+    *,
+    env: dict[str, str],
+    cwd: str | os.PathLike | None = None,
+    echo: bool = True,
+    attempts: int = 3,
+    timeout: float | None = None,
+) -> tuple[int, str]:
+    """Run `command(port)` (a launcher whose rendezvous listens on `port`); returns (exit code, stderr).
+
+    A free port has to be chosen before the launcher binds it, and another process may take it in
+    between (the launcher then fails at once with EADDRINUSE, before any training): that case is
+    retried on a new port. stderr is passed through as it comes (`echo`) and kept for the caller;
+    a launcher still running after `timeout` seconds is killed.
+    """
+    import codecs
+    import threading
+
+    for attempt in range(1, attempts + 1):
+        proc = subprocess.Popen(command(_free_port()), env=env, cwd=cwd, stderr=subprocess.PIPE)
+        watchdog = threading.Timer(timeout, proc.kill) if timeout else None
+        if watchdog is not None:
+            watchdog.start()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a chunk may split a character
+        parts, interrupted = [], False
+        while True:
+            try:
+                chunk = os.read(proc.stderr.fileno(), 65536)
+            except KeyboardInterrupt:
+                # Ctrl-C reached the launched processes as well: they save a checkpoint and stop, so
+                # wait for them; a second Ctrl-C stops them at once.
+                if interrupted:
+                    proc.kill()
+                    raise
+                interrupted = True
+                continue
+            if not chunk:
+                break
+            parts.append(decoder.decode(chunk))
+            if echo:
+                sys.stderr.write(parts[-1])
+                sys.stderr.flush()
+        rc = proc.wait()
+        proc.stderr.close()
+        if watchdog is not None:
+            watchdog.cancel()
+        err = "".join(parts) + decoder.decode(b"", final=True)
+        taken = "EADDRINUSE" in err or "address already in use" in err.lower()
+        if rc == 0 or not taken or attempt == attempts:
+            break
+    return rc, err
+
+
 def _free_port() -> int:
+    """A port nothing listens on now (it may be taken again before use: see launch_on_a_free_port)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

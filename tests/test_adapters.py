@@ -240,7 +240,7 @@ def test_router_train_and_router_lora(family, tmp_path):
     assert router_params and all("modules_to_save" in n for n in router_params)
     trained.train()
     trained(**batch).loss.backward()
-    assert all(p.grad is not None for n, p in trained.named_parameters() if n in router_params)
+    assert all(p.grad.abs().sum() > 0 for n, p in trained.named_parameters() if n in router_params)
     assert "router" in target_report(trained)
     trained.save_pretrained(tmp_path / "t")
     with safe_open(str(tmp_path / "t" / "adapter_model.safetensors"), "pt") as f:
@@ -315,17 +315,13 @@ def test_multimodal_groups_encoders_and_projector():
     assert "encoders" in report and "projector" in report
 
 
-def test_fast_path_under_ddp_and_fsdp2_wrapping():
+def test_fast_path_under_ddp_and_fsdp2_wrapping(tmp_path):
     """One-process gloo group on the CPU: DDP and FSDP2 (fully_shard) see the same gradients."""
-    import socket
-
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    # A file store: no TCP port to pick, release and re-bind (another process could take it between).
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         batch = random_batch()
         model = apply_lora(build("moetune"), targets=["attention", "experts"], r=4)

@@ -1,31 +1,32 @@
-"""Faults during training: kill -9 and resume, kills in the middle of writes, a full disk, NaN/inf,
-and the hub token never reaching a file.
+"""Faults during training: kill -9 and resume, Ctrl-C / SIGTERM and resume, kills in the middle of
+writes, a full disk, NaN/inf, and the hub token never reaching a file.
 
-The kills are real: a `moetune train` subprocess receives SIGKILL, either from the test at a random
-step, or from itself at an exact point of a write (MOETUNE_FAILPOINT, see finetune/checkpoint.py).
-The resumed adapter is compared tensor by tensor with an uninterrupted run of the same recipe: on a
-CPU every kernel the tiny model uses is deterministic, so they must be identical (torch.equal).
+The signals are real: a `moetune train` subprocess sends itself SIGKILL or SIGINT at an exact,
+fixed point (MOETUNE_FAILPOINT, see finetune/checkpoint.py: after a given step, halfway through a
+checkpoint or the adapter), which no polling from outside can hit reliably. The resumed adapter is
+compared tensor by tensor with an uninterrupted run of the same recipe: on a CPU every kernel the
+tiny model uses is deterministic, so they must be identical (torch.equal). Because the run is
+deterministic, a silent restart from step 0 would give the same adapter: every resume also counts
+the steps the resumed process ran and checks they are exactly the missing ones.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_support import adapter_tensors, cli_command, cli_env, run_cli, write_corpus, write_recipe
+from test_train_support import adapter_tensors, cli_env, run_cli, write_corpus, write_recipe
 
 from finetune import checkpoint as ckpt
 from finetune.errors import MoetuneError
-from finetune.train import launch_training
+from finetune.train import TrainingRun, launch_training
 
 STEPS = 12
+KILL_AT = 7  # between the checkpoints of steps 6 and 8: the resumed run must replay step 7
 
 
 @pytest.fixture(scope="module")
@@ -51,34 +52,88 @@ def assert_same_adapter(run_dir, reference):
         assert torch.equal(resumed[key], value), f"{key} differs after resume"
 
 
-def test_kill_9_at_a_random_step_then_resume_gives_the_same_adapter(tmp_path, setup):
-    recipe, reference = setup
-    run_dir = tmp_path / "run"
-    target = random.SystemRandom().choice(range(2, STEPS - 3, 2))  # the kill lands just after this checkpoint
-    proc = subprocess.Popen(cli_command("train", str(recipe), "--output", str(run_dir)), env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        while not ckpt.checkpoint_dir(run_dir, target).exists():
-            assert proc.poll() is None, "training ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        rc = proc.wait(timeout=60)
-    assert rc == -signal.SIGKILL
-    assert not (run_dir / "adapter").exists()
-    last = ckpt.latest_checkpoint(run_dir)
-    assert last is not None and ckpt.read_trainer_state(last)["step"] >= target
-
+def resume_counting_steps(monkeypatch, recipe, run_dir) -> list[int]:
+    """Resume `run_dir` in this process through the CLI; returns the steps this process ran."""
     import cli
 
-    assert cli.main(["train", str(recipe), "--output", str(run_dir), "--resume"]) == 0  # in this process
+    ran = []
+    real = TrainingRun.train_step
+
+    def counting(self, micro_batches, step, load):
+        ran.append(step)
+        return real(self, micro_batches, step, load)
+
+    monkeypatch.setattr(TrainingRun, "train_step", counting)
+    assert cli.main(["train", str(recipe), "--output", str(run_dir), "--resume"]) == 0
+    return ran
+
+
+def test_kill_9_at_a_fixed_step_then_resume_runs_only_the_rest_and_gives_the_same_adapter(
+    tmp_path, setup, monkeypatch
+):
+    recipe, reference = setup
+    run_dir = tmp_path / "run"
+    done = run_cli(
+        "train", str(recipe), "--output", str(run_dir), env=cli_env(MOETUNE_FAILPOINT=f"after-step@{KILL_AT}")
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert not (run_dir / "adapter").exists()
+    last = ckpt.latest_checkpoint(run_dir)
+    assert ckpt.read_trainer_state(last)["step"] == KILL_AT - 1  # step 7 ran but was never saved
+
+    assert resume_counting_steps(monkeypatch, recipe, run_dir) == list(range(KILL_AT, STEPS + 1))
     assert_same_adapter(run_dir, reference)
-    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == STEPS
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == STEPS and metrics["resumed_at"] == [KILL_AT - 1]
 
 
-def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, setup):
+def interrupted_message(how: str, run_dir) -> str:
+    return (
+        f"moetune: error: training interrupted by {how} after step 5 of {STEPS}; checkpoint saved in "
+        f"{run_dir / 'checkpoints' / 'step-000005'}; rerun the same command with --resume to continue"
+    )
+
+
+def check_interrupted_run(run_dir) -> None:
+    assert not (run_dir / "adapter").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step-000002",
+        "step-000004",
+        "step-000005",
+    ]
+    assert ckpt.read_trainer_state(run_dir / "checkpoints" / "step-000005")["step"] == 5
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, setup, monkeypatch):
+    """SIGINT lands after step 5 (no checkpoint due there) in a real process: the run finishes that
+    step, saves it atomically, says how to continue, exits 130; --resume runs steps 6..12 only."""
+    recipe, reference = setup
+    run_dir = tmp_path / "run"
+    env = cli_env(MOETUNE_FAILPOINT="after-step@5:SIGINT")
+    done = run_cli("train", str(recipe), "--output", str(run_dir), env=env)
+    assert done.returncode == 130, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("moetune: error:")]
+    assert errors == [interrupted_message("SIGINT", run_dir)]
+    check_interrupted_run(run_dir)
+
+    assert resume_counting_steps(monkeypatch, recipe, run_dir) == list(range(6, STEPS + 1))
+    assert_same_adapter(run_dir, reference)
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, setup, monkeypatch, capsys):
+    """The same through SIGTERM (what schedulers and `kill` send), in this process: exit code 143."""
+    import cli
+
+    recipe, _ = setup
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("MOETUNE_FAILPOINT", "after-step@5:SIGTERM")
+    assert cli.main(["train", str(recipe), "--output", str(run_dir)]) == 128 + signal.SIGTERM
+    assert interrupted_message("SIGTERM", run_dir) in capsys.readouterr().err
+    check_interrupted_run(run_dir)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler was put back
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, setup, monkeypatch):
     recipe, reference = setup
     run_dir = tmp_path / "run"
     done = run_cli(
@@ -98,12 +153,12 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, 
     assert ckpt.read_trainer_state(last)["step"] == 2
     assert load_file(str(last / "model.safetensors"))  # intact and loadable
 
-    launch_training(str(recipe), output_dir=run_dir, resume=True)
+    assert resume_counting_steps(monkeypatch, recipe, run_dir) == list(range(3, STEPS + 1))
     assert not (folder / ".tmp-step-000004").exists()  # cleaned on resume
     assert_same_adapter(run_dir, reference)
 
 
-def test_kill_during_the_adapter_write_leaves_no_half_adapter(tmp_path, setup):
+def test_kill_during_the_adapter_write_leaves_no_half_adapter(tmp_path, setup, monkeypatch):
     recipe, reference = setup
     run_dir = tmp_path / "run"
     done = run_cli(
@@ -112,9 +167,9 @@ def test_kill_during_the_adapter_write_leaves_no_half_adapter(tmp_path, setup):
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert not (run_dir / "adapter").exists()
     assert (run_dir / ".tmp-adapter" / "adapter_model.safetensors").exists()  # it was being written
-    assert ckpt.read_trainer_state(ckpt.latest_checkpoint(run_dir))["step"] == STEPS - 2
+    assert ckpt.read_trainer_state(ckpt.latest_checkpoint(run_dir))["step"] == STEPS  # saved at the end
 
-    launch_training(str(recipe), output_dir=run_dir, resume=True)
+    assert resume_counting_steps(monkeypatch, recipe, run_dir) == []  # only the adapter is left to write
     assert not (run_dir / ".tmp-adapter").exists()
     assert_same_adapter(run_dir, reference)
 
@@ -159,8 +214,9 @@ def test_not_enough_disk_space_is_a_clear_error_and_keeps_the_previous_checkpoin
 
 def test_not_enough_disk_space_for_the_adapter_is_refused_before_writing(tmp_path, setup, monkeypatch):
     recipe, _ = setup
-    monkeypatch.setattr(ckpt, "free_bytes", lambda folder: 4096)
     run_dir = tmp_path / "run"
+    real = ckpt.free_bytes  # room for the checkpoints, not for the adapter (checked in the run folder)
+    monkeypatch.setattr(ckpt, "free_bytes", lambda folder: 4096 if folder == run_dir else real(folder))
     with pytest.raises(MoetuneError, match="not enough disk space to write the final adapter"):
         launch_training(str(recipe), output_dir=run_dir, overrides=["train.save_every=null"])
     assert not (run_dir / "adapter").exists() and not (run_dir / ".tmp-adapter").exists()

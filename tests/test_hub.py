@@ -271,10 +271,13 @@ def one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-def closed_port() -> int:
+@pytest.fixture
+def refusing_endpoint():
+    """A port this test holds bound but not listening: connections are refused, and no other process
+    can take the port while the test runs (a port closed and remembered could be)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again on exit: connections are refused
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 # ----------------------------------------------------------------------------- tests
@@ -351,8 +354,8 @@ def test_no_token_is_one_line_exit_2(adapter_folder, tmp_path):
     assert "no Hugging Face token: set HF_TOKEN or run `hf auth login`" in one_error_line(err)
 
 
-def test_no_network_is_one_line_exit_2(adapter_folder, tmp_path):
-    endpoint = f"http://127.0.0.1:{closed_port()}"
+def test_no_network_is_one_line_exit_2(adapter_folder, tmp_path, refusing_endpoint):
+    endpoint = refusing_endpoint
     code, out, err = run_cli(
         "push", str(adapter_folder), "--repo-id", "alice/x", endpoint=endpoint, home=tmp_path
     )

@@ -104,10 +104,14 @@ def test_hub_id_offline_fails_fast(monkeypatch):
 
 
 def test_hub_id_with_unreachable_endpoint_fails_fast(monkeypatch):
+    import socket
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
-    with pytest.raises(MoetuneError, match="cannot reach"):
-        resolve_model_folder("some-org/some-moe-model")
+    with socket.socket() as held:  # bound, never listening: connections are refused, and no one else has it
+        held.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{held.getsockname()[1]}")
+        with pytest.raises(MoetuneError, match="cannot reach"):
+            resolve_model_folder("some-org/some-moe-model")
 
 
 def test_preset_has_no_folder_for_merging():

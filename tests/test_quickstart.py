@@ -14,7 +14,7 @@ import pytest
 from test_train_support import ROOT, cli_env
 
 from finetune.errors import MoetuneError
-from finetune.quickstart import run_quickstart
+from finetune.quickstart import main, run_quickstart
 
 SHORT = [
     "train.max_steps=8", "train.warmup_steps=2", "train.eval_every=4", "train.save_every=4",
@@ -43,10 +43,18 @@ def _check_artefacts(out, report):
     assert "verify:" in report and "push --dry-run:" in report
 
 
-def test_quickstart_steps_end_to_end_on_a_short_schedule(tmp_path):
-    out = tmp_path / "qs"
-    report = run_quickstart(out, SHORT)
+def test_quickstart_steps_end_to_end_on_a_short_schedule(tmp_path, capsys):
+    out, record = tmp_path / "qs", tmp_path / "results" / "quickstart.txt"
+    args = ["--output", str(out), "--record", str(record)] + [f"--set={item}" for item in SHORT]
+    assert main(args) == 0
+    report = capsys.readouterr().out
     _check_artefacts(out, report)
+    # --record stores the printed report with the command, date and machine it came from
+    stored = record.read_text()
+    assert stored.startswith(f"# python -m finetune.quickstart {' '.join(args)}\n# date: ")
+    assert "CPUs, torch threads" in stored
+    summary = next(line for line in report.splitlines() if line.startswith("quickstart done in"))
+    assert summary in stored and "held-out perplexity" in summary
 
 
 def test_quickstart_refuses_a_folder_that_is_not_empty(tmp_path):

@@ -69,7 +69,8 @@ def test_recipe_rows(tmp_path, capsys, row, sections, overrides, expected):
         ("missing file", None, {"train": "nope/missing.jsonl"}, "data.train: no such file or folder: nope/missing.jsonl"),
         ("malformed JSON on line N", GOOD[:2] + ['{"text": "x",'], {}, "d.jsonl line 3: malformed JSON"),
         ("missing field", GOOD[:2] + [{"body": "x"}], {}, "record 3: missing field 'text' (fields present: body)"),
-        ("empty after filtering", [{"body": "x"}] * 3, {"on_bad_record": "skip"}, "no examples left after filtering (3 bad record(s) skipped"),
+        ("empty after filtering", [{"text": None, "body": "x"}] * 3, {"on_bad_record": "skip"}, "no examples left after filtering (3 bad record(s) skipped"),
+        ("no format fits", [{"body": "x"}] * 3, {}, "cannot infer data.format: the records' fields (body) fit no format"),
         ("every example longer than max length", [{"text": "x = 1\n" * 40}] * 3, {}, "every example is longer than data.max_length=32"),
     ],
 )  # fmt: skip

@@ -10,7 +10,6 @@ with the RANK of the process that did it.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 from test_train_support import ROOT, adapter_tensors, cli_env, history, write_corpus, write_recipe
 
-from finetune.train import _free_port, launch_training
+from finetune.train import launch_on_a_free_port, launch_training
 
 AUDIT_HOOK = textwrap.dedent(
     """
@@ -123,16 +122,20 @@ def test_fsdp_two_processes_from_the_bundled_config(setup):
     run_dir = folder / "fsdp"
     for old in audit.glob("log.*"):
         old.unlink()
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp.yaml"),
-        "--num_processes", "2", "--main_process_port", str(_free_port()),
-        str(ROOT / "cli.py"), "train", str(recipe), "--output", str(run_dir),
-    ]  # fmt: skip
-    done = subprocess.run(
-        cmd, env=_audit_env(audit, run_dir), cwd=ROOT, capture_output=True, text=True, timeout=600
+
+    def command(port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp.yaml"),
+            "--num_processes", "2", "--main_process_port", str(port),
+            str(ROOT / "cli.py"), "train", str(recipe), "--output", str(run_dir),
+        ]  # fmt: skip
+
+    # the launcher binds the port itself: a port taken in between is retried, never a flaky failure
+    rc, err = launch_on_a_free_port(
+        command, env=_audit_env(audit, run_dir), cwd=ROOT, echo=False, timeout=600
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert rc == 0, err[-3000:]
     # sharded checkpoint: one piece per process
     shards = sorted(
         p.name for p in (run_dir / "checkpoints" / "step-000002" / "pytorch_model_fsdp_0").iterdir()

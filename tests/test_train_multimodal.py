@@ -1,4 +1,5 @@
-"""`moetune train` on the multimodal recipes: prefix-aligned LM loss, encoder-only losses, label order."""
+"""`moetune train` on the multimodal recipes: the training loss lines up with the text after the
+modality prefix, encoder-only losses, label order."""
 
 from __future__ import annotations
 
@@ -36,3 +37,33 @@ def test_classify_recipe_trains_encoder_losses_and_keeps_the_label_order(tmp_pat
     adapter = tmp_path / "run" / "adapter"
     saved = json.loads(next(adapter.glob("*processor*config.json")).read_text())
     assert saved.get("label_names")
+
+
+def test_the_training_loss_takes_the_text_positions_after_the_modality_prefix(tmp_path):
+    """The loop computes the LM loss itself from the logits' last T positions (T = text length); it
+    must equal the model's own lm_loss, which aligns labels behind the prefix slots explicitly."""
+    from finetune.data import make_collator, prepare_datasets
+    from finetune.loading import load_model
+    from finetune.recipe import load_recipe
+    from finetune.train import count_label_tokens, forward_loss
+
+    recipe = load_recipe(str(RECIPES / "mm-caption.yaml"))
+    data = recipe.data
+    data.train, data.eval = "synthetic:shapes-caption:8", None
+    data.multimodal = {**(data.multimodal or {}), "cache_dir": str(tmp_path)}
+    torch.manual_seed(0)
+    model, processor = load_model(recipe.model.name, modalities=recipe.model.modalities)
+    prepared = prepare_datasets(data, processor, seed=0)
+    batch = make_collator(data, processor)([prepared.train[i] for i in range(4)])
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)
+        assert out.prefix_length > 0 and out.logits.shape[1] == out.prefix_length + batch["labels"].shape[1]
+        mine = forward_loss(model, batch, routes=False)["loss_sum"] / count_label_tokens(batch["labels"])
+    torch.testing.assert_close(mine, out.lm_loss.float(), rtol=1e-5, atol=1e-6)
+    # the same loss taken on the first T positions (the prefix slots) is far off: the check can fail
+    logits = out.logits[:, : batch["labels"].shape[1]][:, :-1].float()
+    wrong = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
+    )
+    assert abs(float(wrong) - float(out.lm_loss)) > 1e-3

@@ -29,7 +29,9 @@ from finetune.data.formats import (
     IGNORE_INDEX,
     BadRecord,
     chat_examples,
+    formats_fitting,
     instruction_examples,
+    layout_for,
     resolve_chat_template,
     text_examples,
     text_tokenizer,
@@ -113,10 +115,11 @@ def prepare_datasets(data: DataSection, tokenizer: Any, *, seed: int) -> Prepare
 def _prepare(data: DataSection, tokenizer: Any, *, seed: int) -> PreparedData:
     train_specs = _resolve(data.train, "data.train", data)
     eval_specs = _resolve(data.eval, "data.eval", data) if data.eval is not None else None
-    raw_train = load_source(train_specs, what="data.train")
+    skip = data.on_bad_record == "skip"
+    raw_train = load_source(train_specs, what="data.train", skip_malformed=skip)
     raw_eval = None
     if eval_specs is not None:
-        raw_eval = load_source(eval_specs, what="data.eval")
+        raw_eval = load_source(eval_specs, what="data.eval", skip_malformed=skip)
     elif data.eval_fraction is not None:
         raw_train, raw_eval = _hold_out(raw_train, data.eval_fraction, seed)
     raw_train = _cap(raw_train, data.max_examples, seed)
@@ -134,6 +137,9 @@ def _prepare(data: DataSection, tokenizer: Any, *, seed: int) -> PreparedData:
             stats.eval = SplitStats("data.eval", eval_source, records=len(raw_eval), examples=len(evals))
         return PreparedData(train, evals, stats)
 
+    data, note = layout_for(data, raw_train.column_names, f"data.train ({_label(data.train)})")
+    if note:
+        logger.warning("%s", note)
     template = resolve_chat_template(tokenizer, data.chat_template) if data.format == "chat" else None
     train_stats = SplitStats("data.train", _label(data.train))
     train = _tokenize(raw_train, data, tokenizer, template, train_stats)
@@ -269,14 +275,14 @@ def _tokenize(
             converted = text_examples(records, tokenizer, data.text_field)
         elif data.format == "instruction":
             converted = instruction_examples(
-                records, tokenizer, data.prompt_field, data.response_field, data.separator
+                records, tokenizer, data.prompt_field, data.response_field, data.separator, data.input_field
             )
         else:
             converted = chat_examples(records, tokenizer, data.messages_field, template)
         rows: list[dict[str, list[int]]] = []
-        for index, item in zip(indices, converted):
+        for index, item, record in zip(indices, converted, records):
             if isinstance(item, BadRecord):
-                _bad_record(stats, data, index, item)
+                _bad_record(stats, data, index, item, record)
                 continue
             ids, labels = item
             if data.format == "text" and all(i in specials for i in ids):
@@ -342,10 +348,16 @@ def _tokenize(
     return examples
 
 
-def _bad_record(stats: SplitStats, data: DataSection, index: int, bad: BadRecord) -> None:
+def _bad_record(stats: SplitStats, data: DataSection, index: int, bad: BadRecord, record: dict) -> None:
     where = f"{stats.what} ({stats.source}) record {index + 1}"
     if data.on_bad_record == "fail":
-        raise MoetuneError(f"{where}: {bad}; fix the record or set data.on_bad_record: skip")
+        fits = [
+            f
+            for f in formats_fitting([k for k, v in record.items() if v is not None], data)
+            if f != data.format
+        ]
+        hint = f" (its fields fit data.format: {fits[0]})" if fits else ""
+        raise MoetuneError(f"{where}: {bad}{hint}; fix the record or set data.on_bad_record: skip")
     stats.skipped += 1
     if not stats.first_problem:
         stats.first_problem = f"record {index + 1}: {bad}"

@@ -2,23 +2,30 @@
 
 Every format yields `input_ids` and `labels` of the same length; labels are -100 where no loss is taken:
 - text: loss on every token; the tokenizer's own special tokens, then EOS closes each document;
-- instruction: `prompt + separator` (no loss) then `response + EOS` (loss);
+- instruction: `prompt + separator` (no loss) then `response + EOS` (loss); an `input` field, when
+  present and not empty, is appended to the prompt on a new line (Alpaca's instruction / input /
+  output records, read the way LLaMA-Factory reads them: instruction + "\n" + input);
 - chat: the conversation rendered with a chat template; loss only on what the template emits for
   assistant turns (their content and end-of-turn marks). Each part is tokenized on its own, exactly as
   the prompt is tokenized at inference time before the model generates the answer.
 A record with a missing or malformed field raises `BadRecord`; the caller fails or skips it as the
-recipe says (`data.on_bad_record`).
+recipe says (`data.on_bad_record`). `layout_for` picks the format (when the recipe leaves it out) and
+the field names from the fields the records have.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Collection
 from typing import Any
 
 from finetune.errors import MoetuneError
 
 IGNORE_INDEX = -100
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
+# Alpaca's record layout (instruction / input / output), read as format instruction.
+ALPACA = ("instruction", "input", "output")
+DEFAULT_FIELDS = {"prompt_field": "prompt", "response_field": "response"}
 
 
 class BadRecord(Exception):
@@ -85,13 +92,24 @@ def text_examples(records: list[dict], tokenizer: Any, field: str) -> list[Examp
 
 
 def instruction_examples(
-    records: list[dict], tokenizer: Any, prompt_field: str, response_field: str, separator: str
+    records: list[dict],
+    tokenizer: Any,
+    prompt_field: str,
+    response_field: str,
+    separator: str,
+    input_field: str | None = None,
 ) -> list[Example | BadRecord]:
     tok = text_tokenizer(tokenizer)
     pairs: list[tuple[str, str] | BadRecord] = []
     for record in records:
         try:
-            pairs.append((_string_field(record, prompt_field), _string_field(record, response_field)))
+            prompt = _string_field(record, prompt_field)
+            extra = record.get(input_field) if input_field else None
+            if extra is not None and not isinstance(extra, str):
+                raise BadRecord(f"field '{input_field}' must be a string, got {type(extra).__name__}")
+            if extra:  # Alpaca: the input follows the instruction on a new line
+                prompt = f"{prompt}\n{extra}"
+            pairs.append((prompt, _string_field(record, response_field)))
         except BadRecord as bad:
             pairs.append(bad)
     good = [p for p in pairs if isinstance(p, tuple)]
@@ -230,3 +248,72 @@ def chat_examples(
             continue
         out.append((ids, labels))
     return out
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def formats_fitting(fields: Collection[str], data: Any) -> list[str]:
+    """The formats whose fields are all among `fields` (with the recipe's field names)."""
+    fits = []
+    if data.messages_field in fields:
+        fits.append("chat")
+    if {data.prompt_field, data.response_field} <= set(fields) or {"instruction", "output"} <= set(fields):
+        fits.append("instruction")
+    if data.text_field in fields:
+        fits.append("text")
+    return fits
+
+
+def _needs(fmt: str, data: Any) -> str:
+    return {
+        "chat": f"'{data.messages_field}'",
+        "instruction": f"'{data.prompt_field}' + '{data.response_field}' (or Alpaca's 'instruction' + 'output')",
+        "text": f"'{data.text_field}'",
+    }[fmt]
+
+
+def layout_for(data: Any, fields: Collection[str], where: str) -> tuple[Any, str | None]:
+    """(the data section with its format and field names decided, a note saying what was inferred).
+
+    `fields` are the records' field names. A format left out (null) is inferred when exactly one fits,
+    as TRL's SFTTrainer does (messages -> chat, prompt / completion -> instruction, text -> text);
+    instruction records in Alpaca's layout (instruction, input, output) are read as such when the
+    recipe keeps the default field names. A format whose fields the records lack entirely is refused
+    naming the format that fits them."""
+    present = ", ".join(sorted(fields)) or "none"
+    note = None
+    fmt = data.format
+    if fmt is None:
+        fits = formats_fitting(fields, data)
+        if len(fits) != 1:
+            if data.image_field in fields or data.audio_field in fields:
+                raise MoetuneError(
+                    f"{where}: the records have media fields ({present}); set data.format: multimodal"
+                )
+            needs = "; ".join(f"{f} needs {_needs(f, data)}" for f in ("chat", "instruction", "text"))
+            what = f"fit several formats ({', '.join(fits)})" if fits else "fit no format"
+            raise MoetuneError(
+                f"{where}: cannot infer data.format: the records' fields ({present}) {what} ({needs}); "
+                "set data.format (and its field names, e.g. data.text_field)"
+            )
+        fmt = fits[0]
+        note = f"{where}: data.format not set; the records' fields ({present}) fit {fmt}"
+    if fmt == "instruction":
+        uses_defaults = (data.prompt_field, data.response_field) == tuple(DEFAULT_FIELDS.values())
+        if uses_defaults and data.prompt_field not in fields and {"instruction", "output"} <= set(fields):
+            data = dataclasses.replace(data, prompt_field="instruction", response_field="output")
+            layout = "Alpaca layout: instruction + input -> output"
+            note = f"{note}; {layout}" if note else f"{where}: {layout}"
+    required = {"text": [data.text_field], "chat": [data.messages_field],
+                "instruction": [data.prompt_field, data.response_field]}.get(fmt, [])  # fmt: skip
+    absent = [name for name in required if name not in fields]
+    if absent:
+        fits = [f for f in formats_fitting(fields, data) if f != fmt]
+        hint = (
+            f"; they fit data.format: {fits[0]}" if fits else "; set the data.*_field keys to the names used"
+        )
+        raise MoetuneError(
+            f"{where}: data.format is {fmt} but no record has the field '{absent[0]}' (fields: {present}){hint}"
+        )
+    return dataclasses.replace(data, format=fmt), note

@@ -11,6 +11,8 @@ A source string is, in this order of precedence:
 - a hub dataset id `owner/name` or `owner/name:split` (downloads through `datasets`; offline is a
   clear error).
 `PATH:split` picks a split of a saved `DatasetDict`.
+A malformed JSON Lines line is an error naming the file and line, or, with `skip_malformed`
+(`data.on_bad_record: skip`), skipped and counted in a warning.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,11 +55,12 @@ def quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def load_source(spec: str | list[str], *, what: str) -> datasets.Dataset:
-    """Raw records of one source (or a list of sources, concatenated). `what` names the recipe key."""
+def load_source(spec: str | list[str], *, what: str, skip_malformed: bool = False) -> datasets.Dataset:
+    """Raw records of one source (or a list of sources, concatenated). `what` names the recipe key;
+    `skip_malformed` skips JSON Lines lines that are not a JSON object (counted in a warning)."""
     specs = spec if isinstance(spec, list) else [spec]
     with quiet_datasets():
-        parts = [_load_one(s, what=what) for s in specs]
+        parts = [_load_one(s, what=what, skip_malformed=skip_malformed) for s in specs]
     if len(parts) == 1:
         return parts[0]
     try:
@@ -72,7 +76,7 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def _load_one(spec: str, *, what: str) -> datasets.Dataset:
+def _load_one(spec: str, *, what: str, skip_malformed: bool = False) -> datasets.Dataset:
     if spec == STDLIB:
         return stdlib_documents()
     if spec.startswith("stdlib:"):
@@ -80,14 +84,14 @@ def _load_one(spec: str, *, what: str) -> datasets.Dataset:
     spec = os.path.expanduser(spec)  # `--set data.train=~/corpus`: the shell leaves that ~ alone
     path, split = _split_suffix(spec)
     if path.is_file():
-        return _load_files([path], what=what, named=True)
+        return _load_files([path], what=what, named=True, skip_malformed=skip_malformed)
     if path.is_dir():
-        return _load_folder(path, split, what=what)
+        return _load_folder(path, split, what=what, skip_malformed=skip_malformed)
     if any(c in spec for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
         if not files:
             raise MoetuneError(f"{what}: the pattern '{spec}' matches no files")
-        return _load_files(files, what=what, named=False)
+        return _load_files(files, what=what, named=False, skip_malformed=skip_malformed)
     if (
         HUB_ID.match(spec)
         and Path(spec).suffix.lower() not in STRUCTURED
@@ -108,17 +112,21 @@ def _split_suffix(spec: str) -> tuple[Path, str | None]:
 # ----------------------------------------------------------------------------- files
 
 
-def _load_files(files: list[Path], *, what: str, named: bool) -> datasets.Dataset:
+def _load_files(
+    files: list[Path], *, what: str, named: bool, skip_malformed: bool = False
+) -> datasets.Dataset:
     """Structured files through their `datasets` loader (all of one kind), else text documents.
 
     `named`: the user named this one file, so an undecodable text file is an error, not a skip."""
     kinds = {STRUCTURED.get(f.suffix.lower()) for f in files}
     if len(kinds) == 1 and None not in kinds:
-        return _load_structured(kinds.pop(), files, what=what)
+        return _load_structured(kinds.pop(), files, what=what, skip_malformed=skip_malformed)
     return _text_documents(files, what=what, strict=named)
 
 
-def _load_folder(folder: Path, split: str | None, *, what: str) -> datasets.Dataset:
+def _load_folder(
+    folder: Path, split: str | None, *, what: str, skip_malformed: bool = False
+) -> datasets.Dataset:
     if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
         return _load_saved(folder, split, what=what)
     if split is not None:
@@ -130,7 +138,7 @@ def _load_folder(folder: Path, split: str | None, *, what: str) -> datasets.Data
     )
     if not files:
         raise MoetuneError(f"{what}: the folder '{folder}' has no files")
-    return _load_files(files, what=what, named=False)
+    return _load_files(files, what=what, named=False, skip_malformed=skip_malformed)
 
 
 def _load_saved(folder: Path, split: str | None, *, what: str) -> datasets.Dataset:
@@ -154,12 +162,22 @@ def _load_saved(folder: Path, split: str | None, *, what: str) -> datasets.Datas
     return loaded
 
 
-def _load_structured(kind: str, files: list[Path], *, what: str) -> datasets.Dataset:
+def _load_structured(
+    kind: str, files: list[Path], *, what: str, skip_malformed: bool = False
+) -> datasets.Dataset:
     for f in files:
         if f.stat().st_size == 0:
             raise MoetuneError(f"{what}: {f} is empty; it has no records")
-        if kind == "json":
-            _check_json(f, what=what)
+    with tempfile.TemporaryDirectory(prefix="moetune-jsonl-") as scratch:
+        if kind == "json" and skip_malformed:
+            files = [_without_malformed_lines(f, Path(scratch), what=what) for f in files]
+        elif kind == "json":
+            for f in files:
+                _check_json(f, what=what)
+        return _load_checked(kind, files, what=what)
+
+
+def _load_checked(kind: str, files: list[Path], *, what: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
     except Exception as err:  # noqa: BLE001  (pyarrow / datasets raise many types; find the bad line)
@@ -207,6 +225,44 @@ def _check_json(path: Path, *, what: str, parse_objects: bool = False) -> None:
             raise MoetuneError(
                 f"{what}: {path} line {number}: expected a JSON object per line, got {_json_type(record)}"
             )
+
+
+def _without_malformed_lines(path: Path, scratch: Path, *, what: str) -> Path:
+    """`path`, or a copy in `scratch` without the lines that are not a JSON object (skipped, counted
+    and reported in a warning). A `.json` file is one document: it cannot lose a line, so it is checked."""
+    if path.suffix.lower() == ".json":
+        _check_json(path, what=what)
+        return path
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise MoetuneError(f"{what}: {path}: not UTF-8 text; save the file as UTF-8") from err
+    good, bad = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            bad.append(f"line {number}: malformed JSON ({err.msg})")
+            continue
+        if not isinstance(record, dict):
+            bad.append(f"line {number}: expected a JSON object, got {_json_type(record)}")
+            continue
+        good.append(line)
+    if not bad:
+        return path
+    if not good:
+        raise MoetuneError(
+            f"{what}: {path}: none of its {len(bad)} line(s) is a JSON object (first: {bad[0]})"
+        )
+    logger.warning(
+        "%s: %s: skipped %d malformed JSON line(s) of %d (data.on_bad_record: skip); first: %s",
+        what, path, len(bad), len(bad) + len(good), bad[0],
+    )  # fmt: skip
+    clean = scratch / f"{len(list(scratch.iterdir()))}-{path.name}"
+    clean.write_text("\n".join(good) + "\n", encoding="utf-8")
+    return clean
 
 
 def _json_type(value: object) -> str:
