@@ -56,16 +56,21 @@ def test_quantized_run_trains_and_its_adapter_serves_the_float_and_the_quantized
     assert (on_float - on_quantized).abs().mean() < 0.1 * on_float.abs().mean()  # NF4 rounding only
 
 
-def test_resume_of_a_quantized_run_gives_the_same_adapter(setup):
+def test_resume_of_a_quantized_run_gives_the_same_adapter(setup, monkeypatch):
+    """Stopped after step 3 (SIGTERM at a fixed step: a checkpoint is written), resumed: the same adapter."""
+    import cli
+
     folder, corpus, base = setup
     recipe = write_recipe(
-        folder, corpus, model={"name": str(base), "quantize": "int8"}, train={"max_steps": 4, "save_every": 2}
+        folder, corpus, model={"name": str(base), "quantize": "int8"}, train={"max_steps": 5, "save_every": 2}
     )
     launch_training(str(recipe), output_dir=folder / "whole")
-    launch_training(str(recipe), output_dir=folder / "parts", overrides=["train.max_steps=2"])
+    monkeypatch.setenv("MOETUNE_FAILPOINT", "after-step@3:SIGTERM")
+    assert cli.main(["train", str(recipe), "--output", str(folder / "parts")]) == 143
+    monkeypatch.delenv("MOETUNE_FAILPOINT")
     launch_training(str(recipe), output_dir=folder / "parts", resume=True)
-    steps = [s for s, _ in history(folder / "parts")["train_loss"]]
-    assert steps[-2:] == [3, 4]
+    metrics = json.loads((folder / "parts" / "metrics.json").read_text())
+    assert metrics["resumed_at"] == [3]  # the resumed process ran steps 4-5 only
     whole, parts = adapter_tensors(folder / "whole"), adapter_tensors(folder / "parts")
     assert whole.keys() == parts.keys()
     for key, value in whole.items():
