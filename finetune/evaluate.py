@@ -85,7 +85,7 @@ def expert_call_sites(model: nn.Module) -> list[tuple[int, nn.Module, int]]:
     That module is the experts module itself, or the outermost PEFT ParamWrapper around it (the
     one that receives `(hidden_states, top_k_index, top_k_weights)`).
     """
-    from adapters.targets import EXPERT_PARAM_NAMES
+    from adapters.targets import fused_expert_weights
 
     sites, inside = [], set()
     for name, module in model.named_modules():
@@ -95,14 +95,12 @@ def expert_call_sites(model: nn.Module) -> list[tuple[int, nn.Module, int]]:
         while isinstance(getattr(chain[-1], "base_layer", None), nn.Module):
             chain.append(chain[-1].base_layer)
         base = chain[-1]
-        fused = [
-            p for n, p in base.named_parameters(recurse=False) if n in EXPERT_PARAM_NAMES and p.ndim == 3
-        ]
+        fused = fused_expert_weights(base)  # float stacks, or quantized ones
         if not fused or name.rsplit(".", 1)[-1] != "experts":
             continue
         inside.update(id(m) for m in chain)
         match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
-        sites.append((int(match[1]) if match else len(sites), module, fused[0].shape[0]))
+        sites.append((int(match[1]) if match else len(sites), module, getattr(base, fused[0][0]).shape[0]))
     return sites
 
 

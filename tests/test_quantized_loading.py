@@ -169,3 +169,27 @@ def test_preset_quantized_in_memory_saves_a_loadable_folder(tmp_path):
         preset_config("tiny").num_experts
         == again.model.layers[0].mlp.experts.quantized_shapes["down_proj"].num_experts
     )
+
+
+def test_generate_and_experts_profile_take_quantize(tmp_path):
+    """`--quantize` on generate and experts profile loads the float folder with quantized experts."""
+    import cli
+
+    init_model("tiny", tmp_path / "base")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) for i in range(8)))
+    argv = [
+        "experts",
+        "profile",
+        str(tmp_path / "base"),
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "p"),
+    ]
+    assert cli.main([*argv, "--quantize", "nf4"]) == 0
+    quantized = json.loads((tmp_path / "p" / "expert_stats.json").read_text())
+    assert cli.main([*argv[:-1], str(tmp_path / "f")]) == 0
+    plain = json.loads((tmp_path / "f" / "expert_stats.json").read_text())
+    assert quantized.keys() == plain.keys() and quantized != plain  # NF4 experts route differently
+    assert cli.main(["generate", str(tmp_path / "base"), "--prompt", "def ", "--quantize", "int8"]) == 0

@@ -38,6 +38,7 @@ def test_quantized_run_trains_and_its_adapter_serves_the_float_and_the_quantized
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
     saved = adapter_tensors(run)
     assert any("experts" in key for key in saved)
+    assert (run / "plots" / "expert_load.png").is_file()  # routing is recorded through quantized experts too
 
     batch = random_batch(length=12)
     float_model, _ = load_model(str(base))
