@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.errors import MoetuneError
+from adapters.peft_format import experts_with_lora, split_experts
 
 # Parameter names of fused expert weights: gated (gate_up_proj) or ungated (up_proj) first projection.
 UP_NAMES = ("gate_up_proj", "up_proj")
@@ -462,16 +463,11 @@ def frozen_projection(experts: nn.Module, name: str) -> FrozenProjection:
 
 
 def peft_factors(wrapper: nn.Module, adapter: str, with_mask: bool = True) -> ExpertLora:
-    """Per-expert views of a PEFT ParamWrapper's lora_A (r*E, in) and lora_B (out, r*E).
-
-    PEFT stores expert e's A as rows e*r:(e+1)*r of lora_A, and its B as columns e, e+E, e+2E, ...
-    of lora_B (reshape(out, r, E)); see ParamWrapper.get_delta_factors.
-    """
-    num_experts = wrapper.num_experts
-    weight_a = wrapper.lora_A[adapter].weight
-    weight_b = wrapper.lora_B[adapter].weight
-    lora_a = weight_a.view(num_experts, -1, weight_a.shape[-1])  # (E, r, in)
-    lora_b = weight_b.view(weight_b.shape[0], -1, num_experts).permute(2, 0, 1)  # (E, out, r)
+    """Per-expert views of a PEFT ParamWrapper's lora_A (r*E, in) and lora_B (out, r*E)
+    (`adapters.peft_format.split_experts`)."""
+    lora_a, lora_b = split_experts(
+        wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight, wrapper.num_experts
+    )  # (E, r, in), (E, out, r)
     mask = expert_lora_mask(wrapper, adapter) if with_mask else None
     return ExpertLora(lora_a, lora_b, float(wrapper.scaling[adapter]), mask)
 
@@ -483,11 +479,10 @@ def expert_lora_mask(wrapper: nn.Module, adapter: str) -> list[bool] | None:
     for both factors, so they stay zero under AdamW); deriving the mask from the weights keeps it
     right after save / load with no extra state. None when every expert carries LoRA.
     """
-    weight_a = wrapper.lora_A[adapter].weight
+    weight_a = wrapper.lora_A[adapter].weight  # (r*E, in)
     if weight_a.device.type == "meta":  # a model built for planning has no values to look at
         return None
-    with torch.no_grad():
-        mask = weight_a.view(wrapper.num_experts, -1).ne(0).any(dim=1).tolist()
+    mask = experts_with_lora(weight_a.view(wrapper.num_experts, -1, weight_a.shape[-1]))
     return None if all(mask) else mask
 
 

@@ -26,15 +26,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adapters.adapter_factors import (
-    expert_param_keys,
-    expert_params,
-    nesting_order,
-    pattern_value,
-    read_adapter_files,
-    read_factors,
-)
 from adapters.errors import MoetuneError
+from adapters.peft_format import (
+    SAVED_PREFIX,
+    expert_params,
+    group_factors,
+    module_name,
+    pack_experts,
+    read_adapter,
+    read_factors,
+    resolve_pairs,
+    wrapper_keys,
+)
 from adapters.serving_layouts import TARGETS, serving_export
 
 FORMATS = ("per-expert", "peft", *TARGETS)
@@ -64,7 +67,7 @@ def export_adapter(
         raise MoetuneError(f"--rank and --verify apply to --format {' / '.join(TARGETS)}, not {fmt}")
     if verify and base is None:
         raise MoetuneError("--verify needs --base MODEL (the model the adapter was trained on)")
-    source, config, weights = read_adapter_files(source)
+    config, weights = read_adapter(source, plain_lora=False)
     if output.resolve() == source.resolve():
         raise MoetuneError(f"--output {output} is the adapter folder itself; choose a new folder")
     if fmt in TARGETS:
@@ -141,24 +144,27 @@ def _to_per_expert(config: dict, weights: dict, source: Path):
         dict(config.get("alpha_pattern") or {}),
     )
     written = skipped = 0
-    wrappers = expert_param_keys(config, weights, source)
-    for param, (key_a, key_b) in wrappers.items():
-        weight_a, weight_b = out.pop(key_a), out.pop(key_b)
+    experts = {p.rpartition(".")[0] for p in expert_params(config)}
+    fused = {  # the experts modules' LoRA; every other weight is copied unchanged
+        k: v for k, v in weights.items() if ".lora_" in k and module_name(k) in experts
+    }
+    pairs = resolve_pairs(config, group_factors(fused, str(source)), str(source))
+    wrappers = [p for p in pairs.values() if p.param in expert_params(config)]
+    for pair in wrappers:
+        param = pair.param
+        del out[f"{pair.key}.lora_A.weight"], out[f"{pair.key}.lora_B.weight"]
         prefix, _, pname = param.rpartition(".")  # "model.layers.3.mlp.experts", "gate_up_proj"
-        rank = int(pattern_value(config.get("rank_pattern"), param, config["r"]))
-        num_experts = weight_a.shape[0] // rank
-        lora_a = weight_a.view(num_experts, rank, -1)  # (E, r, in)
-        lora_b = weight_b.view(weight_b.shape[0], rank, num_experts).permute(2, 0, 1)  # (E, out, r)
+        lora_a, lora_b = pair.split()  # (E, r, in), (E, out, r)
         if pname == "gate_up_proj":
             half = lora_b.shape[1] // 2
             parts = {"gate_proj": slice(0, half), "up_proj": slice(half, None)}
         else:
             parts = {pname: slice(None)}
-        kept = [e for e in range(num_experts) if bool(lora_a[e].ne(0).any() or lora_b[e].ne(0).any())]
-        skipped += num_experts - len(kept)
+        kept = [e for e in range(pair.num_experts) if bool(lora_a[e].ne(0).any() or lora_b[e].ne(0).any())]
+        skipped += pair.num_experts - len(kept)
         for e in kept:
             for proj, rows in parts.items():
-                base = f"base_model.model.{prefix}.{e}.{proj}"
+                base = f"{SAVED_PREFIX}{prefix}.{e}.{proj}"
                 out[f"{base}.lora_A.weight"] = lora_a[e].clone()
                 out[f"{base}.lora_B.weight"] = lora_b[e, rows].clone()
                 written += 1
@@ -167,8 +173,13 @@ def _to_per_expert(config: dict, weights: dict, source: Path):
             if re.escape(param) in pattern:
                 value = pattern.pop(re.escape(param))
                 pattern[re.escape(prefix) + r"\.\d+\.(" + "|".join(parts) + ")"] = value
-        meta["params"][param] = {"num_experts": num_experts, "rank": rank, "parts": list(parts), "kept": kept}
-    others = sorted(set(config.get("target_parameters") or []) - set(wrappers))  # e.g. a router weight
+        meta["params"][param] = {
+            "num_experts": pair.num_experts,
+            "rank": pair.rank,
+            "parts": list(parts),
+            "kept": kept,
+        }
+    others = sorted(set(config.get("target_parameters") or []) - set(meta["params"]))  # e.g. a router weight
     new_config = dict(config)
     new_config.update(
         target_parameters=others or None,
@@ -200,17 +211,18 @@ def _to_fused(config: dict, weights: dict, source: Path):
     for param in meta["params"]:
         by_module.setdefault(param.rpartition(".")[0], []).append(param)
     for module, params in by_module.items():
-        for depth, param in enumerate(reversed(nesting_order(params))):
+        keys = wrapper_keys(module, params)
+        for param in params:
             info = meta["params"][param]
             num_experts, rank, parts = info["num_experts"], info["rank"], info["parts"]
-            in_key = f"base_model.model.{module}.{info['kept'][0]}.{parts[0]}.lora_A.weight"
-            in_features = out[in_key].shape[-1] if info["kept"] else 0
-            b_parts = [out[f"base_model.model.{module}.{info['kept'][0]}.{p}.lora_B.weight"] for p in parts]
+            expert = f"{SAVED_PREFIX}{module}.{info['kept'][0]}" if info["kept"] else None
+            in_features = out[f"{expert}.{parts[0]}.lora_A.weight"].shape[-1] if expert else 0
+            b_parts = [out[f"{expert}.{p}.lora_B.weight"] for p in parts]
             out_features = sum(b.shape[0] for b in b_parts)
             lora_a = torch.zeros(num_experts, rank, in_features, dtype=b_parts[0].dtype)
             lora_b = torch.zeros(num_experts, out_features, rank, dtype=b_parts[0].dtype)
             for e in info["kept"]:
-                base = f"base_model.model.{module}.{e}"
+                base = f"{SAVED_PREFIX}{module}.{e}"
                 lora_a[e] = out.pop(f"{base}.{parts[0]}.lora_A.weight")
                 lora_b[e] = torch.cat([out[f"{base}.{p}.lora_B.weight"] for p in parts])
                 for p in parts[1:]:
@@ -218,13 +230,8 @@ def _to_fused(config: dict, weights: dict, source: Path):
                 for p in parts:
                     out.pop(f"{base}.{p}.lora_B.weight")
                 modules.difference_update(f"{module}.{e}.{p}" for p in parts)
-            nest = ".base_layer" * depth
-            out[f"base_model.model.{module}{nest}.lora_A.weight"] = lora_a.reshape(
-                num_experts * rank, in_features
-            )
-            out[f"base_model.model.{module}{nest}.lora_B.weight"] = lora_b.permute(1, 2, 0).reshape(
-                out_features, rank * num_experts
-            )  # (out, r, E) -> (out, r*E)
+            packed_a, packed_b = pack_experts(lora_a, lora_b)
+            out[f"{keys[param]}.lora_A.weight"], out[f"{keys[param]}.lora_B.weight"] = packed_a, packed_b
             for pattern in (rank_pattern, alpha_pattern):
                 key = re.escape(module) + r"\.\d+\.(" + "|".join(parts) + ")"
                 if key in pattern:

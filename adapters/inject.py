@@ -22,6 +22,7 @@ from torch import nn
 
 from adapters.errors import MoetuneError
 from adapters.experts import exposed_quantized_weights, install_fast_path
+from adapters.peft_format import split_experts
 from adapters.selection import load_selection
 from adapters.targets import ALL_GROUPS, clean_name, did_you_mean, find_targets, layer_of, resolve_targets
 
@@ -336,10 +337,11 @@ def _zero_unselected(peft_model, selection, adapter_name) -> None:
                 continue
             keep = torch.zeros(module.num_experts, dtype=torch.bool)
             keep[chosen] = True
-            weight_a = module.lora_A[adapter_name].weight
-            weight_b = module.lora_B[adapter_name].weight
-            weight_a.view(module.num_experts, -1, weight_a.shape[-1])[~keep] = 0  # (E, r, in)
-            weight_b.view(weight_b.shape[0], -1, module.num_experts)[:, :, ~keep] = 0  # (out, r, E)
+            lora_a, lora_b = split_experts(  # views of PEFT's stacked factors: (E, r, in), (E, out, r)
+                module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight, module.num_experts
+            )
+            lora_a[~keep] = 0
+            lora_b[~keep] = 0
 
 
 def _keep_aux_loss_on(peft_model) -> None:

@@ -33,20 +33,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adapters.combine import (
+from adapters.combine import _check_new_output, _publish, _temporary_sibling, combine_adapters
+from adapters.errors import MoetuneError
+from adapters.hub import PICKLE_SUFFIXES
+from adapters.peft_format import (
     SAVED_PREFIX,
-    LoraFactors,
-    _check_new_output,
-    _publish,
-    _temporary_sibling,
-    combine_adapters,
-    expert_delta,
+    LoraPair,
     group_factors,
     read_adapter,
     read_adapter_config,
+    trained_whole,
 )
-from adapters.errors import MoetuneError
-from adapters.hub import PICKLE_SUFFIXES
 from adapters.provenance import check_base
 
 __all__ = ["combine_adapters", "merge_into_base", "verify_merge"]
@@ -206,7 +203,7 @@ class _Target:
     """One adapted parameter of the model and where its pieces live in the checkpoint."""
 
     model_key: str  # e.g. "model.layers.1.mlp.experts.gate_up_proj"
-    factors: LoraFactors
+    factors: LoraPair
     param_shape: tuple[int, ...]
     out_in: bool  # a 3D parameter stored (E, out, in) (PEFT swapped in/out); False: (E, in, out)
     disk_keys: list[str] = field(default_factory=list)  # checkpoint tensors it maps to (several: per expert)
@@ -216,7 +213,7 @@ class _Target:
         if len(self.param_shape) == 4:  # Conv2d (groups=1): PEFT's delta, conv(A^T, B)^T * scaling
             a, b = self.factors.lora_A.float(), self.factors.lora_B.float()  # (r, in, kh, kw), (out, r, 1, 1)
             return F.conv2d(a.transpose(0, 1), b).transpose(0, 1) * self.factors.scaling  # (out, in, kh, kw)
-        delta = expert_delta(self.factors)  # (E, out, in)
+        delta = self.factors.delta()  # (E, out, in)
         if len(self.param_shape) == 2:
             return delta[0]
         return delta if self.out_in else delta.transpose(1, 2)
@@ -268,16 +265,6 @@ def _meta_model(base: Path):
 MERGE_HANDLES = ("modules_to_save",)  # adapter features merge_into_base handles beyond plain LoRA
 
 
-def full_module_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors of modules trained in full (PEFT modules_to_save), by their key in the base model.
-
-    They are saved under the module's own name (no lora_A / lora_B), so merging means writing them in
-    place of the base's tensors."""
-    return {
-        key: tensor for key, tensor in tensors.items() if ".lora_" not in key and key.startswith(SAVED_PREFIX)
-    }
-
-
 def _plan(
     base: Path, adapter_dir: Path, checkpoint: _Checkpoint, check: bool = True
 ) -> tuple[list[_Target], object]:
@@ -291,8 +278,8 @@ def _plan(
     from transformers.core_model_loading import revert_weight_conversion
 
     # Refuses unsupported adapter features with a clear message; fully trained modules are merged apart.
-    _, tensors = read_adapter(adapter_dir, allow=MERGE_HANDLES)
-    full = full_module_tensors(tensors)
+    config, tensors = read_adapter(adapter_dir, allow=MERGE_HANDLES)
+    full = trained_whole(tensors, config)
     saved = group_factors(
         {k: v for k, v in tensors.items() if k not in full}, str(adapter_dir), allow_conv=True
     )
@@ -348,7 +335,7 @@ def _plan(
                 f"adapter {adapter_dir} does not fit base {base}: {name} has lora_A {tuple(lora_a.shape)} / lora_B "
                 f"{tuple(lora_b.shape)}, the base needs {tuple(want_a)} / {tuple(want_b)} (an adapter for another base?)"
             )
-        factors = LoraFactors(key, lora_a, lora_b, module.r["default"], module.scaling["default"], experts)
+        factors = LoraPair(key, lora_a, lora_b, module.r["default"], module.scaling["default"], experts)
         targets.append(_Target(model_key, factors, shape, out_in))
     if saved:
         extra = next(iter(saved)).removeprefix(SAVED_PREFIX)
@@ -511,9 +498,9 @@ def _base_model_id(base: Path, adapter_config: dict) -> str:
 
 def _replacements(adapter: Path, checkpoint: _Checkpoint) -> dict[str, torch.Tensor]:
     """{checkpoint key: tensor} for the adapter's fully trained modules, shapes checked against the base."""
-    _, tensors = read_adapter(adapter, allow=MERGE_HANDLES)
+    config, tensors = read_adapter(adapter, allow=MERGE_HANDLES)
     out = {}
-    for key, tensor in full_module_tensors(tensors).items():
+    for key, tensor in trained_whole(tensors, config).items():
         model_key = key[len(SAVED_PREFIX) :]
         entry = checkpoint.entries.get(model_key)
         if entry is None or tuple(entry.shape) != tuple(tensor.shape):

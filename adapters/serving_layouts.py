@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from adapters.adapter_factors import AdapterFactors, Factors
 from adapters.errors import MoetuneError
+from adapters.peft_format import SAVED_PREFIX, AdapterFactors, Factors, pack_experts, wrapper_keys
 
 TARGETS = ("vllm", "sglang")
 PER_EXPERT, FUSED = "per-expert", "fused"
@@ -163,9 +163,14 @@ def _serving_tensors(factors: AdapterFactors, family: ServingFamily, target: str
         gate_up, down, filled = _complete(stacks, rank, gen)
         fresh += filled
         if layout == FUSED:
-            weights.update(_fused_keys(f"{prefix}.base_layer", *gate_up))
-            weights.update(_fused_keys(prefix, *down))
-            params += [f"{prefix}.gate_up_proj", f"{prefix}.down_proj"]
+            keys = wrapper_keys(prefix, ["gate_up_proj", "down_proj"])  # PEFT's nesting
+            for pname, (a, b) in (("gate_up_proj", gate_up), ("down_proj", down)):
+                packed_a, packed_b = pack_experts(a, b)
+                weights[f"{keys[pname]}.lora_A.weight"], weights[f"{keys[pname]}.lora_B.weight"] = (
+                    packed_a,
+                    packed_b,
+                )
+                params.append(f"{prefix}.{pname}")
         else:
             names, keys = _per_expert_keys(prefix, gate_up, down, family, target)
             weights.update(keys)
@@ -248,14 +253,7 @@ def _complete(stacks: dict[str, Factors], rank: int, gen: torch.Generator):
 
 
 def _pair_keys(name: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {f"base_model.model.{name}.lora_A.weight": a, f"base_model.model.{name}.lora_B.weight": b}
-
-
-def _fused_keys(name: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-    """PEFT's stacking: a (E, r, in) -> (E*r, in); b (E, out, r) -> (out, r, E) -> (out, r*E)."""
-    num_experts, rank, fan_in = a.shape
-    flat_b = b.permute(1, 2, 0).reshape(b.shape[1], rank * num_experts)
-    return _pair_keys(name, a.reshape(num_experts * rank, fan_in), flat_b)
+    return {f"{SAVED_PREFIX}{name}.lora_A.weight": a, f"{SAVED_PREFIX}{name}.lora_B.weight": b}
 
 
 def _per_expert_keys(prefix: str, gate_up, down, family: ServingFamily, target: str):
