@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 from adapters.errors import MoetuneError
+from adapters.output_folder import atomic_output_folder, check_new_output
 from adapters.peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -209,7 +209,7 @@ def combine_adapters(
     if method in ("ties", "dare_linear", "dare_ties") and not 0 < density <= 1:
         raise MoetuneError(f"--density must be in (0, 1] for {method}; got {density}")
     out = Path(output)
-    _check_new_output(out)
+    check_new_output(out)  # before the work, not only at the end
 
     loaded = [load_pairs(d) for d in dirs]
     configs, factor_sets = [c for c, _ in loaded], [f for _, f in loaded]
@@ -243,15 +243,11 @@ def combine_adapters(
         **({"seed": seed} if method.startswith("dare") else {}),
         "rank": rank,
     }
-    tmp = _temporary_sibling(out)
-    try:
+    with atomic_output_folder(out) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "combine_recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
         _write_combined_card(tmp, out.name, configs[0], dirs, recipe)
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     experts = sum(1 for f in factor_sets[0].values() if f.num_experts > 1)
     return (
         f"combined {len(dirs)} adapters ({method}, weights {', '.join(f'{w:g}' for w in weights)}) into {out}: "
@@ -276,27 +272,3 @@ def _write_combined_card(folder: Path, title: str, config: dict, dirs: list[Path
         recipe={"combine": recipe},
         title=title,
     )
-
-
-# ----------------------------------------------------------------------------- output folders
-
-
-def _check_new_output(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MoetuneError(f"output {out} already exists and is not empty; choose a new folder or remove it")
-
-
-def _temporary_sibling(out: Path) -> Path:
-    """A fresh folder next to `out`, renamed onto it when complete (so `out` is never half-written)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    _check_new_output(out)
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)

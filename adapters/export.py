@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from adapters.errors import MoetuneError
+from adapters.output_folder import atomic_output_folder
 from adapters.peft_format import (
     SAVED_PREFIX,
     expert_params,
@@ -112,23 +113,19 @@ def _base_config(base: Path) -> dict:
 
 
 def _write(source: Path, output: Path, config: dict, weights: dict, meta: dict | None) -> None:
-    """Write to a temporary folder and rename, so a failed export leaves nothing half-written."""
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "adapter_model.safetensors"))
-    if meta is not None:
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    for extra in ("README.md",):
-        if (source / extra).is_file():
-            shutil.copy(source / extra, tmp / extra)
-    if output.exists():
-        if not (output / "adapter_config.json").is_file() and any(output.iterdir()):
-            shutil.rmtree(tmp)
-            raise MoetuneError(f"--output {output} exists and is not an adapter folder; choose a new folder")
-        shutil.rmtree(output)
-    tmp.rename(output)
+    """Write the folder atomically (adapters.output_folder): a failed export leaves nothing half-written.
+
+    An earlier adapter folder at `output` is replaced; any other non-empty folder is refused."""
+    if output.exists() and any(output.iterdir()) and not (output / "adapter_config.json").is_file():
+        raise MoetuneError(f"--output {output} exists and is not an adapter folder; choose a new folder")
+    with atomic_output_folder(output, replace=True) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "adapter_model.safetensors"))
+        if meta is not None:
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for extra in ("README.md",):
+            if (source / extra).is_file():
+                shutil.copy(source / extra, tmp / extra)
 
 
 def _to_per_expert(config: dict, weights: dict, source: Path):

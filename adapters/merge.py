@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adapters.combine import _check_new_output, _publish, _temporary_sibling, combine_adapters
+from adapters.combine import combine_adapters
 from adapters.errors import MoetuneError
 from adapters.hub import PICKLE_SUFFIXES
+from adapters.output_folder import atomic_output_folder, check_new_output
 from adapters.peft_format import (
     SAVED_PREFIX,
     LoraPair,
@@ -174,9 +175,7 @@ class _ShardWriter:
                 self.file.write(chunk)
                 left -= len(chunk)
 
-    def close(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
+    def close(self) -> None:  # fsynced with the whole folder (adapters.output_folder)
         self.file.close()
 
 
@@ -546,7 +545,7 @@ def merge_into_base(
     generation files, and gets a model card. `verify` then runs `verify_merge` on the result.
     """
     base, adapter, out = Path(base_folder), Path(adapter_dir), Path(output)
-    _check_new_output(out)
+    check_new_output(out)  # before the work, not only at the end
     _refuse_quantized_base(base)
     checkpoint = _Checkpoint(base)
     adapter_config = read_adapter_config(adapter, allow=MERGE_HANDLES)
@@ -564,8 +563,7 @@ def merge_into_base(
             owner[key] = target
     pending: dict[str, torch.Tensor] = {}  # delta pieces computed but not written yet
     rounding, dtypes = _Rounding(), set()
-    tmp = _temporary_sibling(out)
-    try:
+    with atomic_output_folder(out) as tmp:
         weight_map, total = {}, 0
         for file_name, keys in plan:
             writer = _ShardWriter(tmp / file_name, [(k, checkpoint.entries[k]) for k in keys])
@@ -617,9 +615,6 @@ def merge_into_base(
             f"{rounding_line[1:]}.\n"
         )
         _merged_card(tmp, out.name, base, adapter, adapter_config, details)
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     report = [
         f"merged {adapter} into {base} -> {out}",
