@@ -32,6 +32,7 @@ import math
 import os
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -182,6 +183,27 @@ def _pad(a3: torch.Tensor, b3: torch.Tensor, rank: int) -> tuple[torch.Tensor, t
     )
 
 
+@dataclass
+class CombineReport:
+    """What `combine_adapters` wrote; `str()` is what `moetune merge-adapters` prints."""
+
+    adapters: list[Path]
+    output: Path
+    method: str
+    weights: list[float]
+    modules: int  # adapted modules / expert tensors in the result
+    expert_tensors: int  # of which fused expert tensors (combined per expert)
+    rank: int  # the one rank of the result (scaling 1)
+
+    def __str__(self) -> str:
+        weights = ", ".join(f"{w:g}" for w in self.weights)
+        return (
+            f"combined {len(self.adapters)} adapters ({self.method}, weights {weights}) into {self.output}: "
+            f"{self.modules} modules ({self.expert_tensors} fused expert tensors, per expert), rank {self.rank}, "
+            "scaling 1"
+        )
+
+
 def combine_adapters(
     adapter_dirs: Sequence[str | os.PathLike],
     output: str | os.PathLike,
@@ -190,8 +212,8 @@ def combine_adapters(
     weights: Sequence[float] | None = None,
     density: float = 0.5,
     seed: int = 0,
-) -> str:
-    """Combine LoRA adapters of one base into a new PEFT adapter folder; returns a summary.
+) -> CombineReport:
+    """Combine LoRA adapters of one base into a new PEFT adapter folder; returns what was written.
 
     method: linear | ties | dare_linear | dare_ties | svd (see the module docstring); weights: one per
     adapter (default 1 each); density: the share of values kept by ties / dare; seed: DARE's RNG seed.
@@ -249,10 +271,7 @@ def combine_adapters(
         (tmp / "combine_recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
         _write_combined_card(tmp, out.name, configs[0], dirs, recipe)
     experts = sum(1 for f in factor_sets[0].values() if f.num_experts > 1)
-    return (
-        f"combined {len(dirs)} adapters ({method}, weights {', '.join(f'{w:g}' for w in weights)}) into {out}: "
-        f"{len(combined)} modules ({experts} fused expert tensors, per expert), rank {rank}, scaling 1"
-    )
+    return CombineReport(dirs, out, method, weights, len(combined), experts, rank)
 
 
 def _write_combined_card(folder: Path, title: str, config: dict, dirs: list[Path], recipe: dict) -> None:

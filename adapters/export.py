@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
@@ -39,10 +41,52 @@ from adapters.peft_format import (
     resolve_pairs,
     wrapper_keys,
 )
-from adapters.serving_layouts import TARGETS, serving_export
+from adapters.serving_layouts import TARGETS, ServingExport, serving_export
+
+if TYPE_CHECKING:
+    from adapters.serving_verify import ExportCheck
 
 FORMATS = ("per-expert", "peft", *TARGETS)
 META_FILE = "moetune_export.json"
+
+
+@dataclass
+class PerExpertExport:
+    """`--format per-expert`: what was split."""
+
+    pairs: int  # per-expert LoRA pairs written
+    fused_weights: int  # fused expert weights they came from
+    left_out: int  # (weight, expert) pairs without LoRA, not written
+
+    def __str__(self) -> str:
+        text = f"{self.pairs} per-expert LoRA pairs from {self.fused_weights} fused weights"
+        if self.left_out:
+            text += f", {self.left_out} (weight, expert) pairs without LoRA left out"
+        return text
+
+
+@dataclass
+class PeftExport:
+    """`--format peft`: what was rebuilt."""
+
+    fused_weights: int
+
+    def __str__(self) -> str:
+        return f"{self.fused_weights} fused expert weights rebuilt"
+
+
+@dataclass
+class ExportReport:
+    """What `export_adapter` wrote; `str()` is what `moetune export-adapter` prints."""
+
+    output: Path
+    fmt: str
+    details: PerExpertExport | PeftExport | ServingExport
+    check: ExportCheck | None = None  # verify=True: the verify-export comparison
+
+    def __str__(self) -> str:
+        text = f"wrote {self.output} ({self.fmt}): {self.details}"
+        return text if self.check is None else f"{text}\n{self.check}"
 
 
 def export_adapter(
@@ -53,8 +97,8 @@ def export_adapter(
     base=None,
     rank: int | None = None,
     verify: bool = False,
-) -> str:
-    """Write `adapter_dir` to `output` in layout `fmt`; returns a summary for the CLI.
+) -> ExportReport:
+    """Write `adapter_dir` to `output` in layout `fmt`; returns what was written.
 
     base: the base model folder; for `vllm` / `sglang` its config.json decides the layout (default:
         the adapter's base_model_name_or_path when that is a local folder). Needed for `verify`.
@@ -74,19 +118,19 @@ def export_adapter(
     if fmt in TARGETS:
         base = _base_folder(base, config, source, fmt)
         factors = read_factors(source)
-        new_config, new_weights, meta, summary = serving_export(
+        new_config, new_weights, meta, details = serving_export(
             factors, _base_config(base), fmt, rank, base_name=str(base)
         )
     elif fmt == "per-expert":
-        new_config, new_weights, meta, summary = _to_per_expert(config, weights, source)
+        new_config, new_weights, meta, details = _to_per_expert(config, weights, source)
     else:
-        new_config, new_weights, meta, summary = _to_fused(config, weights, source)
+        new_config, new_weights, meta, details = _to_fused(config, weights, source)
     _write(source, output, new_config, new_weights, meta)
-    report = f"wrote {output} ({fmt}): {summary}"
+    report = ExportReport(output, fmt, details)
     if verify:
         from adapters.serving_verify import verify_export
 
-        report += "\n" + verify_export(output, base, source)
+        report.check = verify_export(output, base, source)
     return report
 
 
@@ -184,10 +228,7 @@ def _to_per_expert(config: dict, weights: dict, source: Path):
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
-    summary = f"{written} per-expert LoRA pairs from {len(wrappers)} fused weights"
-    if skipped:
-        summary += f", {skipped} (weight, expert) pairs without LoRA left out"
-    return new_config, out, meta, summary
+    return new_config, out, meta, PerExpertExport(written, len(wrappers), skipped)
 
 
 def _to_fused(config: dict, weights: dict, source: Path):
@@ -240,4 +281,4 @@ def _to_fused(config: dict, weights: dict, source: Path):
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
-    return new_config, out, None, f"{len(meta['params'])} fused expert weights rebuilt"
+    return new_config, out, None, PeftExport(len(meta["params"]))

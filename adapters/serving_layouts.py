@@ -78,10 +78,38 @@ def layout_of(family: ServingFamily, target: str) -> str:
     return family.vllm_layout if target == "vllm" else PER_EXPERT
 
 
+@dataclass
+class ServingExport:
+    """What a serving export holds (`--format vllm | sglang`); `str()` is its summary."""
+
+    target: str
+    layout: str  # PER_EXPERT | FUSED
+    model_type: str
+    gate_up: str  # CONCATENATED | INTERLEAVED
+    rank: int
+    experts: dict[str, int]  # experts module -> its number of experts
+    filled: int  # (weight, expert) pairs without LoRA, written as zero B + fresh A
+    serve: str  # the server command line (BASE, NAME, OUT placeholders)
+
+    def __str__(self) -> str:
+        layers = len(self.experts)
+        if self.layout == PER_EXPERT:
+            pairs = f"{3 * sum(self.experts.values())} per-expert LoRA pairs (gate, up, down of every expert"
+        else:
+            pairs = f"{2 * layers} fused expert LoRA pairs (gate_up and down, all experts"
+        text = (
+            f"{self.layout} layout for {self.model_type}: {pairs} of {layers} MoE layer(s), gate/up "
+            f"{self.gate_up}), rank {self.rank} everywhere"
+        )
+        if self.filled:
+            text += f", {self.filled} (weight, expert) pairs without LoRA written as zero B + fresh A"
+        return f"{text}; serve: {self.serve}"
+
+
 def serving_export(
     factors: AdapterFactors, base_config: dict, target: str, rank: int | None = None, base_name: str = "BASE"
-) -> tuple[dict, dict[str, torch.Tensor], dict, str]:
-    """(adapter_config, tensors, moetune_export.json, summary) of the `target` layout of an adapter."""
+) -> tuple[dict, dict[str, torch.Tensor], dict, ServingExport]:
+    """(adapter_config, tensors, moetune_export.json, what it holds) of the `target` layout of an adapter."""
     model_type, family = serving_family(base_config, f"{base_name}/config.json")
     _refuse_unservable(factors, target)
     _check_experts(factors, base_config, base_name)
@@ -100,6 +128,9 @@ def serving_export(
         modules_to_save=None,
     )
     experts = {prefix: next(iter(s.values())).a.shape[0] for prefix, s in factors.experts.items()}
+    export = ServingExport(
+        target, layout, model_type, family.gate_up, rank, experts, fresh, serve_command(target, rank)
+    )
     meta = {
         "format": target,
         "layout": layout,
@@ -107,21 +138,11 @@ def serving_export(
         "gate_up": family.gate_up,
         "rank": rank,
         "experts": experts,
-        "serve": serve_command(target, rank),
+        "serve": export.serve,
     }
     if target == "vllm":
         meta["is_3d_lora_weight"] = layout == FUSED  # for --enable-mixed-moe-lora-format requests
-    if layout == PER_EXPERT:
-        pairs = f"{3 * sum(experts.values())} per-expert LoRA pairs (gate, up, down of every expert"
-    else:
-        pairs = f"{2 * len(experts)} fused expert LoRA pairs (gate_up and down, all experts"
-    summary = (
-        f"{layout} layout for {model_type}: {pairs} of {len(experts)} MoE layer(s), gate/up "
-        f"{family.gate_up}), rank {rank} everywhere"
-    )
-    if fresh:
-        summary += f", {fresh} (weight, expert) pairs without LoRA written as zero B + fresh A"
-    return config, weights, meta, f"{summary}; serve: {meta['serve']}"
+    return config, weights, meta, export
 
 
 def serve_command(target: str, rank: int) -> str:
