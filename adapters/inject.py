@@ -73,86 +73,49 @@ def apply_lora(
     """
     if isinstance(model, PeftModel):
         raise MoetuneError("apply_lora got a model that already has adapters; pass the base model")
-    with exposed_quantized_weights(model):
-        return _apply_lora(
-            model, targets=targets, r=r, alpha=alpha, dropout=dropout, layers=layers, experts=experts,
-            router=router, use_rslora=use_rslora, group_overrides=group_overrides,
-            init_lora_weights=init_lora_weights, adapter_name=adapter_name,
-        )  # fmt: skip
+    with exposed_quantized_weights(model):  # quantized experts show PEFT float placeholders meanwhile
+        _check_settings(r, alpha, dropout, router, group_overrides)
+        requested = targets.split(",") if isinstance(targets, str) else list(targets or [])
+        requested = [t.strip() for t in requested if t.strip()]
+        if router == "lora" and "router" not in requested:
+            requested.append("router")
+        if router != "lora" and "router" in requested:
+            raise MoetuneError(
+                f"adapter.targets contains 'router' but adapter.router is '{router}'; set router: lora"
+            )
+        resolved = resolve_targets(model, requested, layers)
 
+        selection = None
+        if experts is not None:
+            selection = load_selection(experts)
+            _apply_selection_to_targets(model, resolved, selection)
 
-def _apply_lora(
-    model, *, targets, r, alpha, dropout, layers, experts, router, use_rslora, group_overrides,
-    init_lora_weights, adapter_name,
-) -> PeftModel:  # fmt: skip
-    _check_settings(r, alpha, dropout, router, group_overrides)
-    requested = targets.split(",") if isinstance(targets, str) else list(targets or [])
-    requested = [t.strip() for t in requested if t.strip()]
-    if router == "lora" and "router" not in requested:
-        requested.append("router")
-    if router != "lora" and "router" in requested:
-        raise MoetuneError(
-            f"adapter.targets contains 'router' but adapter.router is '{router}'; set router: lora"
+        _refuse_unsupported(resolved, requested, dropout, init_lora_weights)
+        modules_to_save = _modules_to_save(model, resolved, router, layers)
+        _avoid_peft_v4_renames(model, resolved)
+        rank_pattern, alpha_pattern = _patterns(resolved, group_overrides or {})
+        config = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=sorted(resolved.modules),
+            target_parameters=sorted(resolved.parameters) or None,
+            use_rslora=use_rslora,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+            modules_to_save=modules_to_save or None,
+            init_lora_weights=init_lora_weights,
+            bias="none",
         )
-    resolved = resolve_targets(model, requested, layers)
-
-    selection = None
-    if experts is not None:
-        selection = load_selection(experts)
-        _apply_selection_to_targets(model, resolved, selection)
-
-    if not resolved.modules and not resolved.parameters:
-        raise MoetuneError(
-            f"adapter.targets {requested}: {', '.join(sorted(set(resolved.full.values())))} trains whole "
-            "modules (PEFT modules_to_save), and PEFT needs at least one LoRA target besides; add a group, "
-            "e.g. targets: [encoders, projector]"
-        )
-    expert_params = [n for n, g in resolved.parameters.items() if g == "experts"]
-    if dropout and expert_params:
-        raise MoetuneError(
-            f"adapter.dropout={dropout} cannot apply to expert LoRA: PEFT adapts a fused expert weight "
-            "as W + s·B·A, where inputs cannot be dropped per expert; set dropout: 0, or leave out experts"
-        )
-    if expert_params and init_lora_weights not in EXPERT_INITS:
-        raise MoetuneError(
-            f"adapter init '{init_lora_weights}' needs a 2D base weight; for fused experts use one of "
-            "true (kaiming A, zero B), false, gaussian"
-        )
-
-    modules_to_save = sorted(resolved.full)  # trained whole: e.g. the multimodal projector group
-    if router == "train":
-        found = [t for t in find_targets(model) if t.group == "router"]
-        chosen = _filter_layers(found, layers)
-        if not chosen:
-            raise MoetuneError("adapter.router: train, but this model has no router in the chosen layers")
-        modules_to_save += sorted(
-            t.name.removesuffix(".weight") if t.kind == "parameter" else t.name for t in chosen
-        )
-
-    _avoid_peft_v4_renames(model, resolved)
-    rank_pattern, alpha_pattern = _patterns(resolved, group_overrides or {})
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=sorted(resolved.modules),
-        target_parameters=sorted(resolved.parameters) or None,
-        use_rslora=use_rslora,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-        modules_to_save=modules_to_save or None,
-        init_lora_weights=init_lora_weights,
-        bias="none",
-    )
-    with _quiet_peft():
-        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    _check_all_wrapped(peft_model, resolved, adapter_name)
-    if selection is not None:
-        _zero_unselected(peft_model, selection, adapter_name)
-    install_fast_path(peft_model)
-    if router != "frozen":
-        _keep_aux_loss_on(peft_model)
-    return peft_model
+        with _quiet_peft():
+            peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+        _check_all_wrapped(peft_model, resolved, adapter_name)
+        if selection is not None:
+            _zero_unselected(peft_model, selection, adapter_name)
+        install_fast_path(peft_model)
+        if router != "frozen":
+            _keep_aux_loss_on(peft_model)
+        return peft_model
 
 
 def load_adapter(
@@ -223,6 +186,41 @@ def _check_settings(r, alpha, dropout, router, group_overrides) -> None:
             )
         if "alpha" in values and values["alpha"] <= 0:
             raise MoetuneError(f"adapter.group_overrides.{group}.alpha={values['alpha']!r} must be positive")
+
+
+def _refuse_unsupported(resolved, requested, dropout, init_lora_weights) -> None:
+    """Combinations PEFT would accept and then get wrong, or fail on deep inside: refused here, in one line."""
+    if not resolved.modules and not resolved.parameters:
+        raise MoetuneError(
+            f"adapter.targets {requested}: {', '.join(sorted(set(resolved.full.values())))} trains whole "
+            "modules (PEFT modules_to_save), and PEFT needs at least one LoRA target besides; add a group, "
+            "e.g. targets: [encoders, projector]"
+        )
+    expert_params = [n for n, g in resolved.parameters.items() if g == "experts"]
+    if dropout and expert_params:
+        raise MoetuneError(
+            f"adapter.dropout={dropout} cannot apply to expert LoRA: PEFT adapts a fused expert weight "
+            "as W + s·B·A, where inputs cannot be dropped per expert; set dropout: 0, or leave out experts"
+        )
+    if expert_params and init_lora_weights not in EXPERT_INITS:
+        raise MoetuneError(
+            f"adapter init '{init_lora_weights}' needs a 2D base weight; for fused experts use one of "
+            "true (kaiming A, zero B), false, gaussian"
+        )
+
+
+def _modules_to_save(model, resolved, router, layers) -> list[str]:
+    """Modules trained whole (PEFT modules_to_save): e.g. the multimodal projector group, a trained router."""
+    modules_to_save = sorted(resolved.full)
+    if router == "train":
+        found = [t for t in find_targets(model) if t.group == "router"]
+        chosen = _filter_layers(found, layers)
+        if not chosen:
+            raise MoetuneError("adapter.router: train, but this model has no router in the chosen layers")
+        modules_to_save += sorted(
+            t.name.removesuffix(".weight") if t.kind == "parameter" else t.name for t in chosen
+        )
+    return modules_to_save
 
 
 def _filter_layers(found, layers):

@@ -59,7 +59,7 @@ FAMILIES = {
     # vLLM's MixtralForCausalLM keeps the original checkpoint names (block_sparse_moe, w1 / w3 / w2)
     "mixtral": ServingFamily(CONCATENATED, vllm_ffn="block_sparse_moe", vllm_names=("w1", "w3", "w2")),
     "gpt_oss": ServingFamily(INTERLEAVED, vllm_layout=FUSED),
-}  # fmt: skip
+}
 
 
 def serving_family(base_config: dict, where: str) -> tuple[str, ServingFamily]:

@@ -342,9 +342,13 @@ class MoetuneMultimodalForCausalLM(MoetunePreTrainedModel, GenerationMixin):
         tokens = tokens.gather(1, order.unsqueeze(-1).expand_as(tokens))
         token_mask = token_mask.gather(1, order)
         return MultimodalEncoding(
-            embeds=embeds, present=present, fused=fused, gate_weights=gate_weights, tokens=tokens,
+            embeds=embeds,
+            present=present,
+            fused=fused,
+            gate_weights=gate_weights,
+            tokens=tokens,
             token_mask=token_mask,
-        )  # fmt: skip
+        )
 
     def contrastive_loss(self, encoding: MultimodalEncoding) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Mean symmetric InfoNCE over the configured pairs with >= 2 examples having both modalities."""
@@ -416,9 +420,15 @@ class MoetuneMultimodalForCausalLM(MoetunePreTrainedModel, GenerationMixin):
         """
         config = self.config
         encoding = self.encode(
-            pixel_values, image_mask, input_values, audio_attention_mask, audio_mask,
-            text_input_ids, text_attention_mask, text_mask,
-        )  # fmt: skip
+            pixel_values,
+            image_mask,
+            input_values,
+            audio_attention_mask,
+            audio_mask,
+            text_input_ids,
+            text_attention_mask,
+            text_mask,
+        )
         out = MoetuneMultimodalOutput()
         parts: list[torch.Tensor] = []
 
@@ -499,9 +509,15 @@ class MoetuneMultimodalForCausalLM(MoetunePreTrainedModel, GenerationMixin):
         prefix + prompt go in as `inputs_embeds` and the KV cache carries them afterwards.
         """
         encoding = self.encode(
-            pixel_values, image_mask, input_values, audio_attention_mask, audio_mask,
-            text_input_ids, text_attention_mask, text_mask,
-        )  # fmt: skip
+            pixel_values,
+            image_mask,
+            input_values,
+            audio_attention_mask,
+            audio_mask,
+            text_input_ids,
+            text_attention_mask,
+            text_mask,
+        )
         if encoding is None:
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if input_ids is None:

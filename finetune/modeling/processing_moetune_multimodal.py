@@ -57,8 +57,12 @@ class MoetuneMultimodalProcessor(ProcessorMixin):
     def text_encoder_ids(self, text: str) -> list[int]:
         """Tokens the text encoder sees (its tokenizer, truncated to text_max_length)."""
         tok = self.text_encoder_tokenizer
-        ids = tok(text, add_special_tokens=tok is not self.tokenizer, truncation=True,
-                  max_length=self.text_max_length)["input_ids"]  # fmt: skip
+        ids = tok(
+            text,
+            add_special_tokens=tok is not self.tokenizer,
+            truncation=True,
+            max_length=self.text_max_length,
+        )["input_ids"]
         return list(ids)[: self.text_max_length] or [tok.pad_token_id or 0]
 
     def images_to_pixels(self, images: list) -> torch.Tensor:
@@ -68,9 +72,12 @@ class MoetuneMultimodalProcessor(ProcessorMixin):
     def audio_to_values(self, waveforms: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Mono float waveforms at `sampling_rate` -> input_values (n, S) and attention mask (n, S)."""
         out = self.feature_extractor(
-            waveforms, sampling_rate=self.sampling_rate, padding=True, return_attention_mask=True,
+            waveforms,
+            sampling_rate=self.sampling_rate,
+            padding=True,
+            return_attention_mask=True,
             return_tensors="pt",
-        )  # fmt: skip
+        )
         return out["input_values"], out["attention_mask"]
 
 
@@ -92,24 +99,33 @@ def build_processor(config: MoetuneMultimodalConfig, tokenizer, text_encoder_tok
     else:
         size = config.image_size
         image_processor = ViTImageProcessorPil(
-            size={"height": size, "width": size}, image_mean=list(IMAGENET_DEFAULT_MEAN),
+            size={"height": size, "width": size},
+            image_mean=list(IMAGENET_DEFAULT_MEAN),
             image_std=list(IMAGENET_DEFAULT_STD),
-        )  # fmt: skip
+        )
     if path := folder("audio", "preprocessor_config.json"):
         feature_extractor = AutoFeatureExtractor.from_pretrained(path)
         feature_extractor.return_attention_mask = True
     else:
         feature_extractor = Wav2Vec2FeatureExtractor(
-            feature_size=1, sampling_rate=config.audio_sampling_rate, padding_value=0.0, do_normalize=True,
+            feature_size=1,
+            sampling_rate=config.audio_sampling_rate,
+            padding_value=0.0,
+            do_normalize=True,
             return_attention_mask=True,
-        )  # fmt: skip
+        )
     if text_encoder_tokenizer is None:
         path = folder("text", "tokenizer_config.json")
         text_encoder_tokenizer = AutoTokenizer.from_pretrained(path) if path else tokenizer
     return MoetuneMultimodalProcessor(
-        image_processor, feature_extractor, tokenizer, text_encoder_tokenizer,
-        modalities=config.modalities, text_max_length=config.text_max_length, label_names=config.mm_label_names,
-    )  # fmt: skip
+        image_processor,
+        feature_extractor,
+        tokenizer,
+        text_encoder_tokenizer,
+        modalities=config.modalities,
+        text_max_length=config.text_max_length,
+        label_names=config.mm_label_names,
+    )
 
 
 def prepare_multimodal_inputs(processor, text: str | None, image=None, audio=None) -> dict[str, torch.Tensor]:
