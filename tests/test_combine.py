@@ -17,9 +17,8 @@ from peft.tuners.lora.layer import LoraLayer
 
 import cli
 import tiny_models
-from adapters.combine import dare_seed
+from adapters.combine import combine_adapters, dare_seed
 from adapters.errors import MoetuneError
-from adapters.merge import combine_adapters
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),

@@ -18,7 +18,9 @@ from transformers import AutoModelForCausalLM
 
 import tiny_models
 from adapters.errors import MoetuneError
-from adapters.merge import merge_into_base, parse_size, verify_merge
+from adapters.merge import merge_into_base
+from adapters.merge_verify import verify_merge
+from adapters.safetensors_io import parse_size
 
 # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` in PeftModel.__init__.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
