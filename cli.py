@@ -188,14 +188,14 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_verify_merge(args: argparse.Namespace) -> None:
-    from adapters.merge import verify_merge
+    from adapters.merge_verify import verify_merge
     from finetune.loading import resolve_model_folder
 
     print(verify_merge(resolve_model_folder(args.model), args.adapter, args.merged, tolerance=args.tolerance))
 
 
 def cmd_merge_adapters(args: argparse.Namespace) -> None:
-    from adapters.merge import combine_adapters
+    from adapters.combine import combine_adapters
 
     print(
         combine_adapters(

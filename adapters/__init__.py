@@ -6,7 +6,8 @@ Public API (imported lazily, so `import adapters` stays cheap for the CLI):
   PEFT's adapter; its recorded base is compared with `base`, see `adapters.provenance`);
 - `count_target_groups(model)` / `target_report(peft_model)`: what can be / was adapted, per group;
 - `select_experts(scores, threshold)` / `load_selection(path_or_mapping)`: ESFT expert selection;
-- `export_adapter(adapter_dir, output, fmt="per-expert")`: one LoRA pair per expert, for serving stacks;
+- `export_adapter(adapter_dir, output, fmt="per-expert")` -> `ExportReport`: per-expert storage or a
+  vLLM / SGLang layout;
 - `install_fast_path` / `remove_fast_path` / `fast_path_modules`: switch the routed expert path.
 """
 

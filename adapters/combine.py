@@ -22,7 +22,7 @@ pass e.g. 0.5,0.5 for an average.
 
 The PEFT layout of an expert tensor with E experts and rank r (see peft `ParamWrapper`):
 lora_A is (r*E, in) with rows ordered expert-major (row = e*r + k); lora_B is (out, r*E) with
-columns ordered rank-major (col = k*E + e). `expert_factors` / `pack_expert_factors` convert.
+columns ordered rank-major (col = k*E + e); `adapters.peft_format` reads, splits and packs them.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,223 +38,17 @@ from pathlib import Path
 import torch
 
 from adapters.errors import MoetuneError
-from adapters.hub import PICKLE_SUFFIXES
+from adapters.output_folder import atomic_output_folder, check_new_output
+from adapters.peft_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    SAVED_PREFIX,
+    LoraPair,
+    load_pairs,
+    pack_experts,
+)
 
-SAVED_PREFIX = "base_model.model."
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METHODS = ("linear", "ties", "dare_linear", "dare_ties", "svd")
-# Adapter-config features whose weights are not plain LoRA factors: refused with the feature named.
-UNSUPPORTED_FEATURES = {
-    "use_dora": "DoRA",
-    "modules_to_save": "modules_to_save (fully trained modules)",
-    "trainable_token_indices": "trainable tokens",
-    "layer_replication": "layer replication",
-    "lora_bias": "LoRA bias",
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)",
-}
-
-
-# ----------------------------------------------------------------------------- reading adapters
-
-
-def read_adapter_config(adapter_dir: str | os.PathLike, *, allow: tuple[str, ...] = ()) -> dict:
-    """adapter_config.json of a PEFT LoRA adapter folder, checked (folder, weights file, supported features).
-
-    `allow` names UNSUPPORTED_FEATURES keys the caller handles itself (merge handles modules_to_save)."""
-    folder = Path(adapter_dir)
-    if not folder.is_dir():
-        raise MoetuneError(
-            f"adapter folder {folder} does not exist; give the folder that holds {ADAPTER_CONFIG}"
-        )
-    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    if not config_path.is_file():
-        raise MoetuneError(f"{folder} is not a PEFT adapter folder: it has no {ADAPTER_CONFIG}")
-    if not weights_path.is_file():
-        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        hint = (
-            f" (found {pickles[0]}: pickle files are not loaded; re-save with safetensors)" if pickles else ""
-        )
-        raise MoetuneError(f"{folder} has no {ADAPTER_WEIGHTS}{hint}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as err:
-        raise MoetuneError(f"{config_path} is not valid JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise MoetuneError(f"{config_path} must hold a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise MoetuneError(
-            f"{folder} is a {config.get('peft_type')} adapter; moetune merges LoRA adapters only"
-        )
-    for key, feature in UNSUPPORTED_FEATURES.items():
-        if config.get(key) and key not in allow:
-            raise MoetuneError(
-                f"{folder} uses {feature} ({key} in {ADAPTER_CONFIG}); moetune merges plain LoRA only"
-            )
-    return config
-
-
-def read_adapter(
-    adapter_dir: str | os.PathLike, *, allow: tuple[str, ...] = ()
-) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json as a dict, the tensors of adapter_model.safetensors) of a PEFT adapter folder."""
-    from safetensors.torch import load_file
-
-    config = read_adapter_config(adapter_dir, allow=allow)
-    weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS
-    try:
-        tensors = load_file(str(weights_path))
-    except Exception as err:  # safetensors raises its own error types
-        raise MoetuneError(f"cannot read {weights_path}: {err}") from err
-    return config, tensors
-
-
-@dataclass
-class LoraFactors:
-    """One adapted module (or expert tensor) of an adapter, as saved by PEFT."""
-
-    key: str  # saved module path, e.g. "base_model.model.model.layers.1.mlp.experts.base_layer"
-    lora_A: torch.Tensor  # (r*E, in)
-    lora_B: torch.Tensor  # (out, r*E)
-    rank: int
-    scaling: float
-    num_experts: int  # 1 for a Linear layer or a 2D parameter
-
-
-def group_factors(
-    tensors: dict[str, torch.Tensor], where: str, *, allow_conv: bool = False
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{saved module path: (lora_A, lora_B)}; any other tensor is refused with its name.
-
-    `allow_conv`: also accept Conv2d LoRA (A (r, in, kh, kw), B (out, r, 1, 1)); merging folds it in,
-    combining does not handle it."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        module, _, leaf = name.rpartition(".lora_")
-        if leaf not in ("A.weight", "B.weight"):
-            raise MoetuneError(
-                f"{where} holds '{name}', which is not a LoRA factor (lora_A/lora_B); "
-                "moetune merges plain LoRA on Linear layers and expert tensors only"
-            )
-        pairs.setdefault(module, {})[leaf[0]] = tensor
-    out = {}
-    for module, pair in sorted(pairs.items()):
-        if set(pair) != {"A", "B"}:
-            missing = "lora_B" if "A" in pair else "lora_A"
-            raise MoetuneError(f"{where} has no {missing} for {module}; the adapter file is incomplete")
-        a, b = pair["A"], pair["B"]
-        if a.dim() == 4 and allow_conv and b.dim() == 4 and a.shape[0] == b.shape[1]:
-            out[module] = (a, b)
-            continue
-        if a.dim() == 4:  # nn.Conv2d LoRA, e.g. on a ResNet image encoder
-            raise MoetuneError(
-                f"{where}: {module} is LoRA on a Conv2d layer, which combining adapters does not handle; "
-                "leave the image encoder's convolutions out of adapter.targets to combine these adapters"
-            )
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise MoetuneError(
-                f"{where}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, which do not fit"
-            )
-        out[module] = (a, b)
-    return out
-
-
-def _ranks(
-    config: dict, modules: dict[str, tuple[torch.Tensor, torch.Tensor]], where: str
-) -> dict[str, tuple]:
-    """{saved module path: (rank, scaling, num_experts)}, resolved from adapter_config.json as PEFT does.
-
-    PEFT matches rank_pattern / alpha_pattern against "module path" (Linear) or "module path.param name"
-    (target_parameters). Several parameters of one module are nested wrappers ("experts.base_layer"
-    holds the first, "experts" the second), and the saved names do not say which is which; the
-    assignment is the one under which every wrapper of the module has the same number of experts.
-    """
-    from itertools import permutations
-
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-    from peft.utils.other import get_pattern_key
-
-    fields = set(LoraConfig.__dataclass_fields__)
-    try:
-        lora_config = LoraConfig(**{k: v for k, v in config.items() if k in fields and k != "peft_type"})
-    except (TypeError, ValueError) as err:
-        raise MoetuneError(f"{where}/adapter_config.json is not a LoRA config PEFT accepts: {err}") from err
-
-    r0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-
-    def lookup(key: str) -> tuple[int, float]:
-        if not (rank_pattern or alpha_pattern):
-            return r0, alpha0
-        return (
-            rank_pattern.get(get_pattern_key(list(rank_pattern), key), r0),
-            alpha_pattern.get(get_pattern_key(list(alpha_pattern), key), alpha0),
-        )
-
-    params = [t.rpartition(".") for t in config.get("target_parameters") or []]
-    groups: dict[str, list[str]] = {}
-    for module in modules:
-        groups.setdefault(module.removeprefix(SAVED_PREFIX).replace(".base_layer", ""), []).append(module)
-    resolved = {}
-    for plain, members in groups.items():
-        members.sort(key=lambda m: -m.count(".base_layer"))  # innermost (first parameter) first
-        names = sorted(
-            {p for part, _, p in params if not part or plain == part or plain.endswith("." + part)}
-        )
-        is_linear = len(members) == 1 and check_target_module_exists(lora_config, plain)
-        options = (
-            [[lookup(plain)]]
-            if is_linear or not names
-            else [[lookup(f"{plain}.{n}") for n in chosen] for chosen in permutations(names, len(members))]
-        )
-        rows = [modules[m][0].shape[0] for m in members]
-        fitting = {
-            tuple(option)
-            for option in options
-            if all(n % r == 0 for n, (r, _) in zip(rows, option))
-            and len({n // r for n, (r, _) in zip(rows, option)}) == 1
-        }
-        if len(fitting) != 1:
-            problem = "no rank in adapter_config.json fits" if not fitting else "several ranks fit"
-            raise MoetuneError(
-                f"{where}: {problem} the lora_A of {plain} ({rows} rows); is adapter_config.json the one saved with it?"
-            )
-        for module, (r, alpha), n in zip(members, fitting.pop(), rows):
-            scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-            resolved[module] = (r, scaling, n // r)
-    return resolved
-
-
-def load_factors(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, LoraFactors]]:
-    """(adapter config, {saved module path: LoraFactors}) of a PEFT LoRA adapter folder."""
-    config, tensors = read_adapter(adapter_dir)
-    modules = group_factors(tensors, str(adapter_dir))
-    ranks = _ranks(config, modules, str(adapter_dir))
-    return config, {m: LoraFactors(m, a, b, *ranks[m]) for m, (a, b) in modules.items()}
-
-
-# ----------------------------------------------------------------------------- factor layout
-
-
-def expert_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, num_experts: int):
-    """PEFT's saved factors -> per-expert (A3 (E, r, in), B3 (E, out, r)); delta_e = scaling * B3[e] @ A3[e]."""
-    a3 = lora_A.reshape(num_experts, -1, lora_A.shape[-1])  # rows e*r + k
-    b3 = lora_B.reshape(lora_B.shape[0], -1, num_experts).permute(2, 0, 1)  # columns k*E + e
-    return a3, b3
-
-
-def pack_expert_factors(a3: torch.Tensor, b3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of `expert_factors`: (E, r, in), (E, out, r) -> lora_A (r*E, in), lora_B (out, r*E)."""
-    lora_a = a3.reshape(-1, a3.shape[-1]).contiguous()
-    lora_b = b3.permute(1, 2, 0).reshape(b3.shape[1], -1).contiguous()
-    return lora_a, lora_b
-
-
-def expert_delta(factors: LoraFactors) -> torch.Tensor:
-    """The weight change in float32, (E, out, in) (E = 1 for a Linear layer)."""
-    a3, b3 = expert_factors(factors.lora_A.float(), factors.lora_B.float(), factors.num_experts)
-    return factors.scaling * torch.bmm(b3, a3)
 
 
 # ----------------------------------------------------------------------------- combining
@@ -286,18 +79,18 @@ def _truncate_factors(a3: torch.Tensor, b3: torch.Tensor, rank: int) -> tuple[to
     return vh[:, :rank, :] @ qa.transpose(1, 2), qb @ (u[:, :, :rank] * s[:, None, :rank])
 
 
-def _concatenate(parts: list[LoraFactors], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def _concatenate(parts: list[LoraPair], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-concatenated factors whose product is exactly sum_i w_i * delta_i: (E, R, in), (E, out, R)."""
     a_parts, b_parts = [], []
     for factors, weight in zip(parts, weights):
-        a3, b3 = expert_factors(factors.lora_A.float(), factors.lora_B.float(), factors.num_experts)
+        a3, b3 = factors.split(torch.float32)
         c = weight * factors.scaling
         a_parts.append(math.sqrt(abs(c)) * a3)
         b_parts.append(math.copysign(math.sqrt(abs(c)), c) * b3)
     return torch.cat(a_parts, dim=1), torch.cat(b_parts, dim=2)
 
 
-def _prune_merge(parts: list[LoraFactors], weights, method: str, density: float, seed: int, rank: int):
+def _prune_merge(parts: list[LoraPair], weights, method: str, density: float, seed: int, rank: int):
     """TIES / DARE (peft.utils.merge_utils) on the full deltas, then SVD: expert by expert, so one expert's
     (out, in) deltas are all that is ever formed. Returns (A3 (E, rank, in), B3 (E, out, rank))."""
     from peft.utils import merge_utils
@@ -307,7 +100,7 @@ def _prune_merge(parts: list[LoraFactors], weights, method: str, density: float,
         "dare_linear": merge_utils.dare_linear,
         "dare_ties": merge_utils.dare_ties,
     }[method]
-    factors = [expert_factors(p.lora_A.float(), p.lora_B.float(), p.num_experts) for p in parts]
+    factors = [p.split(torch.float32) for p in parts]
     w = torch.tensor(weights, dtype=torch.float32)
     a_out, b_out = [], []
     for e in range(parts[0].num_experts):
@@ -321,7 +114,7 @@ def _prune_merge(parts: list[LoraFactors], weights, method: str, density: float,
     return torch.stack(a_out), torch.stack(b_out)
 
 
-def combine_factors(parts: list[LoraFactors], weights, method: str, density: float, seed: int):
+def combine_factors(parts: list[LoraPair], weights, method: str, density: float, seed: int):
     """Combined factors of one module: (A3 (E, r, in), B3 (E, out, r)), scaling 1."""
     rank = max(p.rank for p in parts)
     if method == "linear":
@@ -347,7 +140,7 @@ def _same_base(configs: list[dict], dirs: list[Path]) -> None:
             )
 
 
-def _same_targets(configs: list[dict], factor_sets: list[dict[str, LoraFactors]], dirs: list[Path]) -> None:
+def _same_targets(configs: list[dict], factor_sets: list[dict[str, LoraPair]], dirs: list[Path]) -> None:
     def targets(config, key):
         value = config.get(key) or []
         return sorted([value] if isinstance(value, str) else value)
@@ -390,6 +183,27 @@ def _pad(a3: torch.Tensor, b3: torch.Tensor, rank: int) -> tuple[torch.Tensor, t
     )
 
 
+@dataclass
+class CombineReport:
+    """What `combine_adapters` wrote; `str()` is what `moetune merge-adapters` prints."""
+
+    adapters: list[Path]
+    output: Path
+    method: str
+    weights: list[float]
+    modules: int  # adapted modules / expert tensors in the result
+    expert_tensors: int  # of which fused expert tensors (combined per expert)
+    rank: int  # the one rank of the result (scaling 1)
+
+    def __str__(self) -> str:
+        weights = ", ".join(f"{w:g}" for w in self.weights)
+        return (
+            f"combined {len(self.adapters)} adapters ({self.method}, weights {weights}) into {self.output}: "
+            f"{self.modules} modules ({self.expert_tensors} fused expert tensors, per expert), rank {self.rank}, "
+            "scaling 1"
+        )
+
+
 def combine_adapters(
     adapter_dirs: Sequence[str | os.PathLike],
     output: str | os.PathLike,
@@ -398,8 +212,8 @@ def combine_adapters(
     weights: Sequence[float] | None = None,
     density: float = 0.5,
     seed: int = 0,
-) -> str:
-    """Combine LoRA adapters of one base into a new PEFT adapter folder; returns a summary.
+) -> CombineReport:
+    """Combine LoRA adapters of one base into a new PEFT adapter folder; returns what was written.
 
     method: linear | ties | dare_linear | dare_ties | svd (see the module docstring); weights: one per
     adapter (default 1 each); density: the share of values kept by ties / dare; seed: DARE's RNG seed.
@@ -417,9 +231,9 @@ def combine_adapters(
     if method in ("ties", "dare_linear", "dare_ties") and not 0 < density <= 1:
         raise MoetuneError(f"--density must be in (0, 1] for {method}; got {density}")
     out = Path(output)
-    _check_new_output(out)
+    check_new_output(out)  # before the work, not only at the end
 
-    loaded = [load_factors(d) for d in dirs]
+    loaded = [load_pairs(d) for d in dirs]
     configs, factor_sets = [c for c, _ in loaded], [f for _, f in loaded]
     _same_base(configs, dirs)
     _same_targets(configs, factor_sets, dirs)
@@ -435,7 +249,7 @@ def combine_adapters(
     rank = max(a3.shape[1] for a3, _ in combined.values())
     tensors = {}
     for key, (a3, b3) in combined.items():
-        lora_a, lora_b = pack_expert_factors(*_pad(a3, b3, rank))
+        lora_a, lora_b = pack_experts(*_pad(a3, b3, rank))
         tensors[f"{key}.lora_A.weight"] = lora_a.to(dtype)
         tensors[f"{key}.lora_B.weight"] = lora_b.to(dtype)
 
@@ -451,20 +265,13 @@ def combine_adapters(
         **({"seed": seed} if method.startswith("dare") else {}),
         "rank": rank,
     }
-    tmp = _temporary_sibling(out)
-    try:
+    with atomic_output_folder(out) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "combine_recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
         _write_combined_card(tmp, out.name, configs[0], dirs, recipe)
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     experts = sum(1 for f in factor_sets[0].values() if f.num_experts > 1)
-    return (
-        f"combined {len(dirs)} adapters ({method}, weights {', '.join(f'{w:g}' for w in weights)}) into {out}: "
-        f"{len(combined)} modules ({experts} fused expert tensors, per expert), rank {rank}, scaling 1"
-    )
+    return CombineReport(dirs, out, method, weights, len(combined), experts, rank)
 
 
 def _write_combined_card(folder: Path, title: str, config: dict, dirs: list[Path], recipe: dict) -> None:
@@ -484,27 +291,3 @@ def _write_combined_card(folder: Path, title: str, config: dict, dirs: list[Path
         recipe={"combine": recipe},
         title=title,
     )
-
-
-# ----------------------------------------------------------------------------- output folders
-
-
-def _check_new_output(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MoetuneError(f"output {out} already exists and is not empty; choose a new folder or remove it")
-
-
-def _temporary_sibling(out: Path) -> Path:
-    """A fresh folder next to `out`, renamed onto it when complete (so `out` is never half-written)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    _check_new_output(out)
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.errors import MoetuneError
+from adapters.peft_format import experts_with_lora, split_experts
 
 # Parameter names of fused expert weights: gated (gate_up_proj) or ungated (up_proj) first projection.
 UP_NAMES = ("gate_up_proj", "up_proj")
@@ -296,10 +298,10 @@ class _RoutedExpertsLora(torch.autograd.Function):
         # down projection: dL/dy_s = w_s * g_s with g_s the token's incoming gradient
         g = routing.gather(grad_out.contiguous()).to(h.dtype)  # (S, H)
         scale = weights.to(h.dtype)
+        needs_dn = (need_x or need_w or need_up, need_dn, need_dn)  # (input, A, B)
         q, grad_a_dn, grad_b_dn = _project_backward(
-            g, lambda s0, s1: h[s0:s1], u_dn, spec.down, lora_dn, routing,
-            (need_x or need_w or need_up, need_dn, need_dn), row_scale=scale,
-        )  # fmt: skip
+            g, lambda s0, s1: h[s0:s1], u_dn, spec.down, lora_dn, routing, needs_dn, row_scale=scale
+        )
         grad_w = None
         if need_w:
             grad_w = (q.float() * h.float()).sum(-1)
@@ -312,10 +314,13 @@ class _RoutedExpertsLora(torch.autograd.Function):
         if need_x or need_up:
             grad_h = q.mul_(scale.unsqueeze(-1))
             (grad_proj,) = torch.autograd.grad(h_graph, proj, grad_h)  # (S, [2]I)
+
+            def x_rows(s0: int, s1: int) -> torch.Tensor:  # the pairs' inputs, re-gathered rather than kept
+                return routing.gather(x, s0, s1)
+
             grad_xs, grad_a_up, grad_b_up = _project_backward(
-                grad_proj.contiguous(), lambda s0, s1: routing.gather(x, s0, s1), u_up, spec.up, lora_up,
-                routing, (need_x, need_up, need_up),
-            )  # fmt: skip
+                grad_proj.contiguous(), x_rows, u_up, spec.up, lora_up, routing, (need_x, need_up, need_up)
+            )
             if grad_xs is not None:
                 grad_x = routing.sum_per_token(grad_xs)  # each token collects its k pairs' gradients
         return grad_x, grad_w, grad_a_up, grad_b_up, grad_a_dn, grad_b_dn, None
@@ -340,15 +345,35 @@ class _MlpSpec:
         return up, down
 
 
-# "auto": grouped GEMMs on CUDA (one kernel per product instead of a Python loop over experts), the
-# per-expert loop on the CPU (where torch's grouped_mm is itself a loop and measured no faster, and
-# the loop can skip experts outside an ESFT selection). "always" / "never" force one (tests use both).
-GROUPED_MM = "auto"
-
-
 # Dequantized experts the grouped path holds at once (a chunk of the stack) when weights are quantized.
 CHUNK_BYTES = 256 * 2**20
 BACKENDS = ("auto", "loop", "grouped")
+# "auto" (each module's own choice, `set_experts_backend`), or "loop" / "grouped" forced on any device
+# by `forced_backend`; and the chunk budget of the grouped path (see `forced_backend`).
+_FORCED: ContextVar[str] = ContextVar("moetune_forced_experts_backend", default="auto")
+_CHUNK_BYTES: ContextVar[int] = ContextVar("moetune_experts_chunk_bytes", default=CHUNK_BYTES)
+
+
+@contextmanager
+def forced_backend(backend: str, *, chunk_bytes: int | None = None) -> Iterator[None]:
+    """Run every routed computation started inside the block with `backend`, on any device.
+
+    "loop" (per-expert GEMMs) or "grouped" (grouped GEMMs; torch's grouped_mm also runs on the CPU,
+    which is how the tests check both paths there); "auto" restores each module's own choice.
+    `chunk_bytes` caps the dequantized experts the grouped path holds at once for quantized weights
+    (default CHUNK_BYTES). Per-module choices for training are `set_experts_backend`'s job; this
+    overrides them, for tests and benchmarks. The choice is made in the forward pass, so the block
+    need not cover backward.
+    """
+    if backend not in BACKENDS:
+        raise MoetuneError(f"experts backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    forced = _FORCED.set(backend)
+    chunk = _CHUNK_BYTES.set(CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes))
+    try:
+        yield
+    finally:
+        _FORCED.reset(forced)
+        _CHUNK_BYTES.reset(chunk)
 
 
 def set_experts_backend(model: nn.Module, backend: str) -> int:
@@ -374,12 +399,15 @@ def set_experts_backend(model: nn.Module, backend: str) -> int:
 def use_grouped_mm(x: torch.Tensor, dims: list[int] | None = None, backend: str = "auto") -> bool:
     """Whether to run the grouped backend for input x; `dims` (widths, ranks) must give 16-byte rows.
 
-    `backend` is the experts module's choice (`set_experts_backend`); GROUPED_MM, when not "auto",
-    overrides it (the tests run both paths on the CPU)."""
+    `backend` is the experts module's choice (`set_experts_backend`); a `forced_backend` block
+    overrides it. "auto": grouped GEMMs on CUDA (one kernel per product instead of a Python loop over
+    experts), the per-expert loop on the CPU (where torch's grouped_mm is itself a loop and measured
+    no faster, and the loop can skip experts outside an ESFT selection)."""
     if dims is not None and any(d * x.element_size() % 16 for d in dims):
         return False  # grouped_mm needs 16-byte aligned strides
-    if GROUPED_MM != "auto":
-        return GROUPED_MM == "always"
+    forced = _FORCED.get()
+    if forced != "auto":
+        return forced == "grouped"
     if backend != "auto":
         return backend == "grouped"
     if not hasattr(F, "grouped_mm") or x.device.type != "cuda":
@@ -444,7 +472,7 @@ def frozen_projection(experts: nn.Module, name: str) -> FrozenProjection:
     in_features, out_features = (first, second) if transposed else (second, first)
     bias = getattr(experts, f"{name}_bias").detach() if getattr(experts, "has_bias", False) else None
     if name in getattr(experts, "quantized_shapes", {}):
-        per_chunk = max(1, CHUNK_BYTES // (in_features * out_features * weight.element_size()))
+        per_chunk = max(1, _CHUNK_BYTES.get() // (in_features * out_features * weight.element_size()))
         return FrozenProjection(
             lambda e: experts.dequantize_expert(name, e).t(),  # (in, out)
             None,
@@ -462,16 +490,11 @@ def frozen_projection(experts: nn.Module, name: str) -> FrozenProjection:
 
 
 def peft_factors(wrapper: nn.Module, adapter: str, with_mask: bool = True) -> ExpertLora:
-    """Per-expert views of a PEFT ParamWrapper's lora_A (r*E, in) and lora_B (out, r*E).
-
-    PEFT stores expert e's A as rows e*r:(e+1)*r of lora_A, and its B as columns e, e+E, e+2E, ...
-    of lora_B (reshape(out, r, E)); see ParamWrapper.get_delta_factors.
-    """
-    num_experts = wrapper.num_experts
-    weight_a = wrapper.lora_A[adapter].weight
-    weight_b = wrapper.lora_B[adapter].weight
-    lora_a = weight_a.view(num_experts, -1, weight_a.shape[-1])  # (E, r, in)
-    lora_b = weight_b.view(weight_b.shape[0], -1, num_experts).permute(2, 0, 1)  # (E, out, r)
+    """Per-expert views of a PEFT ParamWrapper's lora_A (r*E, in) and lora_B (out, r*E)
+    (`adapters.peft_format.split_experts`)."""
+    lora_a, lora_b = split_experts(
+        wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight, wrapper.num_experts
+    )  # (E, r, in), (E, out, r)
     mask = expert_lora_mask(wrapper, adapter) if with_mask else None
     return ExpertLora(lora_a, lora_b, float(wrapper.scaling[adapter]), mask)
 
@@ -483,11 +506,10 @@ def expert_lora_mask(wrapper: nn.Module, adapter: str) -> list[bool] | None:
     for both factors, so they stay zero under AdamW); deriving the mask from the weights keeps it
     right after save / load with no extra state. None when every expert carries LoRA.
     """
-    weight_a = wrapper.lora_A[adapter].weight
+    weight_a = wrapper.lora_A[adapter].weight  # (r*E, in)
     if weight_a.device.type == "meta":  # a model built for planning has no values to look at
         return None
-    with torch.no_grad():
-        mask = weight_a.view(wrapper.num_experts, -1).ne(0).any(dim=1).tolist()
+    mask = experts_with_lora(weight_a.view(wrapper.num_experts, -1, weight_a.shape[-1]))
     return None if all(mask) else mask
 
 
@@ -523,11 +545,9 @@ def _fast_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwar
                 f"unmerged, called as experts(hidden, top_k_index, top_k_weights) (active: {active})"
             )
         return type(self).forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-    # the mask only lets the per-expert loop skip unselected experts; grouped GEMMs need no host sync for it
-    backend = getattr(experts, "experts_backend", "auto")
-    with_mask = not use_grouped_mm(
-        hidden_states, backend=backend
-    )  # (a rank that forbids grouping costs the skip)
+    # the mask only lets the per-expert loop skip unselected experts; grouped GEMMs need no host sync for
+    # it (a rank that forbids grouping then costs the skip)
+    with_mask = not use_grouped_mm(hidden_states, backend=getattr(experts, "experts_backend", "auto"))
     lora = {w.parameter_name: peft_factors(w, active[0], with_mask) for w in chain}
     return routed_experts_forward(experts, hidden_states, top_k_index, top_k_weights, lora)
 
@@ -595,33 +615,3 @@ def fast_path_modules(model: nn.Module) -> list[str]:
         for name, module in model.named_modules()
         if getattr(module.__dict__.get("forward"), "__func__", None) is _fast_forward
     ]
-
-
-def reference_experts_forward(experts, hidden_states, top_k_index, top_k_weights, lora):
-    """Explicit per-token reference (dense W + s·B·A per expert), for tests: slow, obviously right."""
-    transposed = getattr(experts, "is_transposed", False)
-    has_gate = getattr(experts, "has_gate", True)
-    has_bias = getattr(experts, "has_bias", False)
-    up_name = "gate_up_proj" if has_gate else "up_proj"
-
-    def weight(name, e):
-        w = getattr(experts, name)[e]
-        w = w.t() if transposed else w  # (out, in)
-        if name in lora and (lora[name].mask is None or lora[name].mask[e]):
-            f = lora[name]
-            w = w + f.scaling * f.lora_b[e] @ f.lora_a[e]
-        return w
-
-    out = torch.zeros_like(hidden_states, dtype=torch.promote_types(hidden_states.dtype, top_k_weights.dtype))
-    for t in range(hidden_states.shape[0]):
-        for j in range(top_k_index.shape[1]):
-            e = int(top_k_index[t, j])
-            y = F.linear(hidden_states[t], weight(up_name, e))
-            if has_bias:
-                y = y + getattr(experts, f"{up_name}_bias")[e]
-            y = experts._apply_gate(y[None])[0] if has_gate else experts.act_fn(y)
-            y = F.linear(y, weight(DOWN_NAME, e))
-            if has_bias:
-                y = y + experts.down_proj_bias[e]
-            out[t] = out[t] + top_k_weights[t, j] * y
-    return out.to(hidden_states.dtype)

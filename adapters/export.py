@@ -21,24 +21,72 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
-from adapters.adapter_factors import (
-    expert_param_keys,
-    expert_params,
-    nesting_order,
-    pattern_value,
-    read_adapter_files,
-    read_factors,
-)
 from adapters.errors import MoetuneError
-from adapters.serving_layouts import TARGETS, serving_export
+from adapters.output_folder import atomic_output_folder
+from adapters.peft_format import (
+    SAVED_PREFIX,
+    expert_params,
+    group_factors,
+    module_name,
+    pack_experts,
+    read_adapter,
+    read_factors,
+    resolve_pairs,
+    wrapper_keys,
+)
+from adapters.serving_layouts import TARGETS, ServingExport, serving_export
+
+if TYPE_CHECKING:
+    from adapters.serving_verify import ExportCheck
 
 FORMATS = ("per-expert", "peft", *TARGETS)
 META_FILE = "moetune_export.json"
+
+
+@dataclass
+class PerExpertExport:
+    """`--format per-expert`: what was split."""
+
+    pairs: int  # per-expert LoRA pairs written
+    fused_weights: int  # fused expert weights they came from
+    left_out: int  # (weight, expert) pairs without LoRA, not written
+
+    def __str__(self) -> str:
+        text = f"{self.pairs} per-expert LoRA pairs from {self.fused_weights} fused weights"
+        if self.left_out:
+            text += f", {self.left_out} (weight, expert) pairs without LoRA left out"
+        return text
+
+
+@dataclass
+class PeftExport:
+    """`--format peft`: what was rebuilt."""
+
+    fused_weights: int
+
+    def __str__(self) -> str:
+        return f"{self.fused_weights} fused expert weights rebuilt"
+
+
+@dataclass
+class ExportReport:
+    """What `export_adapter` wrote; `str()` is what `moetune export-adapter` prints."""
+
+    output: Path
+    fmt: str
+    details: PerExpertExport | PeftExport | ServingExport
+    check: ExportCheck | None = None  # verify=True: the verify-export comparison
+
+    def __str__(self) -> str:
+        text = f"wrote {self.output} ({self.fmt}): {self.details}"
+        return text if self.check is None else f"{text}\n{self.check}"
 
 
 def export_adapter(
@@ -49,8 +97,8 @@ def export_adapter(
     base=None,
     rank: int | None = None,
     verify: bool = False,
-) -> str:
-    """Write `adapter_dir` to `output` in layout `fmt`; returns a summary for the CLI.
+) -> ExportReport:
+    """Write `adapter_dir` to `output` in layout `fmt`; returns what was written.
 
     base: the base model folder; for `vllm` / `sglang` its config.json decides the layout (default:
         the adapter's base_model_name_or_path when that is a local folder). Needed for `verify`.
@@ -64,25 +112,25 @@ def export_adapter(
         raise MoetuneError(f"--rank and --verify apply to --format {' / '.join(TARGETS)}, not {fmt}")
     if verify and base is None:
         raise MoetuneError("--verify needs --base MODEL (the model the adapter was trained on)")
-    source, config, weights = read_adapter_files(source)
+    config, weights = read_adapter(source, plain_lora=False)
     if output.resolve() == source.resolve():
         raise MoetuneError(f"--output {output} is the adapter folder itself; choose a new folder")
     if fmt in TARGETS:
         base = _base_folder(base, config, source, fmt)
         factors = read_factors(source)
-        new_config, new_weights, meta, summary = serving_export(
+        new_config, new_weights, meta, details = serving_export(
             factors, _base_config(base), fmt, rank, base_name=str(base)
         )
     elif fmt == "per-expert":
-        new_config, new_weights, meta, summary = _to_per_expert(config, weights, source)
+        new_config, new_weights, meta, details = _to_per_expert(config, weights, source)
     else:
-        new_config, new_weights, meta, summary = _to_fused(config, weights, source)
+        new_config, new_weights, meta, details = _to_fused(config, weights, source)
     _write(source, output, new_config, new_weights, meta)
-    report = f"wrote {output} ({fmt}): {summary}"
+    report = ExportReport(output, fmt, details)
     if verify:
         from adapters.serving_verify import verify_export
 
-        report += "\n" + verify_export(output, base, source)
+        report.check = verify_export(output, base, source)
     return report
 
 
@@ -109,23 +157,19 @@ def _base_config(base: Path) -> dict:
 
 
 def _write(source: Path, output: Path, config: dict, weights: dict, meta: dict | None) -> None:
-    """Write to a temporary folder and rename, so a failed export leaves nothing half-written."""
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "adapter_model.safetensors"))
-    if meta is not None:
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    for extra in ("README.md",):
-        if (source / extra).is_file():
-            shutil.copy(source / extra, tmp / extra)
-    if output.exists():
-        if not (output / "adapter_config.json").is_file() and any(output.iterdir()):
-            shutil.rmtree(tmp)
-            raise MoetuneError(f"--output {output} exists and is not an adapter folder; choose a new folder")
-        shutil.rmtree(output)
-    tmp.rename(output)
+    """Write the folder atomically (adapters.output_folder): a failed export leaves nothing half-written.
+
+    An earlier adapter folder at `output` is replaced; any other non-empty folder is refused."""
+    if output.exists() and any(output.iterdir()) and not (output / "adapter_config.json").is_file():
+        raise MoetuneError(f"--output {output} exists and is not an adapter folder; choose a new folder")
+    with atomic_output_folder(output, replace=True) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "adapter_model.safetensors"))
+        if meta is not None:
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for extra in ("README.md",):
+            if (source / extra).is_file():
+                shutil.copy(source / extra, tmp / extra)
 
 
 def _to_per_expert(config: dict, weights: dict, source: Path):
@@ -141,24 +185,27 @@ def _to_per_expert(config: dict, weights: dict, source: Path):
         dict(config.get("alpha_pattern") or {}),
     )
     written = skipped = 0
-    wrappers = expert_param_keys(config, weights, source)
-    for param, (key_a, key_b) in wrappers.items():
-        weight_a, weight_b = out.pop(key_a), out.pop(key_b)
+    experts = {p.rpartition(".")[0] for p in expert_params(config)}
+    fused = {  # the experts modules' LoRA; every other weight is copied unchanged
+        k: v for k, v in weights.items() if ".lora_" in k and module_name(k) in experts
+    }
+    pairs = resolve_pairs(config, group_factors(fused, str(source)), str(source))
+    wrappers = [p for p in pairs.values() if p.param in expert_params(config)]
+    for pair in wrappers:
+        param = pair.param
+        del out[f"{pair.key}.lora_A.weight"], out[f"{pair.key}.lora_B.weight"]
         prefix, _, pname = param.rpartition(".")  # "model.layers.3.mlp.experts", "gate_up_proj"
-        rank = int(pattern_value(config.get("rank_pattern"), param, config["r"]))
-        num_experts = weight_a.shape[0] // rank
-        lora_a = weight_a.view(num_experts, rank, -1)  # (E, r, in)
-        lora_b = weight_b.view(weight_b.shape[0], rank, num_experts).permute(2, 0, 1)  # (E, out, r)
+        lora_a, lora_b = pair.split()  # (E, r, in), (E, out, r)
         if pname == "gate_up_proj":
             half = lora_b.shape[1] // 2
             parts = {"gate_proj": slice(0, half), "up_proj": slice(half, None)}
         else:
             parts = {pname: slice(None)}
-        kept = [e for e in range(num_experts) if bool(lora_a[e].ne(0).any() or lora_b[e].ne(0).any())]
-        skipped += num_experts - len(kept)
+        kept = [e for e in range(pair.num_experts) if bool(lora_a[e].ne(0).any() or lora_b[e].ne(0).any())]
+        skipped += pair.num_experts - len(kept)
         for e in kept:
             for proj, rows in parts.items():
-                base = f"base_model.model.{prefix}.{e}.{proj}"
+                base = f"{SAVED_PREFIX}{prefix}.{e}.{proj}"
                 out[f"{base}.lora_A.weight"] = lora_a[e].clone()
                 out[f"{base}.lora_B.weight"] = lora_b[e, rows].clone()
                 written += 1
@@ -167,8 +214,13 @@ def _to_per_expert(config: dict, weights: dict, source: Path):
             if re.escape(param) in pattern:
                 value = pattern.pop(re.escape(param))
                 pattern[re.escape(prefix) + r"\.\d+\.(" + "|".join(parts) + ")"] = value
-        meta["params"][param] = {"num_experts": num_experts, "rank": rank, "parts": list(parts), "kept": kept}
-    others = sorted(set(config.get("target_parameters") or []) - set(wrappers))  # e.g. a router weight
+        meta["params"][param] = {
+            "num_experts": pair.num_experts,
+            "rank": pair.rank,
+            "parts": list(parts),
+            "kept": kept,
+        }
+    others = sorted(set(config.get("target_parameters") or []) - set(meta["params"]))  # e.g. a router weight
     new_config = dict(config)
     new_config.update(
         target_parameters=others or None,
@@ -176,10 +228,7 @@ def _to_per_expert(config: dict, weights: dict, source: Path):
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
-    summary = f"{written} per-expert LoRA pairs from {len(wrappers)} fused weights"
-    if skipped:
-        summary += f", {skipped} (weight, expert) pairs without LoRA left out"
-    return new_config, out, meta, summary
+    return new_config, out, meta, PerExpertExport(written, len(wrappers), skipped)
 
 
 def _to_fused(config: dict, weights: dict, source: Path):
@@ -200,17 +249,18 @@ def _to_fused(config: dict, weights: dict, source: Path):
     for param in meta["params"]:
         by_module.setdefault(param.rpartition(".")[0], []).append(param)
     for module, params in by_module.items():
-        for depth, param in enumerate(reversed(nesting_order(params))):
+        keys = wrapper_keys(module, params)
+        for param in params:
             info = meta["params"][param]
             num_experts, rank, parts = info["num_experts"], info["rank"], info["parts"]
-            in_key = f"base_model.model.{module}.{info['kept'][0]}.{parts[0]}.lora_A.weight"
-            in_features = out[in_key].shape[-1] if info["kept"] else 0
-            b_parts = [out[f"base_model.model.{module}.{info['kept'][0]}.{p}.lora_B.weight"] for p in parts]
+            expert = f"{SAVED_PREFIX}{module}.{info['kept'][0]}" if info["kept"] else None
+            in_features = out[f"{expert}.{parts[0]}.lora_A.weight"].shape[-1] if expert else 0
+            b_parts = [out[f"{expert}.{p}.lora_B.weight"] for p in parts]
             out_features = sum(b.shape[0] for b in b_parts)
             lora_a = torch.zeros(num_experts, rank, in_features, dtype=b_parts[0].dtype)
             lora_b = torch.zeros(num_experts, out_features, rank, dtype=b_parts[0].dtype)
             for e in info["kept"]:
-                base = f"base_model.model.{module}.{e}"
+                base = f"{SAVED_PREFIX}{module}.{e}"
                 lora_a[e] = out.pop(f"{base}.{parts[0]}.lora_A.weight")
                 lora_b[e] = torch.cat([out[f"{base}.{p}.lora_B.weight"] for p in parts])
                 for p in parts[1:]:
@@ -218,13 +268,8 @@ def _to_fused(config: dict, weights: dict, source: Path):
                 for p in parts:
                     out.pop(f"{base}.{p}.lora_B.weight")
                 modules.difference_update(f"{module}.{e}.{p}" for p in parts)
-            nest = ".base_layer" * depth
-            out[f"base_model.model.{module}{nest}.lora_A.weight"] = lora_a.reshape(
-                num_experts * rank, in_features
-            )
-            out[f"base_model.model.{module}{nest}.lora_B.weight"] = lora_b.permute(1, 2, 0).reshape(
-                out_features, rank * num_experts
-            )  # (out, r, E) -> (out, r*E)
+            packed_a, packed_b = pack_experts(lora_a, lora_b)
+            out[f"{keys[param]}.lora_A.weight"], out[f"{keys[param]}.lora_B.weight"] = packed_a, packed_b
             for pattern in (rank_pattern, alpha_pattern):
                 key = re.escape(module) + r"\.\d+\.(" + "|".join(parts) + ")"
                 if key in pattern:
@@ -236,4 +281,4 @@ def _to_fused(config: dict, weights: dict, source: Path):
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
-    return new_config, out, None, f"{len(meta['params'])} fused expert weights rebuilt"
+    return new_config, out, None, PeftExport(len(meta["params"]))

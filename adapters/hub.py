@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.card_completion import CompletedCard, complete_card
@@ -85,6 +86,45 @@ def _is_network_error(err: BaseException) -> bool:
     return isinstance(err, OSError) or bool(names & network)
 
 
+@dataclass
+class PushResult:
+    """What `push_folder` uploaded (or, with `dry_run`, would upload); `str()` is what `moetune push` prints."""
+
+    repo_id: str
+    revision: str | None
+    private: bool
+    files: list[tuple[str, int]]  # (path in the repo, bytes)
+    dry_run: bool
+    card_filled: list[str]  # what completing the uploaded card filled in
+    rewritten_base: str | None  # the base the uploaded adapter_config.json names, when rewritten
+    warnings: list[str]  # about the card
+    token_missing: bool
+    commit_url: str | None = None
+
+    @property
+    def where(self) -> str:
+        branch = f" (branch {self.revision})" if self.revision else ""
+        return f"{self.repo_id}{branch}" + (" [private]" if self.private else "")
+
+    def __str__(self) -> str:
+        count, total = len(self.files), _human(sum(size for _, size in self.files))
+        if self.dry_run:
+            lines = [f"dry run: would upload {count} files ({total}) to {self.where}"]
+            lines += [f"  {_human(size):>10}  {rel}" for rel, size in self.files]
+        else:
+            lines = [f"pushed {count} files ({total}) to {self.where}: {self.commit_url}"]
+        card = "model card: valid"
+        if self.card_filled:
+            card += f" after completing the uploaded copy (README.md here is unchanged): {'; '.join(self.card_filled)}"
+        lines.append(card)
+        if self.rewritten_base:
+            lines.append(f"adapter_config.json: the uploaded copy names the base {self.rewritten_base}")
+        lines += [f"warning: {w}" for w in self.warnings]
+        if self.dry_run and self.token_missing:
+            lines.append("note: no Hugging Face token is set; a real push needs HF_TOKEN or `hf auth login`")
+        return "\n".join(lines)
+
+
 def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -94,7 +134,7 @@ def push_folder(
     dry_run: bool = False,
     base_model: str | None = None,
     license: str | None = None,
-) -> str:
+) -> PushResult:
     """Upload `folder` to the Hub model repo `repo_id` (created if needed); return what was done.
 
     The uploaded card is completed first (`adapters.card_completion`: `base_model` is the Hub id of
@@ -124,37 +164,32 @@ def push_folder(
     token = hub_token()
     _refuse_token_in_files([f for f in files if f[1].is_file()], token)
 
-    total = sum(size for _, _, size in files)
-    where = f"{repo_id}" + (f" (branch {revision})" if revision else "") + (" [private]" if private else "")
-    notes = _card_notes(card, contents)
+    result = PushResult(
+        repo_id=repo_id,
+        revision=revision,
+        private=private,
+        files=[(rel, size) for rel, _, size in files],
+        dry_run=dry_run,
+        card_filled=list(card.filled),
+        rewritten_base=card.base_model if "adapter_config.json" in contents else None,
+        warnings=list(card.warnings),
+        token_missing=not token,
+    )
     if dry_run:
-        lines = [f"dry run: would upload {len(files)} files ({_human(total)}) to {where}"]
-        lines += [f"  {_human(size):>10}  {rel}" for rel, _, size in files]
-        lines += notes
-        if not token:
-            lines.append("note: no Hugging Face token is set; a real push needs HF_TOKEN or `hf auth login`")
-        return "\n".join(lines)
+        return result
     if not token:
         raise MoetuneError(
             "no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again (--dry-run needs none)"
         )
     try:
-        pushed = _upload(
-            folder,
-            repo_id,
-            files,
-            contents,
-            token,
-            private=private,
-            revision=revision,
-            where=where,
-            total=total,
+        result.commit_url = _upload(
+            folder, repo_id, files, contents, token, private=private, revision=revision
         )
     except MoetuneError:
         raise
     except Exception as err:
         raise MoetuneError(scrub(_explain(err, repo_id), token)) from None
-    return "\n".join([pushed, *notes])
+    return result
 
 
 def _rewritten(folder: Path, card: CompletedCard, repo_id: str) -> dict[str, bytes]:
@@ -175,17 +210,8 @@ def _rewritten(folder: Path, card: CompletedCard, repo_id: str) -> dict[str, byt
     return contents
 
 
-def _card_notes(card: CompletedCard, contents: dict[str, bytes]) -> list[str]:
-    line = "model card: valid"
-    if card.filled:
-        line += f" after completing the uploaded copy (README.md here is unchanged): {'; '.join(card.filled)}"
-    lines = [line]
-    if "adapter_config.json" in contents:
-        lines.append(f"adapter_config.json: the uploaded copy names the base {card.base_model}")
-    return lines + [f"warning: {w}" for w in card.warnings]
-
-
-def _upload(folder, repo_id, files, contents, token, *, private, revision, where, total) -> str:
+def _upload(folder, repo_id, files, contents, token, *, private, revision) -> str:
+    """One commit with every file; returns its URL."""
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
     if constants.HF_HUB_OFFLINE:
@@ -206,7 +232,7 @@ def _upload(folder, repo_id, files, contents, token, *, private, revision, where
         revision=revision,
         repo_type="model",
     )
-    return f"pushed {len(files)} files ({_human(total)}) to {where}: {info.commit_url}"
+    return info.commit_url
 
 
 def _explain(err: Exception, repo_id: str) -> str:

@@ -22,6 +22,7 @@ from torch import nn
 
 from adapters.errors import MoetuneError
 from adapters.experts import exposed_quantized_weights, install_fast_path
+from adapters.peft_format import split_experts
 from adapters.selection import load_selection
 from adapters.targets import ALL_GROUPS, clean_name, did_you_mean, find_targets, layer_of, resolve_targets
 
@@ -72,86 +73,49 @@ def apply_lora(
     """
     if isinstance(model, PeftModel):
         raise MoetuneError("apply_lora got a model that already has adapters; pass the base model")
-    with exposed_quantized_weights(model):
-        return _apply_lora(
-            model, targets=targets, r=r, alpha=alpha, dropout=dropout, layers=layers, experts=experts,
-            router=router, use_rslora=use_rslora, group_overrides=group_overrides,
-            init_lora_weights=init_lora_weights, adapter_name=adapter_name,
-        )  # fmt: skip
+    with exposed_quantized_weights(model):  # quantized experts show PEFT float placeholders meanwhile
+        _check_settings(r, alpha, dropout, router, group_overrides)
+        requested = targets.split(",") if isinstance(targets, str) else list(targets or [])
+        requested = [t.strip() for t in requested if t.strip()]
+        if router == "lora" and "router" not in requested:
+            requested.append("router")
+        if router != "lora" and "router" in requested:
+            raise MoetuneError(
+                f"adapter.targets contains 'router' but adapter.router is '{router}'; set router: lora"
+            )
+        resolved = resolve_targets(model, requested, layers)
 
+        selection = None
+        if experts is not None:
+            selection = load_selection(experts)
+            _apply_selection_to_targets(model, resolved, selection)
 
-def _apply_lora(
-    model, *, targets, r, alpha, dropout, layers, experts, router, use_rslora, group_overrides,
-    init_lora_weights, adapter_name,
-) -> PeftModel:  # fmt: skip
-    _check_settings(r, alpha, dropout, router, group_overrides)
-    requested = targets.split(",") if isinstance(targets, str) else list(targets or [])
-    requested = [t.strip() for t in requested if t.strip()]
-    if router == "lora" and "router" not in requested:
-        requested.append("router")
-    if router != "lora" and "router" in requested:
-        raise MoetuneError(
-            f"adapter.targets contains 'router' but adapter.router is '{router}'; set router: lora"
+        _refuse_unsupported(resolved, requested, dropout, init_lora_weights)
+        modules_to_save = _modules_to_save(model, resolved, router, layers)
+        _avoid_peft_v4_renames(model, resolved)
+        rank_pattern, alpha_pattern = _patterns(resolved, group_overrides or {})
+        config = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=sorted(resolved.modules),
+            target_parameters=sorted(resolved.parameters) or None,
+            use_rslora=use_rslora,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+            modules_to_save=modules_to_save or None,
+            init_lora_weights=init_lora_weights,
+            bias="none",
         )
-    resolved = resolve_targets(model, requested, layers)
-
-    selection = None
-    if experts is not None:
-        selection = load_selection(experts)
-        _apply_selection_to_targets(model, resolved, selection)
-
-    if not resolved.modules and not resolved.parameters:
-        raise MoetuneError(
-            f"adapter.targets {requested}: {', '.join(sorted(set(resolved.full.values())))} trains whole "
-            "modules (PEFT modules_to_save), and PEFT needs at least one LoRA target besides; add a group, "
-            "e.g. targets: [encoders, projector]"
-        )
-    expert_params = [n for n, g in resolved.parameters.items() if g == "experts"]
-    if dropout and expert_params:
-        raise MoetuneError(
-            f"adapter.dropout={dropout} cannot apply to expert LoRA: PEFT adapts a fused expert weight "
-            "as W + s·B·A, where inputs cannot be dropped per expert; set dropout: 0, or leave out experts"
-        )
-    if expert_params and init_lora_weights not in EXPERT_INITS:
-        raise MoetuneError(
-            f"adapter init '{init_lora_weights}' needs a 2D base weight; for fused experts use one of "
-            "true (kaiming A, zero B), false, gaussian"
-        )
-
-    modules_to_save = sorted(resolved.full)  # trained whole: e.g. the multimodal projector group
-    if router == "train":
-        found = [t for t in find_targets(model) if t.group == "router"]
-        chosen = _filter_layers(found, layers)
-        if not chosen:
-            raise MoetuneError("adapter.router: train, but this model has no router in the chosen layers")
-        modules_to_save += sorted(
-            t.name.removesuffix(".weight") if t.kind == "parameter" else t.name for t in chosen
-        )
-
-    _avoid_peft_v4_renames(model, resolved)
-    rank_pattern, alpha_pattern = _patterns(resolved, group_overrides or {})
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=sorted(resolved.modules),
-        target_parameters=sorted(resolved.parameters) or None,
-        use_rslora=use_rslora,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-        modules_to_save=modules_to_save or None,
-        init_lora_weights=init_lora_weights,
-        bias="none",
-    )
-    with _quiet_peft():
-        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    _check_all_wrapped(peft_model, resolved, adapter_name)
-    if selection is not None:
-        _zero_unselected(peft_model, selection, adapter_name)
-    install_fast_path(peft_model)
-    if router != "frozen":
-        _keep_aux_loss_on(peft_model)
-    return peft_model
+        with _quiet_peft():
+            peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+        _check_all_wrapped(peft_model, resolved, adapter_name)
+        if selection is not None:
+            _zero_unselected(peft_model, selection, adapter_name)
+        install_fast_path(peft_model)
+        if router != "frozen":
+            _keep_aux_loss_on(peft_model)
+        return peft_model
 
 
 def load_adapter(
@@ -222,6 +186,41 @@ def _check_settings(r, alpha, dropout, router, group_overrides) -> None:
             )
         if "alpha" in values and values["alpha"] <= 0:
             raise MoetuneError(f"adapter.group_overrides.{group}.alpha={values['alpha']!r} must be positive")
+
+
+def _refuse_unsupported(resolved, requested, dropout, init_lora_weights) -> None:
+    """Combinations PEFT would accept and then get wrong, or fail on deep inside: refused here, in one line."""
+    if not resolved.modules and not resolved.parameters:
+        raise MoetuneError(
+            f"adapter.targets {requested}: {', '.join(sorted(set(resolved.full.values())))} trains whole "
+            "modules (PEFT modules_to_save), and PEFT needs at least one LoRA target besides; add a group, "
+            "e.g. targets: [encoders, projector]"
+        )
+    expert_params = [n for n, g in resolved.parameters.items() if g == "experts"]
+    if dropout and expert_params:
+        raise MoetuneError(
+            f"adapter.dropout={dropout} cannot apply to expert LoRA: PEFT adapts a fused expert weight "
+            "as W + s·B·A, where inputs cannot be dropped per expert; set dropout: 0, or leave out experts"
+        )
+    if expert_params and init_lora_weights not in EXPERT_INITS:
+        raise MoetuneError(
+            f"adapter init '{init_lora_weights}' needs a 2D base weight; for fused experts use one of "
+            "true (kaiming A, zero B), false, gaussian"
+        )
+
+
+def _modules_to_save(model, resolved, router, layers) -> list[str]:
+    """Modules trained whole (PEFT modules_to_save): e.g. the multimodal projector group, a trained router."""
+    modules_to_save = sorted(resolved.full)
+    if router == "train":
+        found = [t for t in find_targets(model) if t.group == "router"]
+        chosen = _filter_layers(found, layers)
+        if not chosen:
+            raise MoetuneError("adapter.router: train, but this model has no router in the chosen layers")
+        modules_to_save += sorted(
+            t.name.removesuffix(".weight") if t.kind == "parameter" else t.name for t in chosen
+        )
+    return modules_to_save
 
 
 def _filter_layers(found, layers):
@@ -336,10 +335,11 @@ def _zero_unselected(peft_model, selection, adapter_name) -> None:
                 continue
             keep = torch.zeros(module.num_experts, dtype=torch.bool)
             keep[chosen] = True
-            weight_a = module.lora_A[adapter_name].weight
-            weight_b = module.lora_B[adapter_name].weight
-            weight_a.view(module.num_experts, -1, weight_a.shape[-1])[~keep] = 0  # (E, r, in)
-            weight_b.view(weight_b.shape[0], -1, module.num_experts)[:, :, ~keep] = 0  # (out, r, E)
+            lora_a, lora_b = split_experts(  # views of PEFT's stacked factors: (E, r, in), (E, out, r)
+                module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight, module.num_experts
+            )
+            lora_a[~keep] = 0
+            lora_b[~keep] = 0
 
 
 def _keep_aux_loss_on(peft_model) -> None:

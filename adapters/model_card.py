@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from adapters.errors import MoetuneError
+from adapters.output_folder import write_file_atomic
 
 KINDS = ("adapter", "merged")
 # The placeholder the loading snippet uses for this folder; `moetune push` writes the repo id instead.
@@ -245,11 +246,7 @@ def write_model_card(folder: str | os.PathLike, **kwargs: Any) -> Path:
     """Write folder/README.md (atomically) and return its path; the arguments are `render_model_card`'s."""
     folder = Path(folder)
     text = render_model_card(folder, **kwargs)
-    path = folder / "README.md"
-    tmp = folder / ".README.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_file_atomic(folder / "README.md", text)
 
 
 def render_model_card(

@@ -34,11 +34,24 @@ logger = logging.getLogger("moetune")
 
 # Config keys that change what the adapter means (and mostly its shapes) when they differ.
 STRUCTURE_KEYS = (
-    "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "intermediate_size", "moe_intermediate_size", "num_experts",
-    "n_routed_experts", "num_local_experts", "num_experts_per_tok", "num_shared_experts",
-    "n_shared_experts", "first_k_dense_replace", "modalities",
-)  # fmt: skip
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_experts",
+    "n_routed_experts",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "num_shared_experts",
+    "n_shared_experts",
+    "first_k_dense_replace",
+    "modalities",
+)
 ENCODER_PREFIX = re.compile(r"(?:^|\.)encoders\.(\w+)")
 PROJECTOR_NAMES = ("projectors", "prefix_projector", "fusion_gate", "contrastive")
 

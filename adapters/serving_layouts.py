@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from adapters.adapter_factors import AdapterFactors, Factors
 from adapters.errors import MoetuneError
+from adapters.peft_format import SAVED_PREFIX, AdapterFactors, Factors, pack_experts, wrapper_keys
 
 TARGETS = ("vllm", "sglang")
 PER_EXPERT, FUSED = "per-expert", "fused"
@@ -59,7 +59,7 @@ FAMILIES = {
     # vLLM's MixtralForCausalLM keeps the original checkpoint names (block_sparse_moe, w1 / w3 / w2)
     "mixtral": ServingFamily(CONCATENATED, vllm_ffn="block_sparse_moe", vllm_names=("w1", "w3", "w2")),
     "gpt_oss": ServingFamily(INTERLEAVED, vllm_layout=FUSED),
-}  # fmt: skip
+}
 
 
 def serving_family(base_config: dict, where: str) -> tuple[str, ServingFamily]:
@@ -78,10 +78,38 @@ def layout_of(family: ServingFamily, target: str) -> str:
     return family.vllm_layout if target == "vllm" else PER_EXPERT
 
 
+@dataclass
+class ServingExport:
+    """What a serving export holds (`--format vllm | sglang`); `str()` is its summary."""
+
+    target: str
+    layout: str  # PER_EXPERT | FUSED
+    model_type: str
+    gate_up: str  # CONCATENATED | INTERLEAVED
+    rank: int
+    experts: dict[str, int]  # experts module -> its number of experts
+    filled: int  # (weight, expert) pairs without LoRA, written as zero B + fresh A
+    serve: str  # the server command line (BASE, NAME, OUT placeholders)
+
+    def __str__(self) -> str:
+        layers = len(self.experts)
+        if self.layout == PER_EXPERT:
+            pairs = f"{3 * sum(self.experts.values())} per-expert LoRA pairs (gate, up, down of every expert"
+        else:
+            pairs = f"{2 * layers} fused expert LoRA pairs (gate_up and down, all experts"
+        text = (
+            f"{self.layout} layout for {self.model_type}: {pairs} of {layers} MoE layer(s), gate/up "
+            f"{self.gate_up}), rank {self.rank} everywhere"
+        )
+        if self.filled:
+            text += f", {self.filled} (weight, expert) pairs without LoRA written as zero B + fresh A"
+        return f"{text}; serve: {self.serve}"
+
+
 def serving_export(
     factors: AdapterFactors, base_config: dict, target: str, rank: int | None = None, base_name: str = "BASE"
-) -> tuple[dict, dict[str, torch.Tensor], dict, str]:
-    """(adapter_config, tensors, moetune_export.json, summary) of the `target` layout of an adapter."""
+) -> tuple[dict, dict[str, torch.Tensor], dict, ServingExport]:
+    """(adapter_config, tensors, moetune_export.json, what it holds) of the `target` layout of an adapter."""
     model_type, family = serving_family(base_config, f"{base_name}/config.json")
     _refuse_unservable(factors, target)
     _check_experts(factors, base_config, base_name)
@@ -100,6 +128,9 @@ def serving_export(
         modules_to_save=None,
     )
     experts = {prefix: next(iter(s.values())).a.shape[0] for prefix, s in factors.experts.items()}
+    export = ServingExport(
+        target, layout, model_type, family.gate_up, rank, experts, fresh, serve_command(target, rank)
+    )
     meta = {
         "format": target,
         "layout": layout,
@@ -107,21 +138,11 @@ def serving_export(
         "gate_up": family.gate_up,
         "rank": rank,
         "experts": experts,
-        "serve": serve_command(target, rank),
+        "serve": export.serve,
     }
     if target == "vllm":
         meta["is_3d_lora_weight"] = layout == FUSED  # for --enable-mixed-moe-lora-format requests
-    if layout == PER_EXPERT:
-        pairs = f"{3 * sum(experts.values())} per-expert LoRA pairs (gate, up, down of every expert"
-    else:
-        pairs = f"{2 * len(experts)} fused expert LoRA pairs (gate_up and down, all experts"
-    summary = (
-        f"{layout} layout for {model_type}: {pairs} of {len(experts)} MoE layer(s), gate/up "
-        f"{family.gate_up}), rank {rank} everywhere"
-    )
-    if fresh:
-        summary += f", {fresh} (weight, expert) pairs without LoRA written as zero B + fresh A"
-    return config, weights, meta, f"{summary}; serve: {meta['serve']}"
+    return config, weights, meta, export
 
 
 def serve_command(target: str, rank: int) -> str:
@@ -163,9 +184,14 @@ def _serving_tensors(factors: AdapterFactors, family: ServingFamily, target: str
         gate_up, down, filled = _complete(stacks, rank, gen)
         fresh += filled
         if layout == FUSED:
-            weights.update(_fused_keys(f"{prefix}.base_layer", *gate_up))
-            weights.update(_fused_keys(prefix, *down))
-            params += [f"{prefix}.gate_up_proj", f"{prefix}.down_proj"]
+            keys = wrapper_keys(prefix, ["gate_up_proj", "down_proj"])  # PEFT's nesting
+            for pname, (a, b) in (("gate_up_proj", gate_up), ("down_proj", down)):
+                packed_a, packed_b = pack_experts(a, b)
+                weights[f"{keys[pname]}.lora_A.weight"], weights[f"{keys[pname]}.lora_B.weight"] = (
+                    packed_a,
+                    packed_b,
+                )
+                params.append(f"{prefix}.{pname}")
         else:
             names, keys = _per_expert_keys(prefix, gate_up, down, family, target)
             weights.update(keys)
@@ -248,14 +274,7 @@ def _complete(stacks: dict[str, Factors], rank: int, gen: torch.Generator):
 
 
 def _pair_keys(name: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {f"base_model.model.{name}.lora_A.weight": a, f"base_model.model.{name}.lora_B.weight": b}
-
-
-def _fused_keys(name: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-    """PEFT's stacking: a (E, r, in) -> (E*r, in); b (E, out, r) -> (out, r, E) -> (out, r*E)."""
-    num_experts, rank, fan_in = a.shape
-    flat_b = b.permute(1, 2, 0).reshape(b.shape[1], rank * num_experts)
-    return _pair_keys(name, a.reshape(num_experts * rank, fan_in), flat_b)
+    return {f"{SAVED_PREFIX}{name}.lora_A.weight": a, f"{SAVED_PREFIX}{name}.lora_B.weight": b}
 
 
 def _per_expert_keys(prefix: str, gate_up, down, family: ServingFamily, target: str):

@@ -1,8 +1,10 @@
 """Read a vLLM / SGLang expert-adapter export the way the server does, into dense weight deltas.
 
 Written from the servers' loading code, independently of moetune's writer: it imports nothing from
-adapters.export, adapters.serving_layouts or adapters.adapter_factors, so a mistake in the writer
-cannot cancel out in a shared helper. The rules it applies (docs/serving.md cites the files):
+adapters.export, adapters.serving_layouts or adapters.peft_format (the module every other part of
+moetune reads, splits and packs PEFT's factor layout with), and re-derives the stacking itself, on
+purpose: a mistake in the shared layout code would otherwise cancel out between writer and reader.
+Keep it that way (tests/test_export_serving.py checks its imports). The rules it applies (docs/serving.md cites the files):
 - one scaling for the whole adapter: lora_alpha / r (vLLM's PEFTHelper: lora_alpha / sqrt(r) with
   use_rslora; SGLang's LoRAAdapter: lora_alpha / r). Neither reads rank_pattern / alpha_pattern, and
   both size their buffers by r: an export with patterns, or a tensor of another rank, is refused.

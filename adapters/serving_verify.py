@@ -9,14 +9,14 @@ expert), not 16-bit noise.
 
 from __future__ import annotations
 
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from adapters.errors import MoetuneError
+from adapters.merge_verify import load_float32, max_logit_difference
+from adapters.quiet import quiet_transformers
 from adapters.serving_reader import export_deltas, read_export
 
 # max |logit difference| allowed, as a share of max(1, the largest |logit|) of base + adapter: the
@@ -27,12 +27,18 @@ DEFAULT_TOLERANCE = 1e-4
 
 @dataclass(frozen=True)
 class ExportCheck:
-    """The outcome of one comparison (numbers for tests and scripts, `line` for people)."""
+    """The outcome of one comparison; `str()` is the PASS / FAIL line verify-export prints."""
 
+    export: Path
+    target: str  # vllm | sglang
+    layout: str  # per-expert | fused
+    adapter: Path
     max_abs: float  # largest |logit difference|
     scale: float  # largest |logit| of base + adapter
     tolerance: float  # relative, of max(1, scale)
-    line: str
+    batches: int
+    batch_size: int
+    length: int
 
     @property
     def relative(self) -> float:
@@ -41,6 +47,14 @@ class ExportCheck:
     @property
     def passed(self) -> bool:
         return self.relative <= self.tolerance  # False for NaN
+
+    def __str__(self) -> str:
+        return (
+            f"{'PASS' if self.passed else 'FAIL'}: {self.export} ({self.target}, {self.layout}) vs base + "
+            f"{self.adapter}: max |logit difference| {self.max_abs:.3g} ({self.relative:.3g} of max(1, largest "
+            f"|logit| {self.scale:.3g}); tolerance {self.tolerance:g}) over {self.batches} batches of "
+            f"{self.batch_size} x {self.length} tokens"
+        )
 
 
 def check_export(
@@ -59,36 +73,31 @@ def check_export(
     export = read_export(export_dir)
     base, adapter = Path(base_folder), Path(adapter_dir)
     tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
-    served = _load(base)
+    served = load_float32(base)
     with torch.no_grad():
         for name, delta in export_deltas(export, served).items():  # checks the export fits the base
             weight = served.get_parameter(name)
             weight.add_(delta.to(weight.dtype))
     try:
-        with _quiet():
-            reference = PeftModel.from_pretrained(_load(base), str(adapter)).eval()
+        with quiet_transformers():
+            reference = PeftModel.from_pretrained(load_float32(base), str(adapter)).eval()
     except Exception as err:
         raise MoetuneError(
             f"PEFT cannot load adapter {adapter} on {base}: {str(err).splitlines()[0]}"
         ) from err
-    vocab = served.config.get_text_config().vocab_size
-    gen = torch.Generator().manual_seed(0)
-    worst, scale = torch.tensor(0.0), torch.tensor(0.0)
-    with torch.no_grad():
-        for _ in range(batches):
-            ids = torch.randint(0, vocab, (batch_size, length), generator=gen)
-            expected = reference(input_ids=ids).logits
-            worst = torch.maximum(worst, (expected - served(input_ids=ids).logits).abs().max())  # NaN stays
-            scale = torch.maximum(scale, expected.abs().max())
-    worst, scale = worst.item(), scale.item()
-    relative = worst / max(1.0, scale)
-    verdict = "PASS" if relative <= tolerance else "FAIL"
-    line = (
-        f"{verdict}: {export.folder} ({export.target}, {export.layout}) vs base + {adapter}: max |logit "
-        f"difference| {worst:.3g} ({relative:.3g} of max(1, largest |logit| {scale:.3g}); tolerance "
-        f"{tolerance:g}) over {batches} batches of {batch_size} x {length} tokens"
+    worst, scale = max_logit_difference(reference, served, batches, batch_size, length)
+    return ExportCheck(
+        export.folder,
+        export.target,
+        export.layout,
+        adapter,
+        worst,
+        scale,
+        tolerance,
+        batches,
+        batch_size,
+        length,
     )
-    return ExportCheck(worst, scale, tolerance, line)
 
 
 def verify_export(
@@ -97,33 +106,9 @@ def verify_export(
     adapter_dir: str | Path,
     *,
     tolerance: float | None = None,
-) -> str:
-    """The PASS line; a MoetuneError carrying the FAIL line when the export does not match."""
+) -> ExportCheck:
+    """The passing check; a MoetuneError carrying the FAIL line when the export does not match."""
     check = check_export(export_dir, base_folder, adapter_dir, tolerance=tolerance)
     if not check.passed:
-        raise MoetuneError(check.line)
-    return check.line
-
-
-def _load(folder: Path):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with _quiet():
-            return AutoModelForCausalLM.from_pretrained(
-                folder,
-                dtype=torch.float32,
-                use_safetensors=True,
-                trust_remote_code=False,
-                local_files_only=True,
-            ).eval()
-    except Exception as err:
-        raise MoetuneError(f"cannot load {folder} as a model: {str(err).splitlines()[0]}") from err
-
-
-@contextmanager
-def _quiet():
-    """PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing`; that FutureWarning is theirs."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
+        raise MoetuneError(str(check))
+    return check

@@ -44,7 +44,9 @@ def test_per_expert_pairs_reproduce_each_experts_delta_and_round_trip(tmp_path):
     model = _trained_adapter(tmp_path / "fused", group_overrides={"experts": {"r": 2, "alpha": 8}})
     message = export_adapter(tmp_path / "fused", tmp_path / "per_expert")
     assert (
-        "per-expert" in message and "48 per-expert LoRA pairs" in message
+        "per-expert" in str(message)
+        and "48 per-expert LoRA pairs" in str(message)
+        and message.details.pairs == 48
     )  # 2 layers x 8 experts x 3 projections
     per_expert = load_file(str(tmp_path / "per_expert" / "adapter_model.safetensors"))
     config = json.loads((tmp_path / "per_expert" / "adapter_config.json").read_text())
@@ -86,7 +88,8 @@ def test_esft_export_keeps_only_selected_experts(tmp_path):
     _trained_adapter(tmp_path / "esft", experts={0: [2], 1: [0, 6]})
     export_adapter(tmp_path / "all", tmp_path / "all_pe")
     message = export_adapter(tmp_path / "esft", tmp_path / "esft_pe")
-    assert "26 (weight, expert) pairs without LoRA left out" in message  # 2 weights x (7 + 6)
+    assert message.details.left_out == 26  # 2 weights x (7 + 6)
+    assert "26 (weight, expert) pairs without LoRA left out" in str(message)
     keys = load_file(str(tmp_path / "esft_pe" / "adapter_model.safetensors")).keys()
     experts = {k.split(".experts.")[1].split(".")[0] for k in keys if ".experts." in k}
     assert experts == {"0", "2", "6"}

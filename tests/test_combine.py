@@ -17,9 +17,8 @@ from peft.tuners.lora.layer import LoraLayer
 
 import cli
 import tiny_models
-from adapters.combine import dare_seed
+from adapters.combine import combine_adapters, dare_seed
 from adapters.errors import MoetuneError
-from adapters.merge import combine_adapters
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
@@ -124,7 +123,8 @@ def test_each_method_matches_its_reference(pair, method):
     family, root, a, b, deltas_a, deltas_b = pair
     out = root / f"combined-{method}"
     report = combine_adapters([a, b], out, method=method, weights=WEIGHTS, density=DENSITY, seed=3)
-    assert method in report
+    assert method in str(report) and (report.method, report.output) == (method, out)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == report.rank
 
     got = peft_deltas(family, out)  # the combined adapter, as plain PEFT reads it
     assert got.keys() == deltas_a.keys()

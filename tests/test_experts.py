@@ -2,8 +2,8 @@
 
 Layout variants (gated gate_up_proj / ungated up_proj, [E, out, in] / transposed [E, in, out],
 with / without biases) run on synthetic transformers experts modules, both against the explicit
-per-token reference in adapters.experts and against PEFT's own ParamWrapper path through
-transformers' grouped_mm experts implementation.
+per-token reference (tiny_models.reference_experts_forward) and against PEFT's own ParamWrapper
+path through transformers' grouped_mm experts implementation.
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-import adapters.experts as experts_module
 from adapters.experts import (
     ExpertLora,
     fast_path_modules,
+    forced_backend,
     install_fast_path,
-    reference_experts_forward,
     remove_fast_path,
     routed_experts_forward,
 )
-from tiny_models import synthetic_experts
+from tiny_models import reference_experts_forward, synthetic_experts
 
 E, H, INTER, R = 6, 12, 8, 4  # 16-byte rows in fp32: the grouped backend runs
 
@@ -35,10 +34,10 @@ def make_experts(has_gate: bool, transposed: bool, has_bias: bool) -> nn.Module:
 
 
 @pytest.fixture(params=["loop", "grouped"])
-def backend(request, monkeypatch):
+def backend(request):
     """Both expert backends: the per-expert loop (CPU default) and grouped_mm (CUDA default)."""
-    monkeypatch.setattr(experts_module, "GROUPED_MM", "never" if request.param == "loop" else "always")
-    return request.param
+    with forced_backend(request.param):
+        yield request.param
 
 
 LAYOUTS = list(itertools.product([True, False], [False, True], [False, True]))
@@ -211,3 +210,29 @@ def test_fast_path_falls_back_when_adapters_disabled():
         plain = reference_experts_forward(model.layers[0].mlp.experts.get_base_layer(), x, index, weights, {})
     torch.testing.assert_close(base, plain, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(adapted, base)
+
+
+def test_forced_backend_picks_the_path_and_ends_with_its_block(monkeypatch):
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    experts = make_experts(True, False, False).requires_grad_(False)
+    lora = _lora(experts)
+    index, weights = _routing(5)
+    x = torch.randn(5, H)
+
+    def grouped_calls() -> int:
+        calls.clear()
+        with torch.no_grad():
+            routed_experts_forward(experts, x, index, weights, lora)
+        return len(calls)
+
+    assert grouped_calls() == 0  # auto on the CPU: the per-expert loop
+    with forced_backend("grouped"):
+        assert grouped_calls() > 0
+        with forced_backend("loop"):
+            assert grouped_calls() == 0
+        assert grouped_calls() > 0
+    assert grouped_calls() == 0

@@ -79,7 +79,8 @@ def test_export_reads_back_to_base_plus_adapter(tmp_path, target, family, select
     overrides = {"experts": {"r": 2, "alpha": 8}} if selection == "full" else None  # ranks 4 and 2
     model = trained_adapter(tmp_path / "adapter", family, chosen, group_overrides=overrides)
     message = export_adapter(tmp_path / "adapter", tmp_path / "out", target, base=base)
-    assert "rank 4 everywhere" in message and "--max-lora-rank" in message
+    assert message.details.rank == 4 and message.details.target == target
+    assert "rank 4 everywhere" in str(message) and "--max-lora-rank" in str(message)
 
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert (
@@ -112,8 +113,8 @@ def test_export_reads_back_to_base_plus_adapter(tmp_path, target, family, select
         assert all(pairs == {(e, p) for e in range(num_experts) for p in names} for pairs in found.values())
 
     check = check_export(tmp_path / "out", base, tmp_path / "adapter")
-    assert check.passed and check.line.startswith("PASS")
-    assert check.max_abs <= 1e-5 * max(1.0, check.scale), check.line  # <= 1e-5 relative, float32
+    assert check.passed and str(check).startswith("PASS")
+    assert check.max_abs <= 1e-5 * max(1.0, check.scale), str(check)  # <= 1e-5 relative, float32
     with torch.no_grad():  # ... while the adapter itself moves the logits far more than that
         batch = random_batch()
         effect = (model.eval()(**batch).logits - build(family)(**batch).logits).abs().max()
@@ -164,7 +165,8 @@ def test_left_out_experts_get_zero_b_and_a_fresh_a_selected_ones_keep_theirs(tmp
     model = trained_adapter(tmp_path / "adapter", "mixtral", {1: [2]})
     message = export_adapter(tmp_path / "adapter", tmp_path / "out", "vllm", base=base)
     # layer 0 is not in the selection (no expert LoRA at all); in layer 1, 3 experts x 2 weights are empty
-    assert "6 (weight, expert) pairs without LoRA written as zero B + fresh A" in message
+    assert message.details.filled == 6
+    assert "6 (weight, expert) pairs without LoRA written as zero B + fresh A" in str(message)
     weights = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     down = model.base_model.model.model.layers[1].mlp.experts  # the outer wrapper: down_proj
     a = down.lora_A["default"].weight.view(4, 4, -1)  # (E, r, in)
@@ -187,7 +189,7 @@ def test_fused_vllm_export_is_also_plain_peft_and_rank_can_be_padded(tmp_path):
         tmp_path / "adapter", "gpt_oss", group_overrides={"experts": {"r": 2, "alpha": 4}}
     )
     message = export_adapter(tmp_path / "adapter", tmp_path / "out", "vllm", base=base, rank=8)
-    assert "rank 8 everywhere" in message and "--max-lora-rank 8" in message
+    assert "rank 8 everywhere" in str(message) and "--max-lora-rank 8" in str(message)
     meta = json.loads((tmp_path / "out" / "moetune_export.json").read_text())
     assert (
         meta["layout"] == "fused" and meta["is_3d_lora_weight"] is True and meta["gate_up"] == "interleaved"

@@ -146,9 +146,9 @@ def test_the_token_never_reaches_a_written_file(tmp_path, monkeypatch):
         recipe = {"output": {"hub_token": TOKEN}, "notes": f"pushed with {TOKEN}"}
         write_model_card(tmp_path / f"adapter{seed}", base_model="org/base", recipe=recipe)
         adapters.append(tmp_path / f"adapter{seed}")
-    report = merge_into_base(base, adapters[0], tmp_path / "merged")
-    report += combine_adapters(adapters, tmp_path / "combined", method="svd")
-    report += push_folder(tmp_path / "merged", "alice/merged", dry_run=True)
+    report = str(merge_into_base(base, adapters[0], tmp_path / "merged"))
+    report += str(combine_adapters(adapters, tmp_path / "combined", method="svd"))
+    report += str(push_folder(tmp_path / "merged", "alice/merged", dry_run=True))
     assert TOKEN not in report
     written = [p for p in tmp_path.rglob("*") if p.is_file() and "base" not in p.parts]
     assert len(written) > 10

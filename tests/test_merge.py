@@ -18,7 +18,9 @@ from transformers import AutoModelForCausalLM
 
 import tiny_models
 from adapters.errors import MoetuneError
-from adapters.merge import merge_into_base, parse_size, verify_merge
+from adapters.merge import merge_into_base
+from adapters.merge_verify import verify_merge
+from adapters.safetensors_io import parse_size
 
 # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` in PeftModel.__init__.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -110,7 +112,9 @@ def test_merge_equals_peft_merge_and_unload(family, tmp_path):
     batch = tiny_models.random_batch()
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, expected(**batch).logits, rtol=1e-4, atol=1e-5)
-    assert "routed experts" in report and "attention" in report and "float32" in report
+    assert report.parameters["routed experts"] > 0 and report.parameters["attention"] > 0
+    assert report.output == tmp_path / "merged" and report.files == 1 and report.verify is None
+    assert "routed experts" in str(report) and "attention" in str(report) and "float32" in str(report)
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "merged" / name).read_bytes() == (base / name).read_bytes()
     card = (tmp_path / "merged" / "README.md").read_text()
@@ -157,7 +161,8 @@ def test_bf16_merge_states_and_matches_its_rounding(tmp_path):
     adapter = make_adapter("moetune", tmp_path / "adapter", scale=0.02)
     report = merge_into_base(base, adapter, tmp_path / "merged")
 
-    line = next(line for line in report.splitlines() if "bfloat16" in line)
+    line = next(line for line in str(report).splitlines() if "bfloat16" in line)
+    assert report.rounding.dtypes == {"BF16"} and report.rounding.max_error > 0
     assert "rounding the merged weights to it changes them by up to" in line and "lost entirely" in line
     error = float(line.split("by up to ")[1].split()[0])
     lost_share = float(line.split("for ")[1].split("%")[0]) / 100
@@ -175,7 +180,7 @@ def test_bf16_merge_states_and_matches_its_rounding(tmp_path):
     assert worst == pytest.approx(error, rel=1e-2)
     assert "bfloat16" in (tmp_path / "merged" / "README.md").read_text()
     # verify runs in float32: the merge's rounding passes, a merge of another adapter does not
-    assert verify_merge(base, adapter, tmp_path / "merged").startswith("verify-merge passed")
+    assert str(verify_merge(base, adapter, tmp_path / "merged")).startswith("verify-merge passed")
     other = make_adapter("moetune", tmp_path / "other", seed=9, scale=0.02)
     with pytest.raises(MoetuneError, match="verify-merge failed"):
         verify_merge(base, other, tmp_path / "merged")
@@ -185,16 +190,18 @@ def test_verify_passes_on_a_merge_and_fails_on_a_wrong_one(tmp_path):
     base = tiny_models.save("mixtral", tmp_path / "base")
     adapter = make_adapter("mixtral", tmp_path / "adapter")
     report = merge_into_base(base, adapter, tmp_path / "merged", verify=True)
-    assert "verify-merge passed: max |logit difference|" in report
+    assert report.verify.passed and report.verify.max_difference <= report.verify.tolerance
+    assert "verify-merge passed: max |logit difference|" in str(report)
 
     other = make_adapter("mixtral", tmp_path / "other", seed=7)
     with pytest.raises(MoetuneError, match="verify-merge failed: max \\|logit difference\\|"):
         verify_merge(base, other, tmp_path / "merged")
-    assert verify_merge(base, other, tmp_path / "merged", tolerance=1e9).startswith("verify-merge passed")
+    loose = verify_merge(base, other, tmp_path / "merged", tolerance=1e9)
+    assert loose.passed and loose.max_difference > 1e-3 and str(loose).startswith("verify-merge passed")
 
 
 def test_a_failed_merge_leaves_no_output(tmp_path, monkeypatch):
-    from adapters import merge as merge_module
+    from adapters import safetensors_io
 
     base = tiny_models.save("qwen3_moe", tmp_path / "base")
     adapter = make_adapter("qwen3_moe", tmp_path / "adapter")
@@ -202,7 +209,7 @@ def test_a_failed_merge_leaves_no_output(tmp_path, monkeypatch):
     def broken(self, tensor):
         raise OSError("disk full")
 
-    monkeypatch.setattr(merge_module._ShardWriter, "write_tensor", broken)
+    monkeypatch.setattr(safetensors_io.ShardWriter, "write_tensor", broken)
     with pytest.raises(OSError, match="disk full"):
         merge_into_base(base, adapter, tmp_path / "merged")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # no output, no temporary folder

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from adapters import apply_lora
-from adapters.merge import combine_adapters, merge_into_base
+from adapters.combine import combine_adapters
+from adapters.merge import merge_into_base
 from finetune import MoetuneError
 from finetune.loading import init_model
 

@@ -46,7 +46,7 @@ merge_into_base(warm + "/base", warm + "/adapter", warm + "/merged")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the high-water mark to the current resident size
 before = status("VmRSS")
-report = merge_into_base(sys.argv[3], sys.argv[4], sys.argv[5])
+report = str(merge_into_base(sys.argv[3], sys.argv[4], sys.argv[5]))
 peak = status("VmHWM")
 maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"before": before, "peak": peak, "ru_maxrss": maxrss, "report": report}))

@@ -115,7 +115,7 @@ def _check_next_steps(tmp_path: Path, base: Path, adapter: Path, inputs: dict, g
 
     # merge, verified against base + adapter; the merged model gives the adapted outputs
     report = merge_into_base(base, adapter, tmp_path / "merged", verify=True)
-    assert "verify-merge passed" in report
+    assert report.verify.passed and "verify-merge passed" in str(report)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     torch.testing.assert_close(_logits(merged, inputs), ours, rtol=1e-4, atol=1e-4)
 
@@ -134,7 +134,8 @@ def _check_next_steps(tmp_path: Path, base: Path, adapter: Path, inputs: dict, g
             export_adapter(adapter, tmp_path / "per-expert", fmt="per-expert")
 
     # push --dry-run: files listed, card valid
-    assert "model card: valid" in push_folder(adapter, "you/adapter", dry_run=True)
+    staged = push_folder(adapter, "you/adapter", dry_run=True)
+    assert staged.dry_run and staged.commit_url is None and "model card: valid" in str(staged)
 
 
 @pytest.mark.parametrize("case", list(TEXT_CASES))

@@ -76,8 +76,9 @@ def test_push_with_base_model_and_license_uploads_a_complete_card(peft_folder, t
 def test_a_folder_without_a_card_gets_one_written(peft_folder):
     (peft_folder / "README.md").unlink()
     report = push_folder(peft_folder, "you/adapter", dry_run=True, license="mit")
-    assert "wrote a model card (there was no README.md)" in report
-    assert any(line.endswith("  README.md") for line in report.splitlines())  # listed for upload
+    assert "wrote a model card (there was no README.md)" in str(report)
+    assert "README.md" in dict(report.files)  # listed for upload
+    assert any(line.endswith("  README.md") for line in str(report).splitlines())
     assert not (peft_folder / "README.md").exists()
 
 

@@ -11,18 +11,17 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, GptOssConfig, OlmoeConfig
 
-import adapters.experts as experts_module
 from adapters import apply_lora, load_adapter
 from adapters.errors import MoetuneError
 from adapters.experts import (
     ExpertLora,
-    reference_experts_forward,
+    forced_backend,
     routed_experts_forward,
     set_experts_backend,
 )
 from finetune.quantization import quantize_model_experts_
 from finetune.quantization.experts import CODES, SCALES, dequantized_copy, quantize_experts_
-from tiny_models import FAMILIES, build, random_batch, synthetic_experts
+from tiny_models import FAMILIES, build, random_batch, reference_experts_forward, synthetic_experts
 
 # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` in PeftModel.__init__.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -63,14 +62,11 @@ def _lora(experts):
 
 
 @pytest.fixture(params=["loop", "grouped"])
-def backend(request, monkeypatch):
+def backend(request):
     """The per-expert loop (CPU default) and grouped GEMMs over chunks of 2 dequantized experts (CUDA
     default; torch's grouped_mm also runs on the CPU, so the chunked path is checked here too)."""
-    monkeypatch.setattr(experts_module, "GROUPED_MM", "never" if request.param == "loop" else "always")
-    monkeypatch.setattr(
-        experts_module, "CHUNK_BYTES", 2 * 2 * INTER * H * 4
-    )  # 2 experts of the up projection
-    return request.param
+    with forced_backend(request.param, chunk_bytes=2 * 2 * INTER * H * 4):  # 2 experts of the up projection
+        yield request.param
 
 
 @pytest.mark.parametrize("method", METHODS)

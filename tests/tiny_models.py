@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV3Config,
@@ -148,3 +149,36 @@ def random_batch(batch: int = 2, length: int = 12, seed: int = 0) -> dict[str, t
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, VOCAB, (batch, length), generator=gen)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+def reference_experts_forward(experts, hidden_states, top_k_index, top_k_weights, lora):
+    """The routed expert MLP with LoRA, token by token with dense W + s·B·A per expert: slow, obviously
+    right; the reference `adapters.experts.routed_experts_forward` is checked against.
+
+    `lora` maps parameter names to `adapters.experts.ExpertLora` (a mask leaves experts out)."""
+    transposed = getattr(experts, "is_transposed", False)
+    has_gate = getattr(experts, "has_gate", True)
+    has_bias = getattr(experts, "has_bias", False)
+    up_name = "gate_up_proj" if has_gate else "up_proj"
+
+    def weight(name, e):
+        w = getattr(experts, name)[e]
+        w = w.t() if transposed else w  # (out, in)
+        if name in lora and (lora[name].mask is None or lora[name].mask[e]):
+            f = lora[name]
+            w = w + f.scaling * f.lora_b[e] @ f.lora_a[e]
+        return w
+
+    out = torch.zeros_like(hidden_states, dtype=torch.promote_types(hidden_states.dtype, top_k_weights.dtype))
+    for t in range(hidden_states.shape[0]):
+        for j in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, j])
+            y = F.linear(hidden_states[t], weight(up_name, e))
+            if has_bias:
+                y = y + getattr(experts, f"{up_name}_bias")[e]
+            y = experts._apply_gate(y[None])[0] if has_gate else experts.act_fn(y)
+            y = F.linear(y, weight("down_proj", e))
+            if has_bias:
+                y = y + experts.down_proj_bias[e]
+            out[t] = out[t] + top_k_weights[t, j] * y
+    return out.to(hidden_states.dtype)

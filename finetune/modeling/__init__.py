@@ -3,9 +3,11 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
 
 from .configuration_moetune import MoetuneConfig
+from .configuration_moetune_multimodal import MoetuneMultimodalConfig
 from .modeling_moetune import MoetuneForCausalLM, MoetuneModel
-from .multimodal import MoetuneMultimodalConfig, MoetuneMultimodalForCausalLM, MoetuneMultimodalProcessor
+from .modeling_moetune_multimodal import MoetuneMultimodalForCausalLM
 from .presets import PRESETS, preset_config
+from .processing_moetune_multimodal import MoetuneMultimodalProcessor
 
 
 def register() -> None:

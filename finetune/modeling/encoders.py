@@ -34,12 +34,20 @@ MODALITIES = ("image", "audio", "text")
 # Random-init encoder shapes per preset. Dropout / layerdrop / SpecAugment are off so that a frozen
 # encoder is deterministic and every LoRA parameter receives a gradient under DDP.
 _NO_DROPOUT_W2V = dict(
-    hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
-    layerdrop=0.0, apply_spec_augment=False, mask_time_prob=0.0,
-    feat_extract_norm="layer", do_stable_layer_norm=True,
-)  # fmt: skip
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    feat_proj_dropout=0.0,
+    layerdrop=0.0,
+    apply_spec_augment=False,
+    mask_time_prob=0.0,
+    feat_extract_norm="layer",
+    do_stable_layer_norm=True,
+)
 _NO_DROPOUT_BERT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
+# Formatter off for this table (the skip at its end): one block per preset, the same keys in the same
+# order, so presets read side by side.
 ENCODER_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "image": dict(model_type="resnet", embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],

@@ -18,8 +18,9 @@ class MediaError(ValueError):
     """An image or audio file that cannot be used; the message says which and why."""
 
 
-def resample(waveform: np.ndarray, orig_rate: int, new_rate: int, lowpass_width: int = 6,
-             rolloff: float = 0.99) -> np.ndarray:  # fmt: skip
+def resample(
+    waveform: np.ndarray, orig_rate: int, new_rate: int, lowpass_width: int = 6, rolloff: float = 0.99
+) -> np.ndarray:
     """Band-limited resampling of a 1-D waveform with a Hann-windowed sinc filter (polyphase, exact ratio).
 
     The ratio is reduced by the gcd; each of the `new` output phases is one FIR kernel applied with stride
