@@ -22,12 +22,10 @@ from test_sparse_attention import (
     sparse_config,
 )
 from torch import nn
-from transformers.integrations import use_experts_implementation
 
-import adapters.experts as experts_module
 from adapters import apply_lora, install_fast_path, remove_fast_path
-from adapters.experts import ExpertLora, Routing, reference_experts_forward, routed_experts_forward
-from tiny_models import build, random_batch
+from adapters.experts import ExpertLora, Routing, forced_backend, routed_experts_forward
+from tiny_models import build, random_batch, reference_experts_forward, synthetic_experts
 
 E, H, INTER, R = 6, 16, 8, 8  # rows of 16+ bytes in fp32 and bf16: the grouped backend may run
 
@@ -74,21 +72,8 @@ class GroupedCalls:
 
 def make_experts(device, dtype) -> nn.Module:
     """A transformers experts module (gated, [E, out, in]), frozen, on `device` in `dtype`."""
-
-    class _Config:
-        _experts_implementation = "grouped_mm"
-        hidden_act = "silu"
-
-    @use_experts_implementation(is_transposed=False, has_bias=False, has_gate=True)
-    class Experts(nn.Module):
-        def __init__(self, config):
-            super().__init__()
-            self.num_experts = E
-            self.gate_up_proj = nn.Parameter(0.3 * torch.randn(E, 2 * INTER, H))
-            self.down_proj = nn.Parameter(0.3 * torch.randn(E, H, INTER))
-            self.act_fn = nn.SiLU()
-
-    return Experts(_Config()).to(device=device, dtype=dtype).requires_grad_(False)
+    experts = synthetic_experts(True, False, False, num_experts=E, hidden=H, width=INTER)
+    return experts.to(device=device, dtype=dtype).requires_grad_(False)
 
 
 def check_routed_experts(device, dtype, monkeypatch, masked: bool, backend: str = "auto") -> None:
@@ -97,8 +82,7 @@ def check_routed_experts(device, dtype, monkeypatch, masked: bool, backend: str 
 
     masked: an ESFT selection (experts 1 and 4 carry no LoRA: zero factors, as the selection writes them).
     """
-    monkeypatch.setattr(experts_module, "GROUPED_MM", backend)
-    grouped = expect_grouped(device) if backend == "auto" else backend == "always"
+    grouped = expect_grouped(device) if backend == "auto" else backend == "grouped"
     experts = make_experts(device, dtype)
     mask = [e not in (1, 4) for e in range(E)] if masked else None
     lora = {}
@@ -116,7 +100,8 @@ def check_routed_experts(device, dtype, monkeypatch, masked: bool, backend: str 
     leaves = [x, weights] + [t for f in lora.values() for t in (f.lora_a, f.lora_b)]
 
     calls = GroupedCalls(monkeypatch)
-    fast = routed_experts_forward(experts, x, index, weights, lora)
+    with forced_backend(backend):
+        fast = routed_experts_forward(experts, x, index, weights, lora)
     fast_grads = torch.autograd.grad((fast.float() * probe).sum(), leaves)
     assert (calls.count > 0) == grouped, calls.count
     assert fast.dtype == dtype
@@ -209,7 +194,7 @@ def test_model_lora_on_cuda_matches_plain_peft(cuda, family, dtype, esft, monkey
     check_model_lora_matches_plain_peft(family, cuda, dtype, monkeypatch, esft)
 
 
-@pytest.mark.parametrize("backend", ["auto", "always"], ids=["auto (the loop)", "grouped forced"])
+@pytest.mark.parametrize("backend", ["auto", "grouped"], ids=["auto (the loop)", "grouped forced"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all experts", "ESFT mask"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_routed_experts_helper_on_cpu(dtype, masked, backend, monkeypatch):

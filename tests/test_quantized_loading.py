@@ -107,13 +107,28 @@ def test_init_model_quantize_writes_block_by_block_exactly_the_whole_model_resul
         assert torch.equal(got[key], value), key
 
 
-def test_a_multimodal_model_is_written_with_quantized_experts_and_runs(tmp_path):
+def test_a_multimodal_model_is_written_with_quantized_experts_and_runs(tmp_path, monkeypatch):
+    """Every tensor gets a value: memory that `to_empty` hands out is filled with NaN here, so a tensor
+    the writer forgot to initialise (e.g. behind a weight-norm parametrization) cannot pass by luck."""
     from PIL import Image
+    from torch import nn
 
+    to_empty = nn.Module.to_empty
+
+    def to_empty_with_nan(self, *, device, recurse=True):
+        module = to_empty(self, device=device, recurse=recurse)
+        with torch.no_grad():
+            for tensor in [*self.parameters(), *self.buffers()]:
+                if tensor.is_floating_point():
+                    tensor.fill_(float("nan"))
+        return module
+
+    monkeypatch.setattr(nn.Module, "to_empty", to_empty_with_nan)
     init_model("tiny", tmp_path / "mm", modalities=["image", "audio", "text"], quantize="nf4")
+    monkeypatch.undo()
     model, processor = load_model(str(tmp_path / "mm"))
     assert any(is_quantized(m) for m in model.modules())
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(t).all() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
     image = tmp_path / "red.png"
     Image.new("RGB", (32, 32), (255, 0, 0)).save(image)
     from finetune.data.multimodal import prepare_multimodal_inputs

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -111,6 +112,21 @@ def _post_order(module: nn.Module):
     yield module
 
 
+def _init_parametrized(block: nn.Module) -> None:
+    """Give parametrized weights (e.g. Wav2Vec2's weight-normed position convolution) real stored values.
+
+    `to_empty` leaves every tensor uninitialised, and transformers' `_init_weights` writes to the
+    derived weight of a parametrization, which stores nothing: the tensors behind it (weight norm's
+    g and v) would keep whatever memory held. Assigning a freshly drawn weight goes through the
+    parametrization's `right_inverse`, which sets them.
+    """
+    for module in block.modules():
+        for name in getattr(module, "parametrizations", {}):
+            fresh = torch.empty_like(getattr(module, name))
+            torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # torch's default for Linear / Conv weights
+            setattr(module, name, fresh)
+
+
 def _init_functions(model: PreTrainedModel) -> dict[int, Callable[[nn.Module], None]]:
     """id(module) -> the `_init_weights` transformers' `initialize_weights` applies to it: that of the
     nearest enclosing PreTrainedModel (a multimodal model's encoders initialise themselves)."""
@@ -160,6 +176,7 @@ def init_quantized_preset(
                 continue  # lm_head tied to the embeddings: written once
             block.to_empty(device="cpu")
             with torch.no_grad():
+                _init_parametrized(block)
                 for module in _post_order(block):  # transformers' init order: the same random weights
                     init[id(module)](module)
             for module in block.modules():
