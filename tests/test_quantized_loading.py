@@ -128,7 +128,9 @@ def test_a_multimodal_model_is_written_with_quantized_experts_and_runs(tmp_path,
     monkeypatch.undo()
     model, processor = load_model(str(tmp_path / "mm"))
     assert any(is_quantized(m) for m in model.modules())
-    assert all(torch.isfinite(t).all() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
+    assert all(
+        torch.isfinite(t).all() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()
+    )
     image = tmp_path / "red.png"
     Image.new("RGB", (32, 32), (255, 0, 0)).save(image)
     from finetune.data.multimodal import prepare_multimodal_inputs
