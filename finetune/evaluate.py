@@ -2,6 +2,7 @@
 
 - `evaluate_loss`: next-token loss normalised by the number of real label tokens (labels == -100
   ignored), so batches of different lengths weigh by their tokens, not by the batch;
+  `evaluate_multimodal_losses`: the same for encoder-only batches (contrastive, classification);
 - `routing_stats`: per MoE layer, how many routed slots each expert received, its token selection
   ratio and its average gate score, read at the experts modules' inputs (the same place in every
   transformers family and in the built-in model, with or without adapters);
@@ -20,13 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from finetune.errors import MoetuneError
-
-IGNORE_INDEX = -100
-
+from finetune.losses import count_label_tokens, lm_loss_sum, multimodal_losses
 
 # ----------------------------------------------------------------------------- loss
 
@@ -49,25 +47,30 @@ def evaluate_loss(model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[s
     total, tokens = 0.0, 0
     try:
         for batch in batches:
-            labels = batch["labels"]
             logits = model(**_model_inputs(batch), use_cache=False).logits  # (B, T', V)
-            if logits.shape[1] != labels.shape[1]:  # a prefix (e.g. modality embeddings) before the text
-                logits = logits[:, -labels.shape[1] :]
-            shift_logits = logits[:, :-1].float()
-            shift_labels = labels[:, 1:].to(shift_logits.device)
-            total += float(
-                F.cross_entropy(
-                    shift_logits.reshape(-1, shift_logits.shape[-1]),
-                    shift_labels.reshape(-1),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-            )
-            tokens += int((shift_labels != IGNORE_INDEX).sum())
+            total += float(lm_loss_sum(logits, batch["labels"]))
+            tokens += count_label_tokens(batch["labels"])
     finally:
         model.train(was_training)
     loss = total / tokens if tokens else float("nan")
     return {"loss": loss, "perplexity": _perplexity(loss), "tokens": tokens}
+
+
+@torch.no_grad()
+def evaluate_multimodal_losses(model: nn.Module, batches: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean weighted contrastive + classification loss per example over encoder-only `batches`."""
+    was_training = model.training
+    model.eval()
+    total, examples = 0.0, 0
+    try:
+        for batch in batches:
+            losses = multimodal_losses(model(**batch), model)
+            size = next(iter(batch.values())).shape[0]
+            if losses is not None:
+                total, examples = total + float(losses) * size, examples + size
+    finally:
+        model.train(was_training)
+    return {"loss": total / examples if examples else float("nan"), "tokens": examples}
 
 
 def _perplexity(loss: float) -> float:

@@ -42,12 +42,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from finetune import checkpoint as ckpt
 from finetune.errors import MoetuneError
+from finetune.losses import count_label_tokens, forward_loss, micro_batch_loss
 
-IGNORE_INDEX = -100
 TRACKER_PROJECT = "moetune"
 
 
@@ -379,20 +378,21 @@ class TrainingRun:
             last = i == len(micro_batches) - 1
             with _maybe(not last, acc.no_sync, self.model):  # gradients are all-reduced once, at the end
                 out = forward_loss(self.model, batch, routes=self.routes)
-                # x num_processes: DDP averages gradients over processes; the global count already spans them.
-                loss = out["loss_sum"] * acc.num_processes / denominator
-                if out["aux_loss"] is not None:
-                    loss = loss + self.aux_coef * out["aux_loss"] / len(micro_batches)
-                    aux_sum += out["aux_loss"].detach().float()
-                if out["multimodal_loss"] is not None:  # per-example means: averaged over micro-batches
-                    loss = loss + out["multimodal_loss"] / len(micro_batches)
-                    multimodal_sum += out["multimodal_loss"].detach().float()
+                loss = micro_batch_loss(
+                    out,
+                    label_tokens=global_tokens,
+                    num_processes=acc.num_processes,
+                    aux_coef=self.aux_coef,
+                    micro_batches=len(micro_batches),
+                )
                 acc.backward(loss)
-            loss_sum += out["loss_sum"].detach().float()
+            loss_sum += out.loss_sum.detach().float()
+            if out.aux_loss is not None:
+                aux_sum += out.aux_loss.detach().float()
+            if out.multimodal_loss is not None:
+                multimodal_sum += out.multimodal_loss.detach().float()
             seen += input_token_count(batch)
-            load.add(
-                out["router_logits"], batch, top_k=getattr(self.base_config, "num_experts_per_tok", None)
-            )
+            load.add(out.router_logits, batch, top_k=getattr(self.base_config, "num_experts_per_tok", None))
 
         max_norm = t.max_grad_norm if t.max_grad_norm else float("inf")
         norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)  # None: DeepSpeed before its first step
@@ -428,7 +428,7 @@ class TrainingRun:
 
     def evaluate(self) -> dict[str, float]:
         """Loss and perplexity on the eval batches, each process taking its share (weighted by tokens)."""
-        from finetune.evaluate import evaluate_loss
+        from finetune.evaluate import evaluate_loss, evaluate_multimodal_losses
 
         acc = self.accelerator
         mine = self.eval_batches[acc.process_index :: acc.num_processes]
@@ -618,69 +618,6 @@ class TrainingRun:
 
 
 # ============================================================================= loop helpers
-
-
-def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, routes: bool) -> dict[str, Any]:
-    """Summed next-token loss over the label tokens of `batch`, plus the MoE aux loss and router logits.
-
-    The loss is computed here, not by the model, so it can be normalised by a global token count.
-    """
-    labels = batch.get("labels")
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if routes:
-        inputs["output_router_logits"] = True
-    out = model(**inputs, use_cache=False)
-    if labels is None or out.logits is None:  # alignment / classification batches carry no text targets
-        loss_sum = torch.zeros((), device=labels.device if labels is not None else "cpu")
-    else:
-        # Multimodal models put modality prefix slots before the text: keep the positions of the text.
-        logits = out.logits[:, -labels.shape[1] :][:, :-1, :].float()  # (B, T-1, V): t predicts t+1
-        targets = labels[:, 1:].to(logits.device)
-        loss_sum = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-    return {
-        "loss_sum": loss_sum,
-        "aux_loss": getattr(out, "aux_loss", None) if routes else None,
-        "router_logits": getattr(out, "router_logits", None) if routes else None,
-        "multimodal_loss": multimodal_losses(out, model),
-    }
-
-
-@torch.no_grad()
-def evaluate_multimodal_losses(model: torch.nn.Module, batches: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean weighted contrastive + classification loss per example over encoder-only `batches`."""
-    was_training = model.training
-    model.eval()
-    total, examples = 0.0, 0
-    try:
-        for batch in batches:
-            losses = multimodal_losses(model(**batch), model)
-            size = next(iter(batch.values())).shape[0]
-            if losses is not None:
-                total, examples = total + float(losses) * size, examples + size
-    finally:
-        model.train(was_training)
-    return {"loss": total / examples if examples else float("nan"), "tokens": examples}
-
-
-def multimodal_losses(out: Any, model: torch.nn.Module) -> torch.Tensor | None:
-    """The contrastive and classification losses of a multimodal model, weighted by its config."""
-    config = getattr(model, "config", None)
-    parts = [
-        float(getattr(config, f"{name}_loss_coef", 0.0) or 0.0) * loss.float()
-        for name in ("contrastive", "classification")
-        if (loss := getattr(out, f"{name}_loss", None)) is not None
-    ]
-    return torch.stack(parts).sum() if parts else None
-
-
-def count_label_tokens(labels: torch.Tensor) -> int:
-    """Tokens that carry a loss: labels after the shift that are not IGNORE_INDEX."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum().item())
 
 
 def input_token_count(batch: dict[str, torch.Tensor]) -> int:

@@ -234,9 +234,9 @@ def _poisoned_forward(monkeypatch, step_of_nan, kind):
         calls["n"] += 1  # one micro-batch per step in these recipes
         if calls["n"] == step_of_nan:
             if kind == "loss":
-                out["loss_sum"] = out["loss_sum"] * float("nan")
+                out.loss_sum = out.loss_sum * float("nan")
             else:  # finite loss, NaN gradients: d sqrt(x)/dx at 0 is inf, times 0
-                out["loss_sum"] = out["loss_sum"] + torch.sqrt(out["loss_sum"] * 0.0)
+                out.loss_sum = out.loss_sum + torch.sqrt(out.loss_sum * 0.0)
         return out
 
     monkeypatch.setattr(train, "forward_loss", forward)

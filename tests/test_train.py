@@ -10,7 +10,8 @@ import torch
 from test_train_support import adapter_tensors, history, write_corpus, write_recipe
 
 from finetune.errors import MoetuneError
-from finetune.train import EpochSampler, count_label_tokens, launch_training, step_seed
+from finetune.losses import count_label_tokens
+from finetune.train import EpochSampler, launch_training, step_seed
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +104,14 @@ def test_loss_is_normalised_by_the_global_token_count(tmp_path, corpus, monkeypa
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     # The MoE aux loss is a per-micro-batch statistic (expert shares of that batch), so it
     # legitimately differs between the two batchings: leave it out to compare the LM loss exactly.
+    import dataclasses
+
     import finetune.train as train
 
     real = train.forward_loss
-    monkeypatch.setattr(train, "forward_loss", lambda *a, **k: real(*a, **k) | {"aux_loss": None})
+    monkeypatch.setattr(
+        train, "forward_loss", lambda *a, **k: dataclasses.replace(real(*a, **k), aux_loss=None)
+    )
     one = tmp_path / "one"
     two = tmp_path / "two"
     one.mkdir()
