@@ -376,15 +376,14 @@ def check_trainable_keys(checkpoint: Path, model: torch.nn.Module) -> None:
         )
 
 
-def load_checkpoint(accelerator, checkpoint: Path) -> dict[str, Any]:
-    """Restore model/optimizer/scheduler/RNG from `checkpoint`; returns its trainer state."""
-    from accelerate.utils import DistributedType
+def load_checkpoint(accelerator, checkpoint: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Restore model/optimizer/scheduler/RNG from `checkpoint` (`model`: the prepared model); returns
+    its trainer state."""
+    from finetune.accelerator import is_sharded
 
     state = read_trainer_state(checkpoint)
-    for model in accelerator._models:
-        check_trainable_keys(checkpoint, accelerator.unwrap_model(model))
+    check_trainable_keys(checkpoint, accelerator.unwrap_model(model))
     # Checkpoints hold only the trainable weights, so the frozen base weights are "missing" by design.
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    kwargs = {} if sharded else {"strict": False}
+    kwargs = {} if is_sharded(accelerator) else {"strict": False}
     accelerator.load_state(str(checkpoint), **kwargs)
     return state

@@ -44,11 +44,15 @@ import numpy as np
 import torch
 
 from finetune import checkpoint as ckpt
+from finetune.accelerator import (
+    TRACKER_PROJECT,
+    check_engine,
+    end_training,
+    has_accelerator,
+    make_accelerator,
+)
 from finetune.errors import MoetuneError
 from finetune.losses import count_label_tokens, forward_loss, micro_batch_loss
-
-TRACKER_PROJECT = "moetune"
-
 
 # ============================================================================= public entry
 
@@ -152,11 +156,7 @@ class TrainingRun:
 
         r, t = self.recipe, self.recipe.train
         self.accelerator = acc = make_accelerator(r, self.run_dir)
-        if acc.distributed_type == DistributedType.DEEPSPEED and t.grad_accum > 1:
-            raise MoetuneError(
-                "train.grad_accum > 1 is not supported under DeepSpeed (its engine steps after every backward); "
-                "raise train.batch_size instead, or use recipes/accelerate/fsdp.yaml"
-            )
+        check_engine(acc, t)
         checkpoint = self._checkpoint_to_resume()
         for line in getattr(r, "warnings", ()):  # overrides that replaced a key of the recipe file
             self.say(line, err=True)
@@ -261,7 +261,7 @@ class TrainingRun:
         return existing
 
     def _restore(self, checkpoint: Path) -> None:
-        state = ckpt.load_checkpoint(self.accelerator, checkpoint)
+        state = ckpt.load_checkpoint(self.accelerator, checkpoint, self.model)
         state.setdefault("resumed_at", []).append(state["step"])
         self.state = state
         self.last_saved_step = state["step"]
@@ -607,13 +607,7 @@ class TrainingRun:
         acc = self.accelerator
         if acc is None:
             return
-        acc.end_training()
-        # Accelerate's state is a process-wide singleton; a second run in this process (tests, notebooks)
-        # may use other settings (mixed precision, trackers), so start it afresh.
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        end_training(acc)  # trackers closed, process group released, settings forgotten
         self.accelerator = None
 
 
@@ -826,63 +820,7 @@ def make_scheduler(t: Any, optimizer: torch.optim.Optimizer, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-# ============================================================================= accelerate plumbing
-
-
-def make_accelerator(recipe: Any, run_dir: Path):
-    """One Accelerator for the run: mixed precision and trackers from the recipe, logs in the run folder."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    trackers = resolve_trackers(recipe.output.report_to)
-    acc = Accelerator(
-        cpu=not _has_accelerator(),
-        mixed_precision=recipe.train.mixed_precision,
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-        step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the processes
-    )
-    _enable_fsdp_on_cpu(acc)
-    return acc
-
-
-def resolve_trackers(report_to: Sequence[str]) -> list[str]:
-    """The trackers asked for; one that is not installed is an error, not a silent omission."""
-    import importlib.util
-
-    for name in report_to:
-        if name != "tensorboard" and importlib.util.find_spec(name) is None:
-            raise MoetuneError(
-                f"output.report_to lists {name!r}, which is not installed; pip install {name} or remove it"
-            )
-    return list(dict.fromkeys(report_to))
-
-
-def _has_accelerator() -> bool:
-    accel = getattr(torch, "accelerator", None)
-    if accel is not None and hasattr(accel, "is_available"):
-        return bool(accel.is_available())
-    return torch.cuda.is_available()
-
-
-def _enable_fsdp_on_cpu(acc) -> None:
-    """Honour an FSDP launch config on CPU processes (gloo), where Accelerate would fall back to DDP.
-
-    Accelerate turns FSDP on only for accelerator devices; on CPUs (tests, debugging a sharded run on
-    a laptop) we switch it on the same way it does, so the FSDP code path is the one that runs.
-    """
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if not wants_fsdp or acc.distributed_type != DistributedType.MULTI_CPU:
-        return
-    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` exported
-    if acc.mixed_precision != "no":
-        plugin.set_mixed_precision(acc.mixed_precision)
-    acc.state.fsdp_plugin = plugin
-    acc.state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+# ============================================================================= launching
 
 
 def inside_distributed_launch() -> bool:
@@ -931,7 +869,7 @@ def relaunch_with_accelerate(
         return cmd
 
     env = dict(os.environ)
-    if not _has_accelerator():
+    if not has_accelerator():
         env["ACCELERATE_USE_CPU"] = "true"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
     rc, err = launch_on_a_free_port(command, env=env)
