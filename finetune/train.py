@@ -40,7 +40,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from finetune import checkpoint as ckpt
@@ -53,6 +52,7 @@ from finetune.accelerator import (
 )
 from finetune.errors import MoetuneError
 from finetune.losses import count_label_tokens, forward_loss, micro_batch_loss
+from finetune.resume import EpochSampler, RunState, check_run_folder, fingerprint, step_seed
 
 # ============================================================================= public entry
 
@@ -127,18 +127,7 @@ class TrainingRun:
         self.resume, self.overwrite = resume, overwrite
         self.accelerator = None
         self.last_saved_step: int | None = None  # the step of the newest checkpoint on disk
-        self.state: dict[str, Any] = {
-            "step": 0,
-            "resumed_at": [],  # the steps this run was resumed from, one per --resume
-            "tokens": 0,  # input tokens processed (all processes)
-            "train_seconds": 0.0,
-            "skipped_steps": [],
-            "train_loss": [],  # [step, loss] every step
-            "eval_loss": [],  # [step, loss]
-            "eval_loss_before": None,
-            "expert_load_before": None,
-            "fingerprint": _fingerprint(recipe),
-        }
+        self.state = RunState(fingerprint=fingerprint(recipe))
 
     # ------------------------------------------------------------------ setup
 
@@ -157,7 +146,9 @@ class TrainingRun:
         r, t = self.recipe, self.recipe.train
         self.accelerator = acc = make_accelerator(r, self.run_dir)
         check_engine(acc, t)
-        checkpoint = self._checkpoint_to_resume()
+        checkpoint = check_run_folder(self.run_dir, r, resume=self.resume, overwrite=self.overwrite)
+        if self.resume and checkpoint is None:
+            acc.print(f"--resume: no checkpoint in {self.run_dir}; starting at step 0")
         for line in getattr(r, "warnings", ()):  # overrides that replaced a key of the recipe file
             self.say(line, err=True)
         for line in getattr(r, "notes", ()):  # defaults relied on, sample data found in the installation
@@ -229,45 +220,14 @@ class TrainingRun:
             self._restore(checkpoint)
         acc.wait_for_everyone()
 
-    def _checkpoint_to_resume(self) -> Path | None:
-        """The checkpoint `--resume` continues from (checked against the recipe before any loading)."""
-        existing = ckpt.latest_checkpoint(self.run_dir)
-        finished = (self.run_dir / "adapter" / "adapter_config.json").exists()
-        if self.overwrite:
-            return None
-        if not self.resume:
-            if finished:
-                raise MoetuneError(
-                    f"run folder {self.run_dir} holds a finished run (its adapter/ is written); pass "
-                    "--overwrite to replace it, --resume to continue it (e.g. with a larger train.max_steps), "
-                    "or choose another --output"
-                )
-            if existing is not None:
-                raise MoetuneError(
-                    f"run folder {self.run_dir} already has checkpoints (latest: {existing.name}); "
-                    "pass --resume to continue it, --overwrite to replace it, or choose another --output"
-                )
-            return None
-        if existing is None:
-            self.accelerator.print(f"--resume: no checkpoint in {self.run_dir}; starting at step 0")
-            return None
-        saved, now = ckpt.read_trainer_state(existing).get("fingerprint", {}), self.state["fingerprint"]
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if changed:
-            raise MoetuneError(
-                f"cannot resume {existing}: the recipe changed ({', '.join(changed)}); "
-                "restore those keys or start a new run folder"
-            )
-        return existing
-
     def _restore(self, checkpoint: Path) -> None:
-        state = ckpt.load_checkpoint(self.accelerator, checkpoint, self.model)
-        state.setdefault("resumed_at", []).append(state["step"])
+        state = RunState.from_dict(ckpt.load_checkpoint(self.accelerator, checkpoint, self.model))
+        state.resumed_at.append(state.step)
         self.state = state
-        self.last_saved_step = state["step"]
-        left = max(self.total_steps - state["step"], 0)
+        self.last_saved_step = state.step
+        left = max(self.total_steps - state.step, 0)
         self.accelerator.print(
-            f"resumed from {checkpoint} (step {state['step']} of {self.total_steps}; {left} step(s) to run)"
+            f"resumed from {checkpoint} (step {state.step} of {self.total_steps}; {left} step(s) to run)"
         )
 
     # ------------------------------------------------------------------ train
@@ -276,14 +236,14 @@ class TrainingRun:
         from tqdm.auto import tqdm
 
         acc = self.accelerator
-        if self.state["step"] == 0 and self.eval_batches:
+        if self.state.step == 0 and self.eval_batches:
             before = self.evaluate()
-            self.state["eval_loss_before"] = before["loss"]
-            self.state["expert_load_before"] = self.expert_load()
+            self.state.eval_loss_before = before["loss"]
+            self.state.expert_load_before = self.expert_load()
             self.log({"eval/loss": before["loss"], "eval/perplexity": before["perplexity"]}, 0)
         self.progress = progress = tqdm(
             total=self.total_steps,
-            initial=self.state["step"],
+            initial=self.state.step,
             desc="train",
             unit="step",
             disable=not acc.is_local_main_process,
@@ -295,18 +255,18 @@ class TrainingRun:
         with ckpt.InterruptGuard() as interrupts:
             self._loop(window, load, interrupts)
         progress.close()
-        if self.state["step"] != self.last_saved_step:  # the end is always resumable
-            self.save_checkpoint(self.state["step"])
+        if self.state.step != self.last_saved_step:  # the end is always resumable
+            self.save_checkpoint(self.state.step)
         if self.eval_batches:
-            self.run_eval(self.state["step"])
+            self.run_eval(self.state.step)
 
     def _loop(self, window: _Window, load: ExpertLoad, interrupts: ckpt.InterruptGuard) -> None:
         """Optimizer steps from the current one to the last; stops with a checkpoint on Ctrl-C."""
         from accelerate import skip_first_batches
 
         acc, t, progress = self.accelerator, self.recipe.train, self.progress
-        while self.state["step"] < self.total_steps:
-            epoch, first_update = divmod(self.state["step"], self.steps_per_epoch)
+        while self.state.step < self.total_steps:
+            epoch, first_update = divmod(self.state.step, self.steps_per_epoch)
             # Through the prepared loader: Accelerate's own epoch counter re-sets the sampler's epoch each
             # time the loader is iterated, and it only advances when an iteration runs to exhaustion.
             self.train_dl.set_epoch(epoch)
@@ -315,14 +275,14 @@ class TrainingRun:
             for update in range(first_update, self.steps_per_epoch):
                 count = min(t.grad_accum, len(self.train_dl) - update * t.grad_accum)
                 micro_batches = [next(batches) for _ in range(count)]
-                step = self.state["step"] + 1
+                step = self.state.step + 1
                 torch.manual_seed(step_seed(t.seed, step, acc.process_index))  # dropout: resumable
                 started = time.perf_counter()
                 result = self.train_step(micro_batches, step, load)
                 seconds = time.perf_counter() - started
-                self.state["step"] = step
-                self.state["tokens"] += result["tokens"]
-                self.state["train_seconds"] += seconds
+                self.state.step = step
+                self.state.tokens += result["tokens"]
+                self.state.train_seconds += seconds
                 window.add(result, seconds)
                 progress.update(1)
                 if step % t.log_every == 0 or step == self.total_steps:
@@ -414,7 +374,7 @@ class TrainingRun:
                     "train.nan_policy: skip"
                 )
             self.say(f"step {step}: {what} is not finite; skipping this step (train.nan_policy: skip)")
-            self.state["skipped_steps"].append(step)
+            self.state.skipped_steps.append(step)
             if acc.scaler is not None:  # fp16: the GradScaler sees the non-finite gradients and skips
                 self.optimizer.step()  # the update itself, keeping its own state consistent
             self.optimizer.zero_grad(set_to_none=True)
@@ -423,7 +383,7 @@ class TrainingRun:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state["train_loss"].append([step, train_loss])
+        self.state.train_loss.append([step, train_loss])
         return {"loss": train_loss, "aux_loss": aux, "grad_norm": grad_norm, "tokens": tokens}
 
     def evaluate(self) -> dict[str, float]:
@@ -468,14 +428,16 @@ class TrainingRun:
 
     def run_eval(self, step: int) -> None:
         result = self.evaluate()
-        self.state["eval_loss"].append([step, result["loss"]])
+        self.state.eval_loss.append([step, result["loss"]])
         self.log({"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]}, step)
         self.say(f"step {step}: eval loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f})")
 
     def save_checkpoint(self, step: int) -> None:
         acc = self.accelerator
         _check_finite(self.model, f"the checkpoint of step {step}")
-        ckpt.save_checkpoint(acc, self.run_dir, step, self.state, needed_bytes=self.checkpoint_bytes)
+        ckpt.save_checkpoint(
+            acc, self.run_dir, step, self.state.as_dict(), needed_bytes=self.checkpoint_bytes
+        )
         self.last_saved_step = step
         if acc.is_main_process:
             ckpt.prune_checkpoints(self.run_dir, self.recipe.output.keep_checkpoints)
@@ -513,14 +475,12 @@ class TrainingRun:
             ckpt.check_disk_space(self.run_dir, adapter_bytes, what="final adapter")
             images = plots.write_run_plots(
                 self.run_dir / "plots",
-                train_loss=self.state["train_loss"],
+                train_loss=self.state.train_loss,
                 eval_loss=(
-                    [[0, self.state["eval_loss_before"]]]
-                    if self.state["eval_loss_before"] is not None
-                    else []
+                    [[0, self.state.eval_loss_before]] if self.state.eval_loss_before is not None else []
                 )
-                + self.state["eval_loss"],
-                load_before=self.state["expert_load_before"],
+                + self.state.eval_loss,
+                load_before=self.state.expert_load_before,
                 load_after=after_load,
             )
             with ckpt.atomic_folder(adapter_dir) as tmp:
@@ -536,7 +496,7 @@ class TrainingRun:
                 _write_card(tmp, r, metrics, images, recipe_to_dict(r))
                 ckpt.failpoint("adapter-mid-write")
             ckpt.write_json_atomic(self.run_dir / "metrics.json", metrics)
-            history = {k: self.state[k] for k in ("train_loss", "eval_loss", "skipped_steps")}
+            history = {k: getattr(self.state, k) for k in ("train_loss", "eval_loss", "skipped_steps")}
             ckpt.write_json_atomic(self.run_dir / "history.json", history)
             if r.output.push_to_hub:
                 from adapters.hub import push_folder
@@ -548,23 +508,23 @@ class TrainingRun:
 
     def metrics(self) -> dict[str, Any]:
         s = self.state
-        losses = [loss for _, loss in s["train_loss"]]
+        losses = [loss for _, loss in s.train_loss]
         tail = losses[-max(1, min(len(losses), self.recipe.train.log_every)) :]
-        before, after = s["eval_loss_before"], (s["eval_loss"][-1][1] if s["eval_loss"] else None)
+        before, after = s.eval_loss_before, (s.eval_loss[-1][1] if s.eval_loss else None)
         return {
-            "steps": s["step"],
+            "steps": s.step,
             "train_loss": sum(tail) / len(tail) if tail else None,
             "eval_loss_before": before,
             "eval_loss_after": after,
             "perplexity_before": _perplexity(before) if before is not None and self.eval_is_lm else None,
             "perplexity_after": _perplexity(after) if after is not None and self.eval_is_lm else None,
-            "tokens": s["tokens"],
-            "tokens_per_second": s["tokens"] / s["train_seconds"] if s["train_seconds"] else None,
-            "train_seconds": s["train_seconds"],
+            "tokens": s.tokens,
+            "tokens_per_second": s.tokens / s.train_seconds if s.train_seconds else None,
+            "train_seconds": s.train_seconds,
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
-            "skipped_steps": s["skipped_steps"],
-            "resumed_at": s.get("resumed_at", []),
+            "skipped_steps": s.skipped_steps,
+            "resumed_at": s.resumed_at,
             "num_processes": self.accelerator.num_processes,
             "mixed_precision": self.recipe.train.mixed_precision,
         }
@@ -620,39 +580,6 @@ def input_token_count(batch: dict[str, torch.Tensor]) -> int:
     if mask is not None:
         return int(mask.sum().item())
     return int(batch["input_ids"].numel()) if "input_ids" in batch else 0
-
-
-def step_seed(seed: int, step: int, process: int) -> int:
-    """The RNG seed of one step on one process: independent of everything that happened before."""
-    return int(np.random.SeedSequence([seed, step, process]).generate_state(1)[0])
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A shuffled order that is a pure function of (seed, epoch): what makes data order resumable.
-
-    With `data.group_by_length` the order comes from the data module's length-bucketing sampler,
-    rebuilt for every epoch with seed + epoch.
-    """
-
-    def __init__(self, dataset: Any, data: Any, *, batch_size: int, seed: int) -> None:
-        self.dataset, self.data, self.batch_size, self.seed = dataset, data, batch_size, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __iter__(self):
-        seed = self.seed + self.epoch
-        if getattr(self.data, "group_by_length", False):
-            from finetune.data import make_sampler
-
-            yield from make_sampler(self.data, self.dataset, batch_size=self.batch_size, seed=seed)
-            return
-        generator = torch.Generator().manual_seed(seed)
-        yield from torch.randperm(len(self.dataset), generator=generator).tolist()
 
 
 class ExpertLoad:
@@ -764,20 +691,6 @@ def _check_finite(model: torch.nn.Module, what: str) -> None:
     for name, p in model.named_parameters():
         if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
             raise MoetuneError(f"not writing {what}: parameter {name} holds NaN/inf values")
-
-
-def _fingerprint(recipe: Any) -> dict[str, str]:
-    """The recipe keys a resumed run must share with its checkpoint (others, like max_steps, may change)."""
-    t = recipe.train
-    keys = {
-        "model.name": recipe.model.name,
-        "adapter": dataclasses.asdict(recipe.adapter),
-        "data": dataclasses.asdict(recipe.data),
-        "train.seed": t.seed,
-        "train.batch_size": t.batch_size,
-        "train.grad_accum": t.grad_accum,
-    }
-    return {k: repr(v) for k, v in keys.items()}
 
 
 def _flat_config(recipe: Any) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from test_train_support import adapter_tensors, history, write_corpus, write_rec
 
 from finetune.errors import MoetuneError
 from finetune.losses import count_label_tokens
-from finetune.train import EpochSampler, launch_training, step_seed
+from finetune.resume import EpochSampler, step_seed
+from finetune.train import launch_training
 
 
 @pytest.fixture(scope="module")
