@@ -110,7 +110,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from finetune.train import launch_training
 
-    summary = launch_training(
+    result = launch_training(
         args.recipe,
         overrides=args.set,
         output_dir=args.output,
@@ -119,8 +119,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         num_processes=args.num_processes,
         debug=args.debug,
     )
-    if summary:
-        print(summary)
+    if result is not None:  # None: another process of the launch reports
+        print(result)
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:

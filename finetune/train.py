@@ -52,6 +52,18 @@ from finetune.accelerator import (
 )
 from finetune.errors import MoetuneError
 from finetune.losses import count_label_tokens, forward_loss, micro_batch_loss
+from finetune.reporting import (
+    ExpertLoad,
+    LogWindow,
+    RunMetrics,
+    TrainResult,
+    input_token_count,
+    perplexity,
+    tracker_config,
+    write_card,
+    write_history,
+    write_plots,
+)
 from finetune.resume import EpochSampler, RunState, check_run_folder, fingerprint, step_seed
 
 # ============================================================================= public entry
@@ -66,12 +78,13 @@ def launch_training(
     overwrite: bool = False,
     num_processes: int = 1,
     debug: bool = False,
-) -> str:
-    """Train the LoRA adapter a recipe describes; returns the summary printed at the end.
+) -> TrainResult | None:
+    """Train the LoRA adapter a recipe describes; returns the run's result (`str()` is its summary).
 
     `recipe` is a YAML path, a bundled recipe name or a `Recipe`; `overrides` are `section.key=value`.
     A run folder that already holds checkpoints or an adapter needs `resume` (continue it) or
-    `overwrite` (replace it).
+    `overwrite` (replace it). Processes other than the main one, and a launch of several processes
+    (whose main process reports), return None.
     """
     from finetune.recipe import Recipe
 
@@ -215,7 +228,7 @@ class TrainingRun:
                     )
             ckpt.clean_stale(self.run_dir / ckpt.CHECKPOINTS)
             save_recipe(r, self.run_dir / "recipe.yaml")
-        acc.init_trackers(TRACKER_PROJECT, config=_flat_config(r))
+        acc.init_trackers(TRACKER_PROJECT, config=tracker_config(r))
         if checkpoint is not None:
             self._restore(checkpoint)
         acc.wait_for_everyone()
@@ -249,7 +262,7 @@ class TrainingRun:
             disable=not acc.is_local_main_process,
             dynamic_ncols=True,
         )
-        window = _Window()
+        window = LogWindow()
         load = ExpertLoad()
         self.model.train()
         with ckpt.InterruptGuard() as interrupts:
@@ -260,7 +273,7 @@ class TrainingRun:
         if self.eval_batches:
             self.run_eval(self.state.step)
 
-    def _loop(self, window: _Window, load: ExpertLoad, interrupts: ckpt.InterruptGuard) -> None:
+    def _loop(self, window: LogWindow, load: ExpertLoad, interrupts: ckpt.InterruptGuard) -> None:
         """Optimizer steps from the current one to the last; stops with a checkpoint on Ctrl-C."""
         from accelerate import skip_first_batches
 
@@ -410,7 +423,7 @@ class TrainingRun:
         loss = float(acc.reduce(weighted, "sum").item()) / max(total, 1.0)
         return {
             "loss": loss,
-            "perplexity": _perplexity(loss) if self.eval_is_lm else float("nan"),
+            "perplexity": perplexity(loss) if self.eval_is_lm else float("nan"),
             "tokens": total,
         }
 
@@ -458,31 +471,27 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ save
 
-    def save(self) -> str:
+    def save(self) -> TrainResult | None:
         """Write the adapter and the run's reports; only the main process touches the disk."""
-        from finetune.recipe import recipe_to_dict, save_recipe
+        from finetune.recipe import save_recipe
 
         acc, r = self.accelerator, self.recipe
         _check_finite(self.model, "the final adapter")
         after_load = self.expert_load()
         state_dict = acc.get_state_dict(self.model)  # collective under FSDP: every process calls it
-        metrics = self.metrics()
+        metrics = RunMetrics.of_run(
+            self.state,
+            r,
+            eval_is_lm=self.eval_is_lm,
+            trainable_params=self.trainable_params,
+            total_params=self.total_params,
+            num_processes=acc.num_processes,
+        )
         adapter_dir = self.run_dir / "adapter"
         if acc.is_main_process:
-            from finetune import plots
-
             adapter_bytes = ckpt.estimate_checkpoint_bytes(acc.unwrap_model(self.model), optimizer_states=0)
             ckpt.check_disk_space(self.run_dir, adapter_bytes, what="final adapter")
-            images = plots.write_run_plots(
-                self.run_dir / "plots",
-                train_loss=self.state.train_loss,
-                eval_loss=(
-                    [[0, self.state.eval_loss_before]] if self.state.eval_loss_before is not None else []
-                )
-                + self.state.eval_loss,
-                load_before=self.state.expert_load_before,
-                load_after=after_load,
-            )
+            images = write_plots(self.run_dir, self.state, after_load)
             with ckpt.atomic_folder(adapter_dir) as tmp:
                 # save_embedding_layers=False: the vocabulary is never resized here, so a frozen
                 # lm_head / embedding is the base's own and does not belong in the adapter.
@@ -492,74 +501,22 @@ class TrainingRun:
                 save_recipe(r, tmp / "recipe.yaml")
                 if getattr(self.tokenizer, "label_names", None):  # classification: the label order
                     self.tokenizer.save_pretrained(tmp)
-                ckpt.write_json(tmp / "metrics.json", metrics)
-                _write_card(tmp, r, metrics, images, recipe_to_dict(r))
+                ckpt.write_json(tmp / "metrics.json", metrics.as_dict())
+                write_card(tmp, r, metrics, images)
                 ckpt.failpoint("adapter-mid-write")
-            ckpt.write_json_atomic(self.run_dir / "metrics.json", metrics)
-            history = {k: getattr(self.state, k) for k in ("train_loss", "eval_loss", "skipped_steps")}
-            ckpt.write_json_atomic(self.run_dir / "history.json", history)
+            ckpt.write_json_atomic(self.run_dir / "metrics.json", metrics.as_dict())
+            write_history(self.run_dir, self.state)
             if r.output.push_to_hub:
                 from adapters.hub import push_folder
 
-                acc.print(push_folder(adapter_dir, r.output.push_to_hub, private=r.output.private, revision=None,
-                                      dry_run=False))  # fmt: skip
+                out = r.output
+                acc.print(
+                    push_folder(
+                        adapter_dir, out.push_to_hub, private=out.private, revision=None, dry_run=False
+                    )
+                )
         acc.wait_for_everyone()
-        return self.summary(metrics, adapter_dir) if acc.is_main_process else ""
-
-    def metrics(self) -> dict[str, Any]:
-        s = self.state
-        losses = [loss for _, loss in s.train_loss]
-        tail = losses[-max(1, min(len(losses), self.recipe.train.log_every)) :]
-        before, after = s.eval_loss_before, (s.eval_loss[-1][1] if s.eval_loss else None)
-        return {
-            "steps": s.step,
-            "train_loss": sum(tail) / len(tail) if tail else None,
-            "eval_loss_before": before,
-            "eval_loss_after": after,
-            "perplexity_before": _perplexity(before) if before is not None and self.eval_is_lm else None,
-            "perplexity_after": _perplexity(after) if after is not None and self.eval_is_lm else None,
-            "tokens": s.tokens,
-            "tokens_per_second": s.tokens / s.train_seconds if s.train_seconds else None,
-            "train_seconds": s.train_seconds,
-            "trainable_params": self.trainable_params,
-            "total_params": self.total_params,
-            "skipped_steps": s.skipped_steps,
-            "resumed_at": s.resumed_at,
-            "num_processes": self.accelerator.num_processes,
-            "mixed_precision": self.recipe.train.mixed_precision,
-        }
-
-    def summary(self, m: dict[str, Any], adapter_dir: Path) -> str:
-        lines = [f"trained {m['steps']} steps in {m['train_seconds']:.1f}s"]
-        if m["resumed_at"]:
-            lines[0] += f" (resumed at step {', '.join(map(str, m['resumed_at']))})"
-        if m["tokens_per_second"]:
-            lines[0] += f" ({m['tokens_per_second']:.0f} tokens/s on {m['num_processes']} process(es))"
-        if m["train_loss"] is not None:
-            lines.append(f"train loss (last steps): {m['train_loss']:.4f}")
-        if (
-            m["eval_loss_before"] is not None
-            and m["eval_loss_after"] is not None
-            and m["perplexity_before"] is None
-        ):
-            lines.append(  # encoder-only tasks: no perplexity to speak of
-                f"held-out eval loss (contrastive + classification) {m['eval_loss_before']:.4f} -> "
-                f"{m['eval_loss_after']:.4f}"
-            )
-        elif m["eval_loss_before"] is not None and m["eval_loss_after"] is not None:
-            change = 100.0 * (1.0 - m["perplexity_after"] / m["perplexity_before"])
-            trend = f"{change:.1f}% lower" if change >= 0 else f"{-change:.1f}% HIGHER"
-            lines.append(
-                f"held-out eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f}; perplexity "
-                f"{m['perplexity_before']:.2f} -> {m['perplexity_after']:.2f} ({trend})"
-            )
-        if m["skipped_steps"]:
-            lines.append(f"skipped steps (non-finite): {m['skipped_steps']}")
-        lines.append(f"trainable parameters: {m['trainable_params']:,} of {m['total_params']:,}")
-        lines.append(f"adapter: {adapter_dir}")
-        lines.append(f"metrics: {self.run_dir / 'metrics.json'}; plots: {self.run_dir / 'plots'}")
-        lines.append(f"logs: tensorboard --logdir {self.run_dir / 'logs'}")
-        return "\n".join(lines)
+        return TrainResult(self.run_dir, metrics) if acc.is_main_process else None
 
     # ------------------------------------------------------------------ cleanup
 
@@ -574,71 +531,6 @@ class TrainingRun:
 # ============================================================================= loop helpers
 
 
-def input_token_count(batch: dict[str, torch.Tensor]) -> int:
-    """Decoder input tokens of a batch (0 for batches that only feed the modality encoders)."""
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        return int(mask.sum().item())
-    return int(batch["input_ids"].numel()) if "input_ids" in batch else 0
-
-
-class ExpertLoad:
-    """Counts of routed tokens per (MoE layer, expert) during training, logged every log_every steps."""
-
-    def __init__(self) -> None:
-        self.counts: torch.Tensor | None = None  # (L, E)
-
-    def add(self, router_logits: Any, batch: dict[str, torch.Tensor], *, top_k: int | None) -> None:
-        if not router_logits or not top_k:
-            return
-        mask = batch.get("attention_mask")
-        keep = mask.reshape(-1).bool() if mask is not None else None
-        rows = []
-        for logits in router_logits:  # one (B*T, E) per MoE layer
-            logits = logits.detach().reshape(-1, logits.size(-1))
-            if keep is not None and keep.numel() == logits.size(0):
-                logits = logits[keep.to(logits.device)]
-            chosen = logits.topk(top_k, dim=-1).indices.reshape(-1)  # (N*k,)
-            rows.append(torch.bincount(chosen, minlength=logits.size(-1)).float())
-        counts = torch.stack(rows)
-        self.counts = counts if self.counts is None else self.counts + counts
-
-    def flush(self, acc) -> dict[str, float]:
-        if self.counts is None:
-            return {}
-        counts = acc.reduce(self.counts, "sum")
-        self.counts = None
-        out = {}
-        for layer, row in enumerate(counts):
-            mean = row.mean().clamp_min(1e-9)
-            out[f"expert_load/layer_{layer}/max_over_mean"] = float(row.max() / mean)
-            out[f"expert_load/layer_{layer}/cv"] = float(row.std(unbiased=False) / mean)
-        return out
-
-
-class _Window:
-    """Averages of the steps since the last log line."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-        self.seconds = 0.0
-
-    def add(self, result: dict[str, float], seconds: float) -> None:
-        self.rows.append(result)
-        self.seconds += seconds
-
-    def flush(self) -> dict[str, float]:
-        finite = [r["loss"] for r in self.rows if math.isfinite(r["loss"])]
-        out = {
-            "train/loss": sum(finite) / len(finite) if finite else float("nan"),
-            "train/aux_loss": sum(r["aux_loss"] for r in self.rows) / len(self.rows),
-            "train/grad_norm": sum(r["grad_norm"] for r in self.rows) / len(self.rows),
-            "train/tokens_per_second": sum(r["tokens"] for r in self.rows) / max(self.seconds, 1e-9),
-        }
-        self.rows, self.seconds = [], 0.0
-        return out
-
-
 def _maybe(condition: bool, context, *args):
     import contextlib
 
@@ -651,10 +543,6 @@ def _as_float(value: Any) -> float:
             value = value.full_tensor()
         return float(value.item())
     return float(value)
-
-
-def _perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -693,32 +581,6 @@ def _check_finite(model: torch.nn.Module, what: str) -> None:
             raise MoetuneError(f"not writing {what}: parameter {name} holds NaN/inf values")
 
 
-def _flat_config(recipe: Any) -> dict[str, Any]:
-    """The recipe as flat scalars, the only kind TensorBoard's hparams accept."""
-    from finetune.recipe import recipe_to_dict
-
-    flat = {}
-    for section, body in recipe_to_dict(recipe).items():
-        for key, value in body.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
-    return flat
-
-
-def _write_card(folder: Path, recipe: Any, metrics: dict, images: list[Path], recipe_dict: dict) -> None:
-    from adapters.model_card import write_model_card
-
-    sources = recipe.data.train if isinstance(recipe.data.train, list) else [recipe.data.train]
-    write_model_card(
-        folder,
-        base_model=recipe.model.name,
-        kind="adapter",
-        datasets=sources,
-        metrics=metrics,
-        recipe=recipe_dict,
-        images=images,
-    )
-
-
 def make_scheduler(t: Any, optimizer: torch.optim.Optimizer, total_steps: int):
     """Linear warmup, then cosine / linear decay to 0, or constant."""
     from transformers import get_scheduler
@@ -750,7 +612,7 @@ def relaunch_with_accelerate(
     num_processes: int,
     debug: bool,
     overwrite: bool = False,
-) -> str:
+) -> None:
     """`moetune train R.yaml --num-processes N` = `accelerate launch --num_processes N cli.py train R.yaml`."""
     import cli
     from finetune.recipe import Recipe, save_recipe
@@ -796,7 +658,6 @@ def relaunch_with_accelerate(
         raise MoetuneError(
             f"training on {num_processes} processes failed (exit code {rc}); see the messages above"
         )
-    return ""
 
 
 def launch_on_a_free_port(

@@ -272,8 +272,10 @@ def test_the_hub_token_never_reaches_a_file_of_the_run(tmp_path, setup, monkeypa
     monkeypatch.setenv("HF_TOKEN", token)
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", token)
     run_dir = tmp_path / "run"
-    summary = launch_training(
-        str(recipe), output_dir=run_dir, overrides=["train.eval_every=4", "data.eval_fraction=0.2"]
+    summary = str(
+        launch_training(
+            str(recipe), output_dir=run_dir, overrides=["train.eval_every=4", "data.eval_fraction=0.2"]
+        )
     )
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert len(files) > 10  # adapter, card, metrics, recipe, plots, checkpoints, TensorBoard logs

@@ -22,7 +22,7 @@ def corpus(tmp_path_factory):
 
 def test_a_run_writes_adapter_metrics_plots_recipe_and_logs(tmp_path, corpus):
     recipe = write_recipe(tmp_path, corpus, train={"eval_every": 4})
-    summary = launch_training(str(recipe))
+    summary = str(launch_training(str(recipe)))
     run = tmp_path / "run"
 
     adapter = run / "adapter"
