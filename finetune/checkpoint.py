@@ -63,6 +63,9 @@ def failpoint(name: str, step: int | None = None) -> None:
 # ----------------------------------------------------------------------------- interrupts
 
 
+RESUME_HINT = "rerun the same command with --resume to continue"  # the launcher looks for it too
+
+
 class TrainingInterrupted(MoetuneError):
     """The run stopped on SIGINT / SIGTERM after saving a resumable checkpoint."""
 

@@ -31,10 +31,7 @@ import dataclasses
 import math
 import os
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,10 +44,10 @@ from finetune.accelerator import (
     TRACKER_PROJECT,
     check_engine,
     end_training,
-    has_accelerator,
     make_accelerator,
 )
 from finetune.errors import MoetuneError
+from finetune.launch import inside_distributed_launch, launch_run
 from finetune.losses import count_label_tokens, forward_loss, micro_batch_loss
 from finetune.reporting import (
     ExpertLoad,
@@ -102,17 +99,12 @@ def launch_training(
         from finetune.recipe import load_recipe
 
         resolved = load_recipe(str(recipe), overrides)  # validate before starting any process
+    run_dir = Path(output_dir or resolved.output.dir).expanduser()
     if num_processes > 1 and not inside_distributed_launch():
-        return relaunch_with_accelerate(
-            recipe,
-            overrides,
-            output_dir=output_dir,
-            resume=resume,
-            overwrite=overwrite,
-            num_processes=num_processes,
-            debug=debug,
+        return launch_run(
+            resolved, run_dir, num_processes=num_processes, resume=resume, overwrite=overwrite, debug=debug
         )
-    run = TrainingRun(resolved, output_dir=output_dir, resume=resume, overwrite=overwrite)
+    run = TrainingRun(resolved, output_dir=run_dir, resume=resume, overwrite=overwrite)
     try:
         run.setup()
         run.train()
@@ -333,7 +325,7 @@ class TrainingRun:
         latest = ckpt.latest_checkpoint(self.run_dir)
         raise ckpt.TrainingInterrupted(
             f"training interrupted by {name} after step {step} of {self.total_steps}; checkpoint saved in "
-            f"{latest}; rerun the same command with --resume to continue",
+            f"{latest}; {ckpt.RESUME_HINT}",
             signum,
         )
 
@@ -595,127 +587,38 @@ def make_scheduler(t: Any, optimizer: torch.optim.Optimizer, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-# ============================================================================= launching
+# ============================================================================= entry point
 
 
-def inside_distributed_launch() -> bool:
-    """True inside `accelerate launch` / torchrun (each process then trains; none re-launches)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m finetune.train RECIPE`: what every process of an `accelerate launch` runs."""
+    import argparse
 
-
-def relaunch_with_accelerate(
-    recipe: Any,
-    overrides: Sequence[str],
-    *,
-    output_dir: str | os.PathLike | None,
-    resume: bool,
-    num_processes: int,
-    debug: bool,
-    overwrite: bool = False,
-) -> None:
-    """`moetune train R.yaml --num-processes N` = `accelerate launch --num_processes N cli.py train R.yaml`."""
-    import cli
-    from finetune.recipe import Recipe, save_recipe
-
-    if isinstance(recipe, Recipe):
-        fd, name = tempfile.mkstemp(suffix=".yaml", prefix="moetune-recipe-")
-        os.close(fd)
-        recipe = str(save_recipe(recipe, name))
-
-    def command(port: int) -> list[str]:
-        cmd = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--num_processes", str(num_processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port),
-            "--multi_gpu",
-        ]  # fmt: skip
-        cmd += [str(Path(cli.__file__).resolve()), "train", str(recipe)]
-        for item in overrides:
-            cmd += ["--set", item]
-        if output_dir is not None:
-            cmd += ["--output", str(output_dir)]
-        if resume:
-            cmd.append("--resume")
-        if overwrite:
-            cmd.append("--overwrite")
-        if debug:
-            cmd.append("--debug")
-        return cmd
-
-    env = dict(os.environ)
-    if not has_accelerator():
-        env["ACCELERATE_USE_CPU"] = "true"
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
-    rc, err = launch_on_a_free_port(command, env=env)
-    if rc != 0 and "rerun the same command with --resume" in err:  # they stopped on Ctrl-C and saved
-        raise ckpt.TrainingInterrupted(
-            f"training on {num_processes} processes was interrupted (see above); rerun the same command "
-            "with --resume to continue",
-            signal.SIGINT,
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune.train",
+        description="Train from a recipe in this process (or in each process of `accelerate launch -m "
+        "finetune.train`); `moetune train` has the full command line.",
+    )
+    parser.add_argument("recipe", help="recipe YAML (a path or a bundled recipe name)")
+    parser.add_argument("--output", default=None, help="run folder (default: the recipe's output.dir)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run folder")
+    parser.add_argument("--no-summary", action="store_true", help="the launching process prints it")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    args = parser.parse_args(argv)
+    try:
+        result = launch_training(
+            args.recipe, output_dir=args.output, resume=args.resume, overwrite=args.overwrite
         )
-    if rc != 0:
-        raise MoetuneError(
-            f"training on {num_processes} processes failed (exit code {rc}); see the messages above"
-        )
+    except MoetuneError as err:
+        if args.debug:
+            raise
+        print(f"moetune: error: {err}", file=sys.stderr)
+        return err.exit_code
+    if result is not None and not args.no_summary:
+        print(result)
+    return 0
 
 
-def launch_on_a_free_port(
-    command: Any,
-    *,
-    env: dict[str, str],
-    cwd: str | os.PathLike | None = None,
-    echo: bool = True,
-    attempts: int = 3,
-    timeout: float | None = None,
-) -> tuple[int, str]:
-    """Run `command(port)` (a launcher whose rendezvous listens on `port`); returns (exit code, stderr).
-
-    A free port has to be chosen before the launcher binds it, and another process may take it in
-    between (the launcher then fails at once with EADDRINUSE, before any training): that case is
-    retried on a new port. stderr is passed through as it comes (`echo`) and kept for the caller;
-    a launcher still running after `timeout` seconds is killed.
-    """
-    import codecs
-    import threading
-
-    for attempt in range(1, attempts + 1):
-        proc = subprocess.Popen(command(_free_port()), env=env, cwd=cwd, stderr=subprocess.PIPE)
-        watchdog = threading.Timer(timeout, proc.kill) if timeout else None
-        if watchdog is not None:
-            watchdog.start()
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a chunk may split a character
-        parts, interrupted = [], False
-        while True:
-            try:
-                chunk = os.read(proc.stderr.fileno(), 65536)
-            except KeyboardInterrupt:
-                # Ctrl-C reached the launched processes as well: they save a checkpoint and stop, so
-                # wait for them; a second Ctrl-C stops them at once.
-                if interrupted:
-                    proc.kill()
-                    raise
-                interrupted = True
-                continue
-            if not chunk:
-                break
-            parts.append(decoder.decode(chunk))
-            if echo:
-                sys.stderr.write(parts[-1])
-                sys.stderr.flush()
-        rc = proc.wait()
-        proc.stderr.close()
-        if watchdog is not None:
-            watchdog.cancel()
-        err = "".join(parts) + decoder.decode(b"", final=True)
-        taken = "EADDRINUSE" in err or "address already in use" in err.lower()
-        if rc == 0 or not taken or attempt == attempts:
-            break
-    return rc, err
-
-
-def _free_port() -> int:
-    """A port nothing listens on now (it may be taken again before use: see launch_on_a_free_port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+if __name__ == "__main__":
+    sys.exit(main())
