@@ -22,7 +22,7 @@ import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -70,6 +70,15 @@ def is_sharded(acc: Accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def as_float(value: Any) -> float:
+    """A reduced scalar (a clipped gradient norm) as a float, whole: under FSDP2 it is a DTensor."""
+    if isinstance(value, torch.Tensor):
+        if hasattr(value, "full_tensor"):
+            value = value.full_tensor()
+        return float(value.item())
+    return float(value)
 
 
 def resolve_trackers(report_to: Sequence[str]) -> list[str]:

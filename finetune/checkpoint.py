@@ -379,6 +379,13 @@ def check_trainable_keys(checkpoint: Path, model: torch.nn.Module) -> None:
         )
 
 
+def check_finite(model: torch.nn.Module, what: str) -> None:
+    """Refuse to write `what` when a trainable weight holds NaN/inf (a checkpoint nobody can use)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
+            raise MoetuneError(f"not writing {what}: parameter {name} holds NaN/inf values")
+
+
 def load_checkpoint(accelerator, checkpoint: Path, model: torch.nn.Module) -> dict[str, Any]:
     """Restore model/optimizer/scheduler/RNG from `checkpoint` (`model`: the prepared model); returns
     its trainer state."""

@@ -73,6 +73,57 @@ def evaluate_multimodal_losses(model: nn.Module, batches: list[dict[str, Any]]) 
     return {"loss": total / examples if examples else float("nan"), "tokens": examples}
 
 
+def eval_batches(dataset: Any, collate: Any, batch_size: int, limit: int | None) -> list[dict[str, Any]]:
+    """A run's eval batches, fixed for the whole run (the same before, during and after training).
+
+    Collated with a generator of their own, so the seeded global RNG (LoRA's initialisation) is left
+    as it was."""
+    if dataset is None:
+        return []
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, generator=torch.Generator()
+    )
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if limit is not None and len(batches) >= limit:
+            break
+    return batches
+
+
+def evaluate_across_processes(
+    acc: Any, model: nn.Module, batches: list[dict[str, Any]], *, lm: bool
+) -> dict[str, float]:
+    """Loss and perplexity on `batches`, each process taking its share, weighted by tokens.
+
+    `lm`: batches with text targets, the token-normalised LM loss; else encoder-only batches
+    (alignment, classification), the model's weighted contrastive + classification loss per example.
+    """
+    from finetune.reporting import perplexity
+
+    mine = batches[acc.process_index :: acc.num_processes]
+    rounds = math.ceil(len(batches) / acc.num_processes)
+    was_training = model.training
+    measure = evaluate_loss if lm else evaluate_multimodal_losses
+    result = measure(model, [_to_device(b, acc.device) for b in mine]) if mine else {"loss": 0.0, "tokens": 0}
+    if len(mine) < rounds:  # sharded models need every process in every forward: one discarded extra
+        measure(model, [_to_device(batches[0], acc.device)])
+    model.train(was_training)
+    tokens = torch.tensor(float(result["tokens"]), device=acc.device)
+    weighted = torch.tensor(
+        float(result["loss"]) * result["tokens"] if result["tokens"] else 0.0, device=acc.device
+    )
+    total = float(acc.reduce(tokens, "sum").item())
+    loss = float(acc.reduce(weighted, "sum").item()) / max(total, 1.0)
+    return {"loss": loss, "perplexity": perplexity(loss) if lm else float("nan"), "tokens": total}
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def _perplexity(loss: float) -> float:
     if math.isnan(loss):
         return float("nan")
@@ -166,6 +217,18 @@ def routing_stats(model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[s
         "token_ratio": [(c / n).tolist() for c, n in zip(counts, tokens)],
         "gate_score": [(g / n).tolist() for g, n in zip(gates, tokens)],
     }
+
+
+def expert_load_shares(
+    model: nn.Module, batches: list[dict[str, Any]], device: torch.device
+) -> list[list[float]]:
+    """Per MoE layer, the share of the routed tokens of `batches` each expert received."""
+    stats = routing_stats(model, [_to_device(b, device) for b in batches])
+    rows = []
+    for row in stats["counts"]:
+        row = torch.as_tensor(row, dtype=torch.float64)
+        rows.append((row / row.sum().clamp_min(1e-12)).tolist())
+    return rows
 
 
 # ----------------------------------------------------------------------------- profile

@@ -275,6 +275,16 @@ def load_model(
     return model, load_tokenizer(folder, trust_remote_code=trust_remote_code)
 
 
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in backward (non-reentrant, so LoRA's frozen inputs need no grad); no KV cache."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 def check_quantize(quantize: str | None) -> str | None:
     """None, "int8" or "nf4"; anything else is a one-line error."""
     from finetune.quantization.formats import METHODS

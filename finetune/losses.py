@@ -1,7 +1,7 @@
 """The losses of one training step, and how they are normalised.
 
 The loop takes one backward per micro-batch, so each micro-batch contributes its own term
-(`micro_batch_loss`); the terms of a step add up to:
+(`StepLoss.term`); the terms of a step add up to:
 
     sum of the next-token losses of all label tokens of the step, on all processes
     ------------------------------------------------------------------------------  + aux + multimodal
@@ -77,20 +77,42 @@ def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, rout
     )
 
 
-def micro_batch_loss(
-    out: ForwardLoss, *, label_tokens: int, num_processes: int, aux_coef: float, micro_batches: int
-) -> torch.Tensor:
-    """The term one micro-batch adds to its step's loss (the module docstring has the whole sum).
+class StepLoss:
+    """One optimizer step's objective over its micro-batches (the module docstring has the sum).
 
-    `label_tokens` is the step's global count. x `num_processes`: DDP averages gradients over the
-    processes, and the global count already spans them.
+    `term` gives each micro-batch's term for its backward; the detached parts are kept, and `totals`
+    reduces them over the processes into the step's logged loss and aux loss.
     """
-    loss = out.loss_sum * num_processes / max(label_tokens, 1)
-    if out.aux_loss is not None:
-        loss = loss + aux_coef * out.aux_loss / micro_batches
-    if out.multimodal_loss is not None:  # per-example means: averaged over the micro-batches
-        loss = loss + out.multimodal_loss / micro_batches
-    return loss
+
+    def __init__(
+        self, *, label_tokens: int, micro_batches: int, num_processes: int, aux_coef: float, device: Any
+    ) -> None:
+        self.label_tokens = max(label_tokens, 1)  # the step's GLOBAL count of label tokens
+        self.micro_batches, self.num_processes, self.aux_coef = micro_batches, num_processes, aux_coef
+        self.lm_sum = torch.zeros((), device=device)
+        self.aux_sum = torch.zeros((), device=device)
+        self.multimodal_sum = torch.zeros((), device=device)
+
+    def term(self, out: ForwardLoss) -> torch.Tensor:
+        """This micro-batch's term. x `num_processes`: DDP averages gradients over the processes, and
+        the global count already spans them."""
+        loss = out.loss_sum * self.num_processes / self.label_tokens
+        self.lm_sum += out.loss_sum.detach().float()
+        if out.aux_loss is not None:
+            loss = loss + self.aux_coef * out.aux_loss / self.micro_batches
+            self.aux_sum += out.aux_loss.detach().float()
+        if out.multimodal_loss is not None:  # per-example means: averaged over the micro-batches
+            loss = loss + out.multimodal_loss / self.micro_batches
+            self.multimodal_sum += out.multimodal_loss.detach().float()
+        return loss
+
+    def totals(self, acc: Any) -> tuple[float, float]:
+        """(loss, aux loss) of the whole step on all processes: the token-normalised LM loss plus the
+        (batch-mean) contrastive / classification terms, and the mean aux loss. Every process calls it."""
+        loss = float(acc.reduce(self.lm_sum, "sum").item()) / self.label_tokens
+        loss += float(acc.reduce(self.multimodal_sum, "mean").item()) / self.micro_batches
+        aux = float(acc.reduce(self.aux_sum, "mean").item()) / self.micro_batches
+        return loss, aux
 
 
 def multimodal_losses(out: Any, model: torch.nn.Module) -> torch.Tensor | None:

@@ -45,24 +45,34 @@ def input_token_count(batch: dict[str, torch.Tensor]) -> int:
 # ----------------------------------------------------------------------------- every log_every steps
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step reports (all processes together)."""
+
+    loss: float  # nan for a skipped step
+    aux_loss: float
+    grad_norm: float
+    tokens: int  # input tokens
+
+
 class LogWindow:
     """Averages of the steps since the last log line."""
 
     def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
+        self.rows: list[StepResult] = []
         self.seconds = 0.0
 
-    def add(self, result: dict[str, float], seconds: float) -> None:
+    def add(self, result: StepResult, seconds: float) -> None:
         self.rows.append(result)
         self.seconds += seconds
 
     def flush(self) -> dict[str, float]:
-        finite = [r["loss"] for r in self.rows if math.isfinite(r["loss"])]
+        finite = [r.loss for r in self.rows if math.isfinite(r.loss)]
         out = {
             "train/loss": sum(finite) / len(finite) if finite else float("nan"),
-            "train/aux_loss": sum(r["aux_loss"] for r in self.rows) / len(self.rows),
-            "train/grad_norm": sum(r["grad_norm"] for r in self.rows) / len(self.rows),
-            "train/tokens_per_second": sum(r["tokens"] for r in self.rows) / max(self.seconds, 1e-9),
+            "train/aux_loss": sum(r.aux_loss for r in self.rows) / len(self.rows),
+            "train/grad_norm": sum(r.grad_norm for r in self.rows) / len(self.rows),
+            "train/tokens_per_second": sum(r.tokens for r in self.rows) / max(self.seconds, 1e-9),
         }
         self.rows, self.seconds = [], 0.0
         return out
