@@ -126,8 +126,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_recipes(args: argparse.Namespace) -> None:
     from finetune.recipe import list_recipes
 
-    for name, description in list_recipes():
-        print(f"{name:<28} {description}")
+    print(list_recipes())
 
 
 def cmd_experts_profile(args: argparse.Namespace) -> None:
