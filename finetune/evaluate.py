@@ -17,6 +17,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,27 @@ def _batches(tokenizer, texts: list[str], max_length: int, max_examples: int, de
     return batches
 
 
+@dataclass
+class ExpertProfile:
+    """What `moetune experts profile` did: the tokens it routed, what it selected, the files it wrote."""
+
+    tokens: int
+    examples: int
+    layers: int  # MoE layers
+    experts: int  # routed experts in all of them
+    selected: int  # experts in the selection
+    metric: str
+    threshold: float
+    files: list[Path]  # expert_stats.json, expert_load.png, selection.json
+
+    def __str__(self) -> str:
+        return (
+            f"profiled {self.tokens} tokens ({self.examples} examples) over {self.layers} MoE layers; "
+            f"selected {self.selected} of {self.experts} experts ({self.metric} >= {self.threshold} per layer); "
+            f"wrote {', '.join(map(str, self.files))}"
+        )
+
+
 def profile_experts(
     model_spec: str,
     data: str | Path,
@@ -277,8 +299,8 @@ def profile_experts(
     max_examples: int = 256,
     max_length: int = 512,
     quantize: str | None = None,
-) -> str:
-    """`moetune experts profile`: routing statistics + heatmap + ESFT selection; returns a summary line.
+) -> ExpertProfile:
+    """`moetune experts profile`: routing statistics + heatmap + ESFT selection; returns what it did.
 
     `quantize` profiles the model with its routed experts int8 / nf4 (as a quantized run trains it)."""
     from adapters.selection import METRICS, select_experts
@@ -314,11 +336,15 @@ def profile_experts(
     (out / "selection.json").write_text(json.dumps(selection_doc, indent=2) + "\n")
     title = f"{model_spec}: expert load on {Path(data).name}; selected (p={threshold}, {metric}) outlined"
     _heatmap(stats, selection, out / "expert_load.png", title=title)
-    chosen = sum(len(v) for v in selection.values())
-    return (
-        f"profiled {stats['tokens']} tokens ({len(batches)} examples) over {len(stats['layers'])} MoE layers; "
-        f"selected {chosen} of {len(stats['layers']) * stats['num_experts']} experts ({metric} >= {threshold} "
-        f"per layer); wrote {out / 'expert_stats.json'}, {out / 'expert_load.png'}, {out / 'selection.json'}"
+    return ExpertProfile(
+        tokens=stats["tokens"],
+        examples=len(batches),
+        layers=len(stats["layers"]),
+        experts=len(stats["layers"]) * stats["num_experts"],
+        selected=sum(len(v) for v in selection.values()),
+        metric=metric,
+        threshold=threshold,
+        files=[out / "expert_stats.json", out / "expert_load.png", out / "selection.json"],
     )
 
 
