@@ -84,28 +84,17 @@ def launch_command(
 ) -> list[str]:
     """The `accelerate launch` command that trains the resolved `recipe_file` on `num_processes`
     local processes; the launching process prints the summary, so the launched ones do not."""
+    # One launcher option and its value a line (fmt: skip), then the module and its arguments.
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        str(num_processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_processes", str(num_processes),
+        "--num_machines", "1",
+        "--mixed_precision", "no",
+        "--dynamo_backend", "no",
+        "--main_process_port", str(port),
         "--multi_gpu",
-        "-m",
-        TRAIN_MODULE,
-        str(recipe_file),
-        "--output",
-        str(run_dir),
-        "--no-summary",
-    ]  # fmt: skip  (a launcher option and its value per pair, one line per concern)
+        "-m", TRAIN_MODULE, str(recipe_file), "--output", str(run_dir), "--no-summary",
+    ]  # fmt: skip
     return cmd + ["--resume"] * resume + ["--overwrite"] * overwrite + ["--debug"] * debug
 
 

@@ -285,8 +285,12 @@ class MultimodalDataset(Dataset):
                     continue
             good.append(record)
         if self.skipped:
-            logger.warning("skipped %d of %d records with bad media (first: %s)", len(self.skipped), len(records),
-                           self.skipped[0])  # fmt: skip
+            logger.warning(
+                "skipped %d of %d records with bad media (first: %s)",
+                len(self.skipped),
+                len(records),
+                self.skipped[0],
+            )
         if records and not good:
             raise MoetuneError(f"{records[0].where.rsplit(': record', 1)[0]}: no record with readable media")
         return good
@@ -337,8 +341,11 @@ class MultimodalDataset(Dataset):
                 ids, labels = ids[: self.max_length], labels[: self.max_length]
                 self.truncated += 1
                 if self.truncated == 1:
-                    logger.warning("%s: decoder text cut to data.max_length=%d (further cuts are counted)",
-                                   record.where, self.max_length)  # fmt: skip
+                    logger.warning(
+                        "%s: decoder text cut to data.max_length=%d (further cuts are counted)",
+                        record.where,
+                        self.max_length,
+                    )
             example["input_ids"], example["labels"] = ids, labels
         if "image" in media:
             example["pixel_values"] = processor.images_to_pixels([media["image"]])[0]  # (3, H, W)

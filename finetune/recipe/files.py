@@ -104,8 +104,10 @@ def merge_overrides(raw: dict, overrides: Sequence[str], where: str, warnings: l
         if section not in SECTIONS:
             raise MoetuneError(f"{label}: unknown section '{section}'{suggestion(section, list(SECTIONS))}")
         if "." in name:
-            raise MoetuneError(f"{label}: '{key}' is nested too deep; set the whole value, e.g. {section}."
-                               f"{name.split('.')[0]}={{...}}")  # fmt: skip
+            raise MoetuneError(
+                f"{label}: '{key}' is nested too deep; set the whole value, e.g. {section}."
+                f"{name.split('.')[0]}={{...}}"
+            )
         parsed[key] = (section, name, parse_yaml(text, label) if text.strip() else None)
     for key, (_, _, value) in parsed.items():
         for pair in EXCLUSIVE:

@@ -241,17 +241,26 @@ class Recipe:
 
 
 SECTIONS: dict[str, type] = {
-    "model": ModelSection, "adapter": AdapterSection, "data": DataSection, "train": TrainSection,
+    "model": ModelSection,
+    "adapter": AdapterSection,
+    "data": DataSection,
+    "train": TrainSection,
     "output": OutputSection,
-}  # fmt: skip
+}
 REQUIRED = ("model.name", "data.train")
 # Keys whose value must not be empty when given (a default exists for when they are left out).
 NOT_EMPTY = ("adapter.targets",)
 # Defaults worth a line when a recipe leaves them out: they decide what is trained, on what, how long.
 HEADLINE_DEFAULTS = (
-    "adapter.targets", "adapter.r", "adapter.alpha", "data.max_length", "train.epochs",
-    "train.batch_size", "train.lr", "output.dir",
-)  # fmt: skip
+    "adapter.targets",
+    "adapter.r",
+    "adapter.alpha",
+    "data.max_length",
+    "train.epochs",
+    "train.batch_size",
+    "train.lr",
+    "output.dir",
+)
 # Pairs of keys that cannot both be set: an override of one replaces the other's recipe value.
 EXCLUSIVE = (
     ("train.max_steps", "train.epochs"),
@@ -282,8 +291,13 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, dict[str, Any]]:
 UNION_TYPES = (typing.Union, types.UnionType)
 
 
-_NAMES = {str: ("a string", "strings"), int: ("an integer", "integers"), float: ("a number", "numbers"),
-          bool: ("true or false", "booleans"), Any: ("any value", "values")}  # fmt: skip
+_NAMES = {
+    str: ("a string", "strings"),
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    bool: ("true or false", "booleans"),
+    Any: ("any value", "values"),
+}
 
 
 def type_name(tp: Any, plural: bool = False) -> str:

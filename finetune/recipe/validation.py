@@ -36,11 +36,23 @@ from finetune.recipe.schema import (
 )
 
 _AT_LEAST = {
-    "adapter.r": 1, "data.max_length": 2, "data.pad_to_multiple_of": 1, "data.max_examples": 1,
-    "data.max_eval_examples": 1, "train.max_steps": 1, "train.epochs": 1, "train.batch_size": 1,
-    "train.grad_accum": 1, "train.weight_decay": 0, "train.warmup_steps": 0, "train.eval_every": 1,
-    "train.save_every": 1, "train.log_every": 1, "train.eval_batches": 1, "output.keep_checkpoints": 1,
-}  # fmt: skip
+    "adapter.r": 1,
+    "data.max_length": 2,
+    "data.pad_to_multiple_of": 1,
+    "data.max_examples": 1,
+    "data.max_eval_examples": 1,
+    "train.max_steps": 1,
+    "train.epochs": 1,
+    "train.batch_size": 1,
+    "train.grad_accum": 1,
+    "train.weight_decay": 0,
+    "train.warmup_steps": 0,
+    "train.eval_every": 1,
+    "train.save_every": 1,
+    "train.log_every": 1,
+    "train.eval_batches": 1,
+    "output.keep_checkpoints": 1,
+}
 _POSITIVE = ("adapter.alpha", "train.lr", "train.max_grad_norm")
 _UNIT_INTERVAL = {
     "adapter.dropout": "[0, 1)",
@@ -279,8 +291,11 @@ def _check_conflicts(recipe: Recipe, where: str, problems: _Problems) -> None:
         if is_set(get_key(recipe, a)) and is_set(get_key(recipe, b)):
             problems.add(f"{where}: {a} and {b} both set; keep one")
     if d.eval is None and d.eval_fraction is None:
-        for key, value in (("train.eval_every", t.eval_every), ("train.eval_batches", t.eval_batches),
-                           ("data.max_eval_examples", d.max_eval_examples)):  # fmt: skip
+        for key, value in (
+            ("train.eval_every", t.eval_every),
+            ("train.eval_batches", t.eval_batches),
+            ("data.max_eval_examples", d.max_eval_examples),
+        ):
             if value is not None:
                 problems.add(
                     f"{where}: {key} is set but there is no eval data; set data.eval or data.eval_fraction"
@@ -302,11 +317,15 @@ def _check_conflicts(recipe: Recipe, where: str, problems: _Problems) -> None:
             "multimodal"
         )
     if (t.mixed_precision, m.dtype) in (("fp16", "bfloat16"), ("bf16", "float16")):
-        problems.add(f"{where}: train.mixed_precision {t.mixed_precision} contradicts model.dtype {m.dtype}; "
-                     "make them agree")  # fmt: skip
+        problems.add(
+            f"{where}: train.mixed_precision {t.mixed_precision} contradicts model.dtype {m.dtype}; "
+            "make them agree"
+        )
     if d.pad_to_multiple_of is not None and d.pad_to_multiple_of > d.max_length:
-        problems.add(f"{where}: data.pad_to_multiple_of ({d.pad_to_multiple_of}) exceeds data.max_length "
-                     f"({d.max_length}); lower it")  # fmt: skip
+        problems.add(
+            f"{where}: data.pad_to_multiple_of ({d.pad_to_multiple_of}) exceeds data.max_length "
+            f"({d.max_length}); lower it"
+        )
 
 
 def _check_multimodal(d: DataSection, where: str, problems: _Problems) -> None:
