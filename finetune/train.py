@@ -19,6 +19,7 @@ of them through `accelerate launch`; only the main process writes the run's file
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import math
@@ -470,10 +471,8 @@ def make_scheduler(t: TrainSection, optimizer: torch.optim.Optimizer, total_step
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m finetune.train RECIPE`: the recipe's own entry point, run by every launched process."""
-    import argparse
-
+def entry_parser() -> argparse.ArgumentParser:
+    """The options of `python -m finetune.train` (what finetune/launch.py passes each process)."""
     parser = argparse.ArgumentParser(
         prog="python -m finetune.train",
         description="Train from a recipe in this process (or in each process of `accelerate launch -m "
@@ -485,7 +484,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run folder")
     parser.add_argument("--no-summary", action="store_true", help="the launching process prints it")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m finetune.train RECIPE`: the recipe's own entry point, run by every launched process."""
+    args = entry_parser().parse_args(argv)
     try:
         result = launch_training(
             args.recipe, output_dir=args.output, resume=args.resume, overwrite=args.overwrite

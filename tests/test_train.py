@@ -332,6 +332,7 @@ def test_the_commands_in_docs_training_md_parse():
     from test_train_support import ROOT
 
     from cli import build_parser
+    from finetune.train import entry_parser
 
     text = (ROOT / "docs" / "training.md").read_text()
     commands = re.findall(r"^((?:moetune train|accelerate launch) .+?)(?:\s+#.*)?$", text, re.M)
@@ -341,6 +342,10 @@ def test_the_commands_in_docs_training_md_parse():
         args = shlex.split(command)
         if args[0] == "accelerate":
             assert (ROOT / args[args.index("--config_file") + 1]).is_file(), command
+            if "-m" in args:  # the entry point `moetune train --num-processes N` launches
+                assert args[args.index("-m") + 1] == "finetune.train", command
+                assert entry_parser().parse_args(args[args.index("-m") + 2 :]).recipe, command
+                continue
             args = ["moetune", *args[args.index("cli.py") + 1 :]]
         parsed = parser.parse_args(args[1:])
         assert parsed.command == "train", command
