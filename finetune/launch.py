@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,7 +55,10 @@ def launch_run(
 
     The run folder is checked here, so a refused start launches nothing; the recipe's notes are
     said here, once (the launched processes read the resolved file, which leaves nothing implicit).
+    The launched processes' messages pass through; this one prints the summary, so they do not.
     """
+    import signal
+
     from finetune.recipe import save_recipe
     from finetune.reporting import TrainResult
     from finetune.resume import check_run_folder
@@ -66,24 +69,24 @@ def launch_run(
     for line in recipe.notes:  # defaults relied on, sample data found in the installation
         print(line, flush=True)
     recipe_file = save_recipe(recipe, run_dir / "recipe.yaml")
-    launch_processes(
-        recipe_file, run_dir, num_processes=num_processes, resume=resume, overwrite=overwrite, debug=debug
-    )
+    args = [str(recipe_file), "--output", str(run_dir), "--no-summary"]
+    args += ["--resume"] * resume + ["--overwrite"] * overwrite + ["--debug"] * debug
+    env = launch_env(num_processes)
+    rc, err = launch_on_a_free_port(lambda port: launch_command(num_processes, port, args), env=env)
+    if rc != 0 and ckpt.RESUME_HINT in err:  # they stopped on Ctrl-C and saved a checkpoint
+        raise ckpt.TrainingInterrupted(
+            f"training on {num_processes} processes was interrupted (see above); {ckpt.RESUME_HINT}",
+            signal.SIGINT,
+        )
+    if rc != 0:
+        raise MoetuneError(
+            f"training on {num_processes} processes failed (exit code {rc}); see the messages above"
+        )
     return TrainResult.read(run_dir)
 
 
-def launch_command(
-    recipe_file: Path,
-    run_dir: Path,
-    *,
-    num_processes: int,
-    port: int,
-    resume: bool = False,
-    overwrite: bool = False,
-    debug: bool = False,
-) -> list[str]:
-    """The `accelerate launch` command that trains the resolved `recipe_file` on `num_processes`
-    local processes; the launching process prints the summary, so the launched ones do not."""
+def launch_command(num_processes: int, port: int, args: Sequence[str]) -> list[str]:
+    """`accelerate launch` of `python -m finetune.train ARGS` on `num_processes` local processes."""
     # One launcher option and its value a line (fmt: skip), then the module and its arguments.
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -93,51 +96,21 @@ def launch_command(
         "--dynamo_backend", "no",
         "--main_process_port", str(port),
         "--multi_gpu",
-        "-m", TRAIN_MODULE, str(recipe_file), "--output", str(run_dir), "--no-summary",
+        "-m", TRAIN_MODULE,
     ]  # fmt: skip
-    return cmd + ["--resume"] * resume + ["--overwrite"] * overwrite + ["--debug"] * debug
+    return cmd + list(args)
 
 
-def launch_processes(
-    recipe_file: Path,
-    run_dir: Path,
-    *,
-    num_processes: int,
-    resume: bool = False,
-    overwrite: bool = False,
-    debug: bool = False,
-) -> None:
-    """Train on `num_processes` local processes and wait for them; their messages pass through."""
+def launch_env(num_processes: int) -> dict[str, str]:
+    """The launched processes' environment: this one's, the same `finetune` on their path, and CPU
+    processes (one thread share each) when there is no GPU."""
     env = dict(os.environ)
     # The processes import the same `finetune` as this one, from whatever folder they start in.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     if not has_accelerator():
         env["ACCELERATE_USE_CPU"] = "true"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
-
-    def command(port: int) -> list[str]:
-        return launch_command(
-            recipe_file,
-            run_dir,
-            num_processes=num_processes,
-            port=port,
-            resume=resume,
-            overwrite=overwrite,
-            debug=debug,
-        )
-
-    rc, err = launch_on_a_free_port(command, env=env)
-    if rc != 0 and ckpt.RESUME_HINT in err:  # they stopped on Ctrl-C and saved a checkpoint
-        import signal
-
-        raise ckpt.TrainingInterrupted(
-            f"training on {num_processes} processes was interrupted (see above); {ckpt.RESUME_HINT}",
-            signal.SIGINT,
-        )
-    if rc != 0:
-        raise MoetuneError(
-            f"training on {num_processes} processes failed (exit code {rc}); see the messages above"
-        )
+    return env
 
 
 def launch_on_a_free_port(
