@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +144,7 @@ class TrainingRun:
         self.aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
         return model
 
-    def setup_data(self) -> tuple[Any, Any]:
+    def setup_data(self) -> tuple[Any, Callable[[list[dict]], dict]]:
         """The training set and its collator; the eval batches, fixed for the whole run."""
         from finetune.data import build_datasets, make_collator
 
@@ -171,7 +171,7 @@ class TrainingRun:
         self.has_experts = bool(expert_call_sites(self.model))
         self.accelerator.print(target_report(self.model))
 
-    def setup_optimizer(self, train_ds: Any, collate: Any) -> None:
+    def setup_optimizer(self, train_ds: Any, collate: Callable[[list[dict]], dict]) -> None:
         """AdamW on the trainable parameters, the loader (order from (seed, epoch)), the schedule."""
         from accelerate.utils import DistributedType
         from torch.utils.data import DataLoader
@@ -457,7 +457,9 @@ class TrainingRun:
             print(text, flush=True, file=sys.stderr if err else sys.stdout)
 
 
-def make_scheduler(t: TrainSection, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+def make_scheduler(
+    t: TrainSection, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warmup, then cosine / linear decay to 0, or constant."""
     from transformers import get_scheduler
 
