@@ -31,7 +31,7 @@ def _floats(value: str) -> list[float]:
 def cmd_init_model(args: argparse.Namespace) -> None:
     from finetune.loading import init_model
 
-    path = init_model(
+    written = init_model(
         args.preset,
         args.output,
         attention=args.attention,
@@ -39,14 +39,13 @@ def cmd_init_model(args: argparse.Namespace) -> None:
         seed=args.seed,
         quantize=args.quantize,
     )
-    experts = f" (routed experts {args.quantize})" if args.quantize else ""
-    print(f"wrote a random-initialised '{args.preset}' model{experts} and its tokenizer to {path}")
+    print(written)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from finetune.loading import quantize_model
 
-    path = quantize_model(
+    written = quantize_model(
         args.model,
         args.output,
         args.method,
@@ -54,14 +53,14 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         max_shard_size=args.max_shard_size,
         trust_remote_code=args.trust_remote_code,
     )
-    print(f"wrote {args.model} with its routed experts stored {args.method} to {path}")
+    print(written)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from finetune.info import format_info, model_info
+    from finetune.info import model_info
 
     info = model_info(args.model, quantize=args.quantize)
-    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    print(json.dumps(info.as_dict(), indent=2) if args.json else info)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -87,7 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from finetune.plan import format_plan, plan_memory
+    from finetune.plan import plan_memory
 
     plan = plan_memory(
         args.model,
@@ -101,7 +100,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         gradient_checkpointing=not args.no_checkpointing,
         quantize=args.quantize,
     )
-    print(json.dumps(plan.as_dict(), indent=2) if args.json else format_plan(plan))
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else plan)
 
 
 # ----------------------------------------------------------------------------- training
@@ -110,7 +109,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from finetune.train import launch_training
 
-    summary = launch_training(
+    result = launch_training(
         args.recipe,
         overrides=args.set,
         output_dir=args.output,
@@ -119,21 +118,20 @@ def cmd_train(args: argparse.Namespace) -> None:
         num_processes=args.num_processes,
         debug=args.debug,
     )
-    if summary:
-        print(summary)
+    if result is not None:  # None: another process of the launch reports
+        print(result)
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
     from finetune.recipe import list_recipes
 
-    for name, description in list_recipes():
-        print(f"{name:<28} {description}")
+    print(list_recipes())
 
 
 def cmd_experts_profile(args: argparse.Namespace) -> None:
     from finetune.evaluate import profile_experts
 
-    report = profile_experts(
+    profile = profile_experts(
         args.model,
         data=args.data,
         output=args.output,
@@ -143,7 +141,7 @@ def cmd_experts_profile(args: argparse.Namespace) -> None:
         max_length=args.max_length,
         quantize=args.quantize,
     )
-    print(report)
+    print(profile)
 
 
 # ----------------------------------------------------------------------------- adapters

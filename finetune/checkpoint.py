@@ -63,6 +63,9 @@ def failpoint(name: str, step: int | None = None) -> None:
 # ----------------------------------------------------------------------------- interrupts
 
 
+RESUME_HINT = "rerun the same command with --resume to continue"  # the launcher looks for it too
+
+
 class TrainingInterrupted(MoetuneError):
     """The run stopped on SIGINT / SIGTERM after saving a resumable checkpoint."""
 
@@ -376,15 +379,21 @@ def check_trainable_keys(checkpoint: Path, model: torch.nn.Module) -> None:
         )
 
 
-def load_checkpoint(accelerator, checkpoint: Path) -> dict[str, Any]:
-    """Restore model/optimizer/scheduler/RNG from `checkpoint`; returns its trainer state."""
-    from accelerate.utils import DistributedType
+def check_finite(model: torch.nn.Module, what: str) -> None:
+    """Refuse to write `what` when a trainable weight holds NaN/inf (a checkpoint nobody can use)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
+            raise MoetuneError(f"not writing {what}: parameter {name} holds NaN/inf values")
+
+
+def load_checkpoint(accelerator, checkpoint: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Restore model/optimizer/scheduler/RNG from `checkpoint` (`model`: the prepared model); returns
+    its trainer state."""
+    from finetune.accelerator import is_sharded
 
     state = read_trainer_state(checkpoint)
-    for model in accelerator._models:
-        check_trainable_keys(checkpoint, accelerator.unwrap_model(model))
+    check_trainable_keys(checkpoint, accelerator.unwrap_model(model))
     # Checkpoints hold only the trainable weights, so the frozen base weights are "missing" by design.
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    kwargs = {} if sharded else {"strict": False}
+    kwargs = {} if is_sharded(accelerator) else {"strict": False}
     accelerator.load_state(str(checkpoint), **kwargs)
     return state

@@ -2,6 +2,7 @@
 
 - `evaluate_loss`: next-token loss normalised by the number of real label tokens (labels == -100
   ignored), so batches of different lengths weigh by their tokens, not by the batch;
+  `evaluate_multimodal_losses`: the same for encoder-only batches (contrastive, classification);
 - `routing_stats`: per MoE layer, how many routed slots each expert received, its token selection
   ratio and its average gate score, read at the experts modules' inputs (the same place in every
   transformers family and in the built-in model, with or without adapters);
@@ -16,17 +17,15 @@ import json
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from finetune.errors import MoetuneError
-
-IGNORE_INDEX = -100
-
+from finetune.losses import count_label_tokens, lm_loss_sum, multimodal_losses
 
 # ----------------------------------------------------------------------------- loss
 
@@ -49,25 +48,81 @@ def evaluate_loss(model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[s
     total, tokens = 0.0, 0
     try:
         for batch in batches:
-            labels = batch["labels"]
             logits = model(**_model_inputs(batch), use_cache=False).logits  # (B, T', V)
-            if logits.shape[1] != labels.shape[1]:  # a prefix (e.g. modality embeddings) before the text
-                logits = logits[:, -labels.shape[1] :]
-            shift_logits = logits[:, :-1].float()
-            shift_labels = labels[:, 1:].to(shift_logits.device)
-            total += float(
-                F.cross_entropy(
-                    shift_logits.reshape(-1, shift_logits.shape[-1]),
-                    shift_labels.reshape(-1),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-            )
-            tokens += int((shift_labels != IGNORE_INDEX).sum())
+            total += float(lm_loss_sum(logits, batch["labels"]))
+            tokens += count_label_tokens(batch["labels"])
     finally:
         model.train(was_training)
     loss = total / tokens if tokens else float("nan")
     return {"loss": loss, "perplexity": _perplexity(loss), "tokens": tokens}
+
+
+@torch.no_grad()
+def evaluate_multimodal_losses(model: nn.Module, batches: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean weighted contrastive + classification loss per example over encoder-only `batches`."""
+    was_training = model.training
+    model.eval()
+    total, examples = 0.0, 0
+    try:
+        for batch in batches:
+            losses = multimodal_losses(model(**batch), model)
+            size = next(iter(batch.values())).shape[0]
+            if losses is not None:
+                total, examples = total + float(losses) * size, examples + size
+    finally:
+        model.train(was_training)
+    return {"loss": total / examples if examples else float("nan"), "tokens": examples}
+
+
+def eval_batches(dataset: Any, collate: Any, batch_size: int, limit: int | None) -> list[dict[str, Any]]:
+    """A run's eval batches, fixed for the whole run (the same before, during and after training).
+
+    Collated with a generator of their own, so the seeded global RNG (LoRA's initialisation) is left
+    as it was."""
+    if dataset is None:
+        return []
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, generator=torch.Generator()
+    )
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if limit is not None and len(batches) >= limit:
+            break
+    return batches
+
+
+def evaluate_across_processes(
+    acc: Any, model: nn.Module, batches: list[dict[str, Any]], *, lm: bool
+) -> dict[str, float]:
+    """Loss and perplexity on `batches`, each process taking its share, weighted by tokens.
+
+    `lm`: batches with text targets, the token-normalised LM loss; else encoder-only batches
+    (alignment, classification), the model's weighted contrastive + classification loss per example.
+    """
+    from finetune.reporting import perplexity
+
+    mine = batches[acc.process_index :: acc.num_processes]
+    rounds = math.ceil(len(batches) / acc.num_processes)
+    was_training = model.training
+    measure = evaluate_loss if lm else evaluate_multimodal_losses
+    result = measure(model, [_to_device(b, acc.device) for b in mine]) if mine else {"loss": 0.0, "tokens": 0}
+    if len(mine) < rounds:  # sharded models need every process in every forward: one discarded extra
+        measure(model, [_to_device(batches[0], acc.device)])
+    model.train(was_training)
+    tokens = torch.tensor(float(result["tokens"]), device=acc.device)
+    weighted = torch.tensor(
+        float(result["loss"]) * result["tokens"] if result["tokens"] else 0.0, device=acc.device
+    )
+    total = float(acc.reduce(tokens, "sum").item())
+    loss = float(acc.reduce(weighted, "sum").item()) / max(total, 1.0)
+    return {"loss": loss, "perplexity": perplexity(loss) if lm else float("nan"), "tokens": total}
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _perplexity(loss: float) -> float:
@@ -163,6 +218,18 @@ def routing_stats(model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[s
     }
 
 
+def expert_load_shares(
+    model: nn.Module, batches: list[dict[str, Any]], device: torch.device
+) -> list[list[float]]:
+    """Per MoE layer, the share of the routed tokens of `batches` each expert received."""
+    stats = routing_stats(model, [_to_device(b, device) for b in batches])
+    rows = []
+    for row in stats["counts"]:
+        row = torch.as_tensor(row, dtype=torch.float64)
+        rows.append((row / row.sum().clamp_min(1e-12)).tolist())
+    return rows
+
+
 # ----------------------------------------------------------------------------- profile
 
 
@@ -200,6 +267,27 @@ def _batches(tokenizer, texts: list[str], max_length: int, max_examples: int, de
     return batches
 
 
+@dataclass
+class ExpertProfile:
+    """What `moetune experts profile` did: the tokens it routed, what it selected, the files it wrote."""
+
+    tokens: int
+    examples: int
+    layers: int  # MoE layers
+    experts: int  # routed experts in all of them
+    selected: int  # experts in the selection
+    metric: str
+    threshold: float
+    files: list[Path]  # expert_stats.json, expert_load.png, selection.json
+
+    def __str__(self) -> str:
+        return (
+            f"profiled {self.tokens} tokens ({self.examples} examples) over {self.layers} MoE layers; "
+            f"selected {self.selected} of {self.experts} experts ({self.metric} >= {self.threshold} per layer); "
+            f"wrote {', '.join(map(str, self.files))}"
+        )
+
+
 def profile_experts(
     model_spec: str,
     data: str | Path,
@@ -209,8 +297,8 @@ def profile_experts(
     max_examples: int = 256,
     max_length: int = 512,
     quantize: str | None = None,
-) -> str:
-    """`moetune experts profile`: routing statistics + heatmap + ESFT selection; returns a summary line.
+) -> ExpertProfile:
+    """`moetune experts profile`: routing statistics + heatmap + ESFT selection; returns what it did.
 
     `quantize` profiles the model with its routed experts int8 / nf4 (as a quantized run trains it)."""
     from adapters.selection import METRICS, select_experts
@@ -246,11 +334,15 @@ def profile_experts(
     (out / "selection.json").write_text(json.dumps(selection_doc, indent=2) + "\n")
     title = f"{model_spec}: expert load on {Path(data).name}; selected (p={threshold}, {metric}) outlined"
     _heatmap(stats, selection, out / "expert_load.png", title=title)
-    chosen = sum(len(v) for v in selection.values())
-    return (
-        f"profiled {stats['tokens']} tokens ({len(batches)} examples) over {len(stats['layers'])} MoE layers; "
-        f"selected {chosen} of {len(stats['layers']) * stats['num_experts']} experts ({metric} >= {threshold} "
-        f"per layer); wrote {out / 'expert_stats.json'}, {out / 'expert_load.png'}, {out / 'selection.json'}"
+    return ExpertProfile(
+        tokens=stats["tokens"],
+        examples=len(batches),
+        layers=len(stats["layers"]),
+        experts=len(stats["layers"]) * stats["num_experts"],
+        selected=sum(len(v) for v in selection.values()),
+        metric=metric,
+        threshold=threshold,
+        files=[out / "expert_stats.json", out / "expert_load.png", out / "selection.json"],
     )
 
 

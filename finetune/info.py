@@ -8,10 +8,12 @@ what it adapts, its size) and how to use it, as `peft`'s own config printout wou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -71,8 +73,116 @@ def parameter_counts(model: PreTrainedModel, config: PretrainedConfig) -> tuple[
     return total, active
 
 
-def adapter_info(folder: Path) -> dict[str, Any]:
-    """A PEFT adapter folder as a JSON-able dict: its recorded base, rank, targets and size."""
+@dataclass
+class AdapterInfo:
+    """What `moetune info ADAPTER` reports: an adapter's recorded base, rank, targets and size."""
+
+    adapter: str
+    base_model: str | None
+    peft_type: str | None
+    r: int | None
+    lora_alpha: int | float | None
+    target_modules: list[str]
+    target_parameters: list[str]
+    modules_to_save: list[str]
+    multimodal: list[str]  # encoders the adapter trains
+    tensors: int
+    values: int
+    size_bytes: int
+    kind: ClassVar[str] = "adapter"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON of `moetune info --json` (its keys are documented; scripts may rely on them)."""
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    def __str__(self) -> str:
+        """The adapter summary: what it is, its base, what it adapts, and the next commands."""
+        base = self.base_model or "(not recorded)"
+        rows = [
+            ("base", base),
+            ("rank / alpha", f"{self.r} / {self.lora_alpha}"),
+            ("LoRA modules", f"{len(self.target_modules)} target_modules entries"),
+            ("LoRA parameters", f"{len(self.target_parameters)} (fused experts or 2D weights)"),
+            ("trained whole", ", ".join(self.modules_to_save) or "none"),
+            ("weights", f"{self.tensors} tensors, {self.values:,} values, {self.size_bytes / 1e6:.2f} MB"),
+        ]
+        if self.multimodal:
+            rows.append(("encoders", ", ".join(self.multimodal)))
+        width = max(len(k) for k, _ in rows)
+        kind = {"LORA": "LoRA"}.get(self.peft_type, self.peft_type or "PEFT")
+        lines = [f"{self.adapter}: a {kind} adapter (PEFT), not a model"]
+        lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+        model = base if self.base_model else "BASE"
+        lines.append(f"the base's architecture: moetune info {model}")
+        lines.append(f'use it: moetune generate {model} --adapter {self.adapter} --prompt "..."')
+        return "\n".join(lines)
+
+
+@dataclass
+class ModelInfo:
+    """What `moetune info MODEL` reports: the architecture and the module groups adapters can target."""
+
+    model: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_experts: int
+    top_k: int
+    num_shared_experts: int
+    attention: str
+    params_total: int
+    params_active: int  # per token: routed experts at top_k / num_experts
+    targets: dict[str, int]  # adapter target group -> modules or parameters
+    encoders: list[str] | None  # modality encoders, when the model has them
+    dtype: str  # the checkpoint's
+    weight_bytes: dict[str, int]  # per target group, in `dtype`
+    quantize: str | None = None  # int8 / nf4: the routed experts' storage for weight_bytes_quantized
+    weight_bytes_quantized: dict[str, int] | None = None
+    kind: ClassVar[str] = "model"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON of `moetune info --json` (its keys are documented; scripts may rely on them);
+        the optional keys are left out when they do not apply."""
+        optional = ("encoders", "quantize", "weight_bytes_quantized")
+        body = {k: v for k, v in dataclasses.asdict(self).items() if k not in optional or v is not None}
+        return {"kind": self.kind, **body}
+
+    def __str__(self) -> str:
+        """A two-column table of the architecture, then the adaptable groups with their counts."""
+        rows = [
+            ("family", self.model_type),
+            ("layers", self.num_layers),
+            ("hidden", self.hidden_size),
+            ("experts", self.num_experts),
+            ("top-k", self.top_k),
+            ("shared experts", self.num_shared_experts),
+            ("attention", self.attention),
+            ("params total", f"{_human(self.params_total)} ({self.params_total:,})"),
+            ("params active/token", f"{_human(self.params_active)} ({self.params_active:,})"),
+        ]
+        if self.encoders:
+            rows.append(("encoders", ", ".join(self.encoders)))
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{self.model}"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+        lines.append("adapter target groups (modules or parameters):")
+        group_width = max((len(g) for g in self.targets), default=0)
+        lines += [f"  {group:<{group_width}}  {count}" for group, count in self.targets.items()]
+        before, after = self.weight_bytes, self.weight_bytes_quantized
+        header = f"  {'':<15}{self.dtype:>14}"
+        if after:
+            header += f"{'experts ' + self.quantize:>16}"
+        lines.append("weights by group (bytes):")
+        lines.append(header)
+        for group in before:
+            row = f"  {group:<15}{_bytes(before[group]):>14}"
+            lines.append(row + (f"{_bytes(after[group]):>16}" if after else ""))
+        total = f"  {'total':<15}{_bytes(sum(before.values())):>14}"
+        lines.append(total + (f"{_bytes(sum(after.values())):>16}" if after else ""))
+        return "\n".join(lines)
+
+
+def adapter_info(folder: Path) -> AdapterInfo:
+    """A PEFT adapter folder's recorded base, rank, targets and size."""
     from safetensors import safe_open
 
     from adapters.provenance import adapted_names, multimodal_parts, recorded_base
@@ -93,51 +203,24 @@ def adapter_info(folder: Path) -> dict[str, Any]:
                 values += math.prod(shape)
     modules = config.get("target_modules") or []
     parameters = config.get("target_parameters") or []
-    return {
-        "kind": "adapter",
-        "adapter": str(folder),
-        "base_model": recorded_base(config),
-        "peft_type": config.get("peft_type"),
-        "r": config.get("r"),
-        "lora_alpha": config.get("lora_alpha"),
-        "target_modules": [modules] if isinstance(modules, str) else sorted(modules),
-        "target_parameters": sorted(parameters),
-        "modules_to_save": sorted(config.get("modules_to_save") or []),
-        "multimodal": [p for p in multimodal_parts(adapted_names(folder, config)) if p != "projector"],
-        "tensors": tensors,
-        "values": values,
-        "size_bytes": weights.stat().st_size if weights.is_file() else 0,
-    }
+    return AdapterInfo(
+        adapter=str(folder),
+        base_model=recorded_base(config),
+        peft_type=config.get("peft_type"),
+        r=config.get("r"),
+        lora_alpha=config.get("lora_alpha"),
+        target_modules=[modules] if isinstance(modules, str) else sorted(modules),
+        target_parameters=sorted(parameters),
+        modules_to_save=sorted(config.get("modules_to_save") or []),
+        multimodal=[p for p in multimodal_parts(adapted_names(folder, config)) if p != "projector"],
+        tensors=tensors,
+        values=values,
+        size_bytes=weights.stat().st_size if weights.is_file() else 0,
+    )
 
 
-def format_adapter_info(info: dict[str, Any]) -> str:
-    """The adapter summary: what it is, its base, what it adapts, and the next commands."""
-    base = info["base_model"] or "(not recorded)"
-    rows = [
-        ("base", base),
-        ("rank / alpha", f"{info['r']} / {info['lora_alpha']}"),
-        ("LoRA modules", f"{len(info['target_modules'])} target_modules entries"),
-        ("LoRA parameters", f"{len(info['target_parameters'])} (fused experts or 2D weights)"),
-        ("trained whole", ", ".join(info["modules_to_save"]) or "none"),
-        (
-            "weights",
-            f"{info['tensors']} tensors, {info['values']:,} values, {info['size_bytes'] / 1e6:.2f} MB",
-        ),
-    ]
-    if info["multimodal"]:
-        rows.append(("encoders", ", ".join(info["multimodal"])))
-    width = max(len(k) for k, _ in rows)
-    kind = {"LORA": "LoRA"}.get(info["peft_type"], info["peft_type"] or "PEFT")
-    lines = [f"{info['adapter']}: a {kind} adapter (PEFT), not a model"]
-    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
-    model = base if info["base_model"] else "BASE"
-    lines.append(f"the base's architecture: moetune info {model}")
-    lines.append(f'use it: moetune generate {model} --adapter {info["adapter"]} --prompt "..."')
-    return "\n".join(lines)
-
-
-def model_info(spec: str, quantize: str | None = None) -> dict[str, Any]:
-    """The architecture of MODEL as a JSON-able dict (the keys scripts may rely on are documented).
+def model_info(spec: str, quantize: str | None = None) -> ModelInfo | AdapterInfo:
+    """The architecture of MODEL (`moetune info`); `as_dict()` is its JSON, `str()` its table.
 
     An adapter folder gives `adapter_info` instead (its "kind" is "adapter"; a model's is "model").
     `weight_bytes` holds each adapter group's bytes in the checkpoint's dtype; with `quantize` (or for a
@@ -157,30 +240,26 @@ def model_info(spec: str, quantize: str | None = None) -> dict[str, Any]:
     model = build_empty_model(config)
     total, active = parameter_counts(model, config)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    info: dict[str, Any] = {
-        "kind": "model",
-        "model": str(spec),
-        "model_type": config.model_type,
-        "num_layers": text_config.num_hidden_layers,
-        "hidden_size": text_config.hidden_size,
-        "num_experts": int(_first_attr(text_config, EXPERT_COUNT_KEYS, 0)),
-        "top_k": int(getattr(text_config, "num_experts_per_tok", 0) or 0),
-        "num_shared_experts": _shared_experts(text_config),
-        "attention": _attention_kind(text_config),
-        "params_total": total,
-        "params_active": active,
-        "targets": count_target_groups(model),
-    }
     modalities = getattr(config, "modalities", None)
-    if modalities:
-        info["encoders"] = list(modalities)
     dtype = checkpoint_dtype(config)
-    info["dtype"] = str(dtype).removeprefix("torch.")
-    info["weight_bytes"] = weight_bytes_by_group(model, dtype.itemsize, None)
-    if method:
-        info["quantize"] = method
-        info["weight_bytes_quantized"] = weight_bytes_by_group(model, dtype.itemsize, method)
-    return info
+    return ModelInfo(
+        model=str(spec),
+        model_type=config.model_type,
+        num_layers=text_config.num_hidden_layers,
+        hidden_size=text_config.hidden_size,
+        num_experts=int(_first_attr(text_config, EXPERT_COUNT_KEYS, 0)),
+        top_k=int(getattr(text_config, "num_experts_per_tok", 0) or 0),
+        num_shared_experts=_shared_experts(text_config),
+        attention=_attention_kind(text_config),
+        params_total=total,
+        params_active=active,
+        targets=count_target_groups(model),
+        encoders=list(modalities) if modalities else None,
+        dtype=str(dtype).removeprefix("torch."),
+        weight_bytes=weight_bytes_by_group(model, dtype.itemsize, None),
+        quantize=method or None,
+        weight_bytes_quantized=weight_bytes_by_group(model, dtype.itemsize, method) if method else None,
+    )
 
 
 def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
@@ -203,39 +282,3 @@ def _human(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
-
-
-def format_info(info: dict[str, Any]) -> str:
-    """A two-column table of the architecture, then the adaptable groups with their counts."""
-    if info.get("kind") == "adapter":
-        return format_adapter_info(info)
-    rows = [
-        ("family", info["model_type"]),
-        ("layers", info["num_layers"]),
-        ("hidden", info["hidden_size"]),
-        ("experts", info["num_experts"]),
-        ("top-k", info["top_k"]),
-        ("shared experts", info["num_shared_experts"]),
-        ("attention", info["attention"]),
-        ("params total", f"{_human(info['params_total'])} ({info['params_total']:,})"),
-        ("params active/token", f"{_human(info['params_active'])} ({info['params_active']:,})"),
-    ]
-    if info.get("encoders"):
-        rows.append(("encoders", ", ".join(info["encoders"])))
-    width = max(len(k) for k, _ in rows)
-    lines = [f"{info['model']}"] + [f"  {k:<{width}}  {v}" for k, v in rows]
-    lines.append("adapter target groups (modules or parameters):")
-    group_width = max((len(g) for g in info["targets"]), default=0)
-    lines += [f"  {group:<{group_width}}  {count}" for group, count in info["targets"].items()]
-    before, after = info["weight_bytes"], info.get("weight_bytes_quantized")
-    header = f"  {'':<15}{info['dtype']:>14}"
-    if after:
-        header += f"{'experts ' + info['quantize']:>16}"
-    lines.append("weights by group (bytes):")
-    lines.append(header)
-    for group in before:
-        row = f"  {group:<15}{_bytes(before[group]):>14}"
-        lines.append(row + (f"{_bytes(after[group]):>16}" if after else ""))
-    total = f"  {'total':<15}{_bytes(sum(before.values())):>14}"
-    lines.append(total + (f"{_bytes(sum(after.values())):>16}" if after else ""))
-    return "\n".join(lines)

@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -275,6 +276,16 @@ def load_model(
     return model, load_tokenizer(folder, trust_remote_code=trust_remote_code)
 
 
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in backward (non-reentrant, so LoRA's frozen inputs need no grad); no KV cache."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 def check_quantize(quantize: str | None) -> str | None:
     """None, "int8" or "nf4"; anything else is a one-line error."""
     from finetune.quantization.formats import METHODS
@@ -327,6 +338,17 @@ def _preset_or_multimodal_config(
         raise MoetuneError(f"preset {name!r}: {err}") from err
 
 
+@dataclass
+class WrittenModel:
+    """A model folder `init-model` or `quantize` wrote; `str()` is the line the command prints."""
+
+    folder: Path
+    what: str  # e.g. "a random-initialised 'tiny' model and its tokenizer"
+
+    def __str__(self) -> str:
+        return f"wrote {self.what} to {self.folder}"
+
+
 def init_model(
     preset: str,
     output: str | Path,
@@ -335,7 +357,7 @@ def init_model(
     modalities: list[str] | None = None,
     seed: int = PRESET_SEED,
     quantize: str | None = None,
-) -> Path:
+) -> WrittenModel:
     """Write a random-initialised built-in model of `preset` and its tokenizer to `output`.
 
     The weights depend on `seed` alone (the caller's RNG is neither used nor advanced); with the
@@ -387,7 +409,8 @@ def init_model(
     if output.exists():
         output.rmdir()  # empty (checked above)
     os.replace(tmp, output)
-    return output
+    experts = f" (routed experts {quantize})" if quantize else ""
+    return WrittenModel(output, f"a random-initialised '{preset}' model{experts} and its tokenizer")
 
 
 def quantize_model(
@@ -398,7 +421,7 @@ def quantize_model(
     dtype: str | None = None,
     max_shard_size: str | None = None,
     trust_remote_code: bool = False,
-) -> Path:
+) -> WrittenModel:
     """Write MODEL to `output` with its routed experts quantized (`moetune quantize`).
 
     The float checkpoint is quantized while it loads, shard by shard; the output folder holds
@@ -429,4 +452,4 @@ def quantize_model(
     if output.exists():
         output.rmdir()  # empty (checked above)
     os.replace(tmp, output)
-    return output
+    return WrittenModel(output, f"{spec} with its routed experts stored {method}")

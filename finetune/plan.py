@@ -22,6 +22,8 @@ GIB = 1024**3
 
 @dataclass
 class MemoryPlan:
+    """What `moetune plan` reports: per-GPU memory of LoRA training, and what it assumes."""
+
     model: str
     gpus: int
     strategy: str  # "ddp" (weights replicated) or "fsdp" (weights sharded across GPUs)
@@ -44,7 +46,30 @@ class MemoryPlan:
     optimizer: str = "AdamW on the LoRA parameters: fp32 moments and master copy"
 
     def as_dict(self) -> dict[str, Any]:
+        """The JSON of `moetune plan --json`."""
         return asdict(self)
+
+    def __str__(self) -> str:
+        """The plan as `moetune plan` prints it: the verdict, the memory per GPU, the assumptions."""
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines = [
+            f"{self.model} on {self.gpus} GPU(s) of {self.gpu_memory_gib:.0f} GiB: {verdict} ({self.strategy})",
+            f"  params total / trainable   {self.params_total:,} / {self.params_trainable:,}",
+            f"  base weights per GPU       {self.weights_gib:8.2f} GiB"
+            + (f"  (routed experts {self.quantize})" if self.quantize else ""),
+            f"  LoRA + grads + AdamW       {self.adapter_and_optimizer_gib:8.2f} GiB",
+            f"  activations (estimate)     {self.activations_gib:8.2f} GiB",
+            f"  total per GPU              {self.total_gib:8.2f} GiB",
+            "assumptions:",
+            f"  dtype                      {self.dtype} weights and activations",
+            f"  batch x sequence           {self.batch_size} x {self.seq_len} tokens per GPU",
+            f"  LoRA                       r={self.r}, alpha={2 * self.r} on {', '.join(self.targets)}",
+            f"  gradient checkpointing     {'on' if self.gradient_checkpointing else 'off'}",
+            f"  optimizer                  {self.optimizer}",
+        ]
+        if not self.fits:
+            lines.append("  try: more GPUs, a shorter seq_len / batch, or gradient checkpointing")
+        return "\n".join(lines)
 
 
 def _trainable_after_lora(model: torch.nn.Module, adapter: dict[str, Any]) -> int:
@@ -137,25 +162,3 @@ def plan_memory(
         targets=tuple(targets),
         gradient_checkpointing=gradient_checkpointing,
     )
-
-
-def format_plan(plan: MemoryPlan) -> str:
-    verdict = "fits" if plan.fits else "does NOT fit"
-    lines = [
-        f"{plan.model} on {plan.gpus} GPU(s) of {plan.gpu_memory_gib:.0f} GiB: {verdict} ({plan.strategy})",
-        f"  params total / trainable   {plan.params_total:,} / {plan.params_trainable:,}",
-        f"  base weights per GPU       {plan.weights_gib:8.2f} GiB"
-        + (f"  (routed experts {plan.quantize})" if plan.quantize else ""),
-        f"  LoRA + grads + AdamW       {plan.adapter_and_optimizer_gib:8.2f} GiB",
-        f"  activations (estimate)     {plan.activations_gib:8.2f} GiB",
-        f"  total per GPU              {plan.total_gib:8.2f} GiB",
-        "assumptions:",
-        f"  dtype                      {plan.dtype} weights and activations",
-        f"  batch x sequence           {plan.batch_size} x {plan.seq_len} tokens per GPU",
-        f"  LoRA                       r={plan.r}, alpha={2 * plan.r} on {', '.join(plan.targets)}",
-        f"  gradient checkpointing     {'on' if plan.gradient_checkpointing else 'off'}",
-        f"  optimizer                  {plan.optimizer}",
-    ]
-    if not plan.fits:
-        lines.append("  try: more GPUs, a shorter seq_len / batch, or gradient checkpointing")
-    return "\n".join(lines)

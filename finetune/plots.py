@@ -44,8 +44,10 @@ def plot_loss(
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (per step)")
         window = max(1, len(losses) // 20)
         if window > 1:
-            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-                      for i in range(len(losses))]  # fmt: skip
+            smooth = [
+                sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                for i in range(len(losses))
+            ]
             ax.plot(steps, smooth, color="tab:blue", linewidth=1.6, label=f"train (mean of {window})")
     if eval_loss:
         steps, losses = zip(*eval_loss)

@@ -49,7 +49,7 @@ def run_quickstart(output: str | Path | None = None, overrides: Sequence[str] = 
     _say(
         f"[2/5] train: recipe `quickstart` (code from the standard library) with --set {' --set '.join(settings)}"
     )
-    summary = launch_training("quickstart", overrides=settings, output_dir=run)
+    result = launch_training("quickstart", overrides=settings, output_dir=run)
     metrics = json.loads((run / "metrics.json").read_text())
 
     _say("[3/5] evaluate: held-out perplexity before -> after")
@@ -71,7 +71,7 @@ def run_quickstart(output: str | Path | None = None, overrides: Sequence[str] = 
     seconds = time.perf_counter() - started
     lines = [
         "",
-        summary,
+        str(result),
         "",
         f"merge: {merge_report}",
         f"verify: {verify_report}",

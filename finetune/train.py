@@ -1,61 +1,52 @@
-"""The training loop behind `moetune train RECIPE.yaml`: one Accelerate loop, read top to bottom.
+"""The training recipe behind `moetune train RECIPE.yaml`: one Accelerate loop, read top to bottom.
 
-    setup    Accelerator, base model + LoRA, data, AdamW on the trainable parameters, schedule,
-             trackers; `--resume` restores the last checkpoint
-    train    each optimizer step takes `grad_accum` micro-batches per process; eval, logging and
-             checkpoints every N steps, and one at the end; Ctrl-C / SIGTERM saves one and stops
-    save     adapter/ (PEFT + model card + recipe + metrics), metrics.json, plots, recipe.yaml; push
-    cleanup  close the trackers, release the process group
+    setup       the Accelerator; per component: the model (base + LoRA), the data (a resumable
+                sampler, fixed eval batches), the optimizer (AdamW on the trainable parameters and
+                its schedule); the run folder and trackers; `--resume` restores the last checkpoint
+    train       each optimizer step takes `grad_accum` micro-batches per process; logging, eval and
+                checkpoints every N steps, and one at the end; Ctrl-C / SIGTERM saves one and stops
+    eval        loss and perplexity on the eval batches, before, during and after training
+    checkpoint  trainable weights, optimizer, scheduler, RNG and the run state, written atomically
+    save        adapter/ (PEFT + model card + recipe + metrics), metrics.json, history, plots; push
+    cleanup     close the trackers, release the process group
 
-Loss normalisation. The loss of one optimizer step is the sum of the token losses of all its
-micro-batches on all processes, divided by the GLOBAL count of label tokens of that step (gathered
-before the first forward), so padding, uneven examples, accumulation and the number of processes
-never change the gradient: 2 processes x batch 4 equals 1 process x batch 4 x grad_accum 2. The
-MoE load-balancing loss (`aux_loss`, when the model returns it) is averaged over the micro-batches
-and added with the model's own `router_aux_loss_coef`.
-
-Exact resume. A checkpoint holds the trainable weights, the optimizer, the scheduler and the step
-counter; data order is a pure function of (train.seed, epoch) and dropout is reseeded from
-(train.seed, step, process) before every step, so a run resumed from step k replays steps k+1..N
-exactly as the uninterrupted run did (the fault tests compare the final adapters tensor by tensor).
-A run folder is never silently reused: continuing needs `--resume`, replacing needs `--overwrite`.
-
-Several processes. `launch_training(..., num_processes=N)` re-launches itself through
-`accelerate launch`; `accelerate launch --config_file recipes/accelerate/ddp.yaml cli.py train R.yaml`
-works as well. Only the main process writes files.
+What each step minimises and how it is normalised: finetune/losses.py. What makes a resumed run
+replay the uninterrupted one exactly: finetune/resume.py. What the run logs and writes at the end:
+finetune/reporting.py. The Accelerator and every Accelerate detail: finetune/accelerator.py.
+Several processes: finetune/launch.py starts `python -m finetune.train` (this file's `main`) in each
+of them through `accelerate launch`; only the main process writes the run's files.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import math
 import os
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from finetune import checkpoint as ckpt
+from finetune import reporting
+from finetune.accelerator import TRACKER_PROJECT, as_float, check_engine, end_training, make_accelerator
 from finetune.errors import MoetuneError
-
-IGNORE_INDEX = -100
-TRACKER_PROJECT = "moetune"
-
-
-# ============================================================================= public entry
+from finetune.evaluate import eval_batches, evaluate_across_processes, expert_load_shares
+from finetune.launch import inside_distributed_launch, launch_run
+from finetune.losses import StepLoss, count_label_tokens, forward_loss
+from finetune.recipe import Recipe, TrainSection, load_recipe, save_recipe
+from finetune.reporting import ExpertLoad, LogWindow, RunMetrics, StepResult, TrainResult
+from finetune.resume import EpochSampler, RunState, check_run_folder, fingerprint, step_seed
 
 
 def launch_training(
-    recipe: Any,
+    recipe: str | os.PathLike | Recipe,
     *,
     overrides: Sequence[str] = (),
     output_dir: str | os.PathLike | None = None,
@@ -63,15 +54,14 @@ def launch_training(
     overwrite: bool = False,
     num_processes: int = 1,
     debug: bool = False,
-) -> str:
-    """Train the LoRA adapter a recipe describes; returns the summary printed at the end.
+) -> TrainResult | None:
+    """Train the LoRA adapter a recipe describes; returns the run's result (`str()` is its summary).
 
     `recipe` is a YAML path, a bundled recipe name or a `Recipe`; `overrides` are `section.key=value`.
     A run folder that already holds checkpoints or an adapter needs `resume` (continue it) or
-    `overwrite` (replace it).
+    `overwrite` (replace it). Inside a launch of several processes, the ones other than the main
+    process return None.
     """
-    from finetune.recipe import Recipe
-
     if num_processes < 1:
         raise MoetuneError(f"--num-processes must be >= 1, got {num_processes}")
     if resume and overwrite:
@@ -81,22 +71,14 @@ def launch_training(
     if isinstance(recipe, Recipe):
         if overrides:
             raise MoetuneError("pass overrides with a recipe file, not with a Recipe object")
-        resolved = recipe
     else:
-        from finetune.recipe import load_recipe
-
-        resolved = load_recipe(str(recipe), overrides)  # validate before starting any process
+        recipe = load_recipe(str(recipe), overrides)  # validated before any process starts
+    run_dir = Path(output_dir or recipe.output.dir).expanduser()
     if num_processes > 1 and not inside_distributed_launch():
-        return relaunch_with_accelerate(
-            recipe,
-            overrides,
-            output_dir=output_dir,
-            resume=resume,
-            overwrite=overwrite,
-            num_processes=num_processes,
-            debug=debug,
+        return launch_run(
+            recipe, run_dir, num_processes=num_processes, resume=resume, overwrite=overwrite, debug=debug
         )
-    run = TrainingRun(resolved, output_dir=output_dir, resume=resume, overwrite=overwrite)
+    run = TrainingRun(recipe, run_dir, resume=resume, overwrite=overwrite)
     try:
         run.setup()
         run.train()
@@ -105,108 +87,105 @@ def launch_training(
         run.cleanup()
 
 
-# ============================================================================= the run
-
-
 class TrainingRun:
-    """One training run; the four phases below are the whole story."""
+    """One training run: setup, train (with eval and checkpoints), save, cleanup."""
 
-    def __init__(
-        self,
-        recipe: Any,
-        *,
-        output_dir: str | os.PathLike | None = None,
-        resume: bool = False,
-        overwrite: bool = False,
-    ):
-        self.recipe = recipe
-        self.run_dir = Path(output_dir or recipe.output.dir).expanduser()
+    def __init__(self, recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: bool = False):
+        self.recipe, self.run_dir = recipe, Path(run_dir)
         self.resume, self.overwrite = resume, overwrite
         self.accelerator = None
+        self.progress = None  # the progress bar, while the loop runs
         self.last_saved_step: int | None = None  # the step of the newest checkpoint on disk
-        self.state: dict[str, Any] = {
-            "step": 0,
-            "resumed_at": [],  # the steps this run was resumed from, one per --resume
-            "tokens": 0,  # input tokens processed (all processes)
-            "train_seconds": 0.0,
-            "skipped_steps": [],
-            "train_loss": [],  # [step, loss] every step
-            "eval_loss": [],  # [step, loss]
-            "eval_loss_before": None,
-            "expert_load_before": None,
-            "fingerprint": _fingerprint(recipe),
-        }
+        self.state = RunState(fingerprint=fingerprint(recipe))
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        from accelerate.utils import DistributedType, set_seed
-        from torch.utils.data import DataLoader
+        from accelerate.utils import set_seed
 
-        from adapters import apply_lora
-        from adapters.experts import set_experts_backend
-        from adapters.targets import count_trainable, target_report
-        from finetune.data import build_datasets, make_collator
-        from finetune.evaluate import expert_call_sites
-        from finetune.loading import load_model
-        from finetune.recipe import save_recipe
-
-        r, t = self.recipe, self.recipe.train
+        r = self.recipe
         self.accelerator = acc = make_accelerator(r, self.run_dir)
-        if acc.distributed_type == DistributedType.DEEPSPEED and t.grad_accum > 1:
-            raise MoetuneError(
-                "train.grad_accum > 1 is not supported under DeepSpeed (its engine steps after every backward); "
-                "raise train.batch_size instead, or use recipes/accelerate/fsdp.yaml"
-            )
-        checkpoint = self._checkpoint_to_resume()
-        for line in getattr(r, "warnings", ()):  # overrides that replaced a key of the recipe file
+        check_engine(acc, r.train)
+        checkpoint = check_run_folder(self.run_dir, r, resume=self.resume, overwrite=self.overwrite)
+        if self.resume and checkpoint is None:
+            acc.print(f"--resume: no checkpoint in {self.run_dir}; starting at step 0")
+        for line in r.warnings:  # overrides that replaced a key of the recipe file
             self.say(line, err=True)
-        for line in getattr(r, "notes", ()):  # defaults relied on, sample data found in the installation
+        for line in r.notes:  # defaults relied on, sample data found in the installation
             self.say(line)
+        set_seed(r.train.seed)  # the same on every process, so randomly initialised parts agree
+        base = self.setup_model()
+        train_ds, collate = self.setup_data()
+        self.setup_adapter(base, train_ds)
+        self.setup_optimizer(train_ds, collate)
+        self.setup_run_folder()
+        acc.init_trackers(TRACKER_PROJECT, config=reporting.tracker_config(r))
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        acc.wait_for_everyone()
 
-        # Model: the same seed on every process, so randomly initialised parts agree.
-        set_seed(t.seed)
+    def setup_model(self) -> torch.nn.Module:
+        """The base model and its tokenizer (or processor), as `model.*` asks."""
+        from finetune.loading import enable_gradient_checkpointing, load_model
+
+        m = self.recipe.model
         model, self.tokenizer = load_model(
-            r.model.name,
-            dtype=r.model.dtype,
-            trust_remote_code=r.model.trust_remote_code,
-            allow_pickle=r.model.allow_pickle,
-            modalities=r.model.modalities or None,
-            quantize=r.model.quantize,
+            m.name,
+            dtype=m.dtype,
+            trust_remote_code=m.trust_remote_code,
+            allow_pickle=m.allow_pickle,
+            modalities=m.modalities or None,
+            quantize=m.quantize,
         )
-        if r.model.gradient_checkpointing:
-            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
+        if m.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.base_config = model.config
-        train_ds, eval_ds = build_datasets(r.data, self.tokenizer, seed=t.seed)
+        self.routes = getattr(model.config, "output_router_logits", None) is not None  # returns aux loss
+        self.aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+        return model
+
+    def setup_data(self) -> tuple[Any, Callable[[list[dict]], dict]]:
+        """The training set and its collator; the eval batches, fixed for the whole run."""
+        from finetune.data import build_datasets, make_collator
+
+        d, t = self.recipe.data, self.recipe.train
+        train_ds, eval_ds = build_datasets(d, self.tokenizer, seed=t.seed)
+        collate = make_collator(d, self.tokenizer)
+        self.eval_batches = eval_batches(eval_ds, collate, t.batch_size, t.eval_batches)
+        self.eval_is_lm = any("labels" in b for b in self.eval_batches)
+        return train_ds, collate
+
+    def setup_adapter(self, model: torch.nn.Module, train_ds: Any) -> None:
+        """LoRA on the base, as `adapter.*` asks; the target report says what it adapts."""
+        from adapters import apply_lora
+        from adapters.targets import count_trainable, target_report
+        from finetune.evaluate import expert_call_sites
+
         label_names = getattr(train_ds, "label_names", None) or getattr(self.tokenizer, "label_names", None)
         if label_names and hasattr(model, "set_label_names"):
             # Multi-label head sized and ordered by the data, before LoRA so the adapter can train it.
             model.set_label_names(list(label_names))
-        self.model = apply_lora(model, **dataclasses.asdict(r.adapter))
+        self.model = apply_lora(model, **dataclasses.asdict(self.recipe.adapter))
         self.trainable_params = count_trainable(self.model)  # as the report counts (ESFT: chosen experts)
         self.total_params = sum(p.numel() for p in self.model.parameters())
-        acc.print(target_report(self.model))
-        self.routes = getattr(self.base_config, "output_router_logits", None) is not None  # returns aux loss
         self.has_experts = bool(expert_call_sites(self.model))
-        self.aux_coef = float(getattr(self.base_config, "router_aux_loss_coef", 0.0) or 0.0)
+        self.accelerator.print(target_report(self.model))
 
-        # Data: a sampler whose order depends only on (seed, epoch), sharded over processes by prepare.
-        collate = make_collator(r.data, self.tokenizer)
-        self.sampler = EpochSampler(train_ds, r.data, batch_size=t.batch_size, seed=t.seed)
-        train_dl = DataLoader(train_ds, batch_size=t.batch_size, sampler=self.sampler, collate_fn=collate)
-        self.eval_batches = _first_batches(eval_ds, collate, t.batch_size, t.eval_batches)
-        self.eval_is_lm = any("labels" in b for b in self.eval_batches)
+    def setup_optimizer(self, train_ds: Any, collate: Callable[[list[dict]], dict]) -> None:
+        """AdamW on the trainable parameters, the loader (order from (seed, epoch)), the schedule."""
+        from accelerate.utils import DistributedType
+        from torch.utils.data import DataLoader
 
-        # Optimizer on the trainable parameters only; schedule over the whole run.
+        from adapters.experts import set_experts_backend
+
+        acc, t = self.accelerator, self.recipe.train
+        sampler = EpochSampler(train_ds, self.recipe.data, batch_size=t.batch_size, seed=t.seed)
+        train_dl = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, collate_fn=collate)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        # The sampler is sharded over the processes by prepare.
         self.model, self.optimizer, self.train_dl = acc.prepare(self.model, optimizer, train_dl)
-        set_experts_backend(self.model, r.model.experts_backend)  # on the device now: "grouped" checks it
+        set_experts_backend(self.model, self.recipe.model.experts_backend)  # on its device: "grouped" checks
         self.steps_per_epoch = math.ceil(len(self.train_dl) / t.grad_accum)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.scheduler = acc.prepare(make_scheduler(t, optimizer, self.total_steps))
@@ -216,98 +195,53 @@ class TrainingRun:
             acc.unwrap_model(self.model), frozen_too=acc.distributed_type == DistributedType.FSDP
         )
 
-        if acc.is_main_process:
-            if self.overwrite:  # only now, once model and data loaded: a failed start keeps the old run
-                removed = ckpt.remove_run_outputs(self.run_dir)
-                if removed:
-                    self.say(
-                        f"--overwrite: removed the previous run's {', '.join(removed)} in {self.run_dir}"
-                    )
-            ckpt.clean_stale(self.run_dir / ckpt.CHECKPOINTS)
-            save_recipe(r, self.run_dir / "recipe.yaml")
-        acc.init_trackers(TRACKER_PROJECT, config=_flat_config(r))
-        if checkpoint is not None:
-            self._restore(checkpoint)
-        acc.wait_for_everyone()
-
-    def _checkpoint_to_resume(self) -> Path | None:
-        """The checkpoint `--resume` continues from (checked against the recipe before any loading)."""
-        existing = ckpt.latest_checkpoint(self.run_dir)
-        finished = (self.run_dir / "adapter" / "adapter_config.json").exists()
+    def setup_run_folder(self) -> None:
+        """Only now, with model and data loaded: a failed start keeps an old run that --overwrite replaces."""
+        if not self.accelerator.is_main_process:
+            return
         if self.overwrite:
-            return None
-        if not self.resume:
-            if finished:
-                raise MoetuneError(
-                    f"run folder {self.run_dir} holds a finished run (its adapter/ is written); pass "
-                    "--overwrite to replace it, --resume to continue it (e.g. with a larger train.max_steps), "
-                    "or choose another --output"
-                )
-            if existing is not None:
-                raise MoetuneError(
-                    f"run folder {self.run_dir} already has checkpoints (latest: {existing.name}); "
-                    "pass --resume to continue it, --overwrite to replace it, or choose another --output"
-                )
-            return None
-        if existing is None:
-            self.accelerator.print(f"--resume: no checkpoint in {self.run_dir}; starting at step 0")
-            return None
-        saved, now = ckpt.read_trainer_state(existing).get("fingerprint", {}), self.state["fingerprint"]
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if changed:
-            raise MoetuneError(
-                f"cannot resume {existing}: the recipe changed ({', '.join(changed)}); "
-                "restore those keys or start a new run folder"
-            )
-        return existing
-
-    def _restore(self, checkpoint: Path) -> None:
-        state = ckpt.load_checkpoint(self.accelerator, checkpoint)
-        state.setdefault("resumed_at", []).append(state["step"])
-        self.state = state
-        self.last_saved_step = state["step"]
-        left = max(self.total_steps - state["step"], 0)
-        self.accelerator.print(
-            f"resumed from {checkpoint} (step {state['step']} of {self.total_steps}; {left} step(s) to run)"
-        )
+            removed = ckpt.remove_run_outputs(self.run_dir)
+            if removed:
+                self.say(f"--overwrite: removed the previous run's {', '.join(removed)} in {self.run_dir}")
+        ckpt.clean_stale(self.run_dir / ckpt.CHECKPOINTS)
+        save_recipe(self.recipe, self.run_dir / "recipe.yaml")
 
     # ------------------------------------------------------------------ train
 
     def train(self) -> None:
         from tqdm.auto import tqdm
 
-        acc = self.accelerator
-        if self.state["step"] == 0 and self.eval_batches:
+        if self.state.step == 0 and self.eval_batches:
             before = self.evaluate()
-            self.state["eval_loss_before"] = before["loss"]
-            self.state["expert_load_before"] = self.expert_load()
-            self.log({"eval/loss": before["loss"], "eval/perplexity": before["perplexity"]}, 0)
-        self.progress = progress = tqdm(
+            self.state.eval_loss_before = before["loss"]
+            self.state.expert_load_before = self.expert_load()
+            self.accelerator.log(
+                {"eval/loss": before["loss"], "eval/perplexity": before["perplexity"]}, step=0
+            )
+        self.progress = tqdm(
             total=self.total_steps,
-            initial=self.state["step"],
+            initial=self.state.step,
             desc="train",
             unit="step",
-            disable=not acc.is_local_main_process,
+            disable=not self.accelerator.is_local_main_process,
             dynamic_ncols=True,
         )
-        window = _Window()
-        load = ExpertLoad()
         self.model.train()
         with ckpt.InterruptGuard() as interrupts:
-            self._loop(window, load, interrupts)
-        progress.close()
-        if self.state["step"] != self.last_saved_step:  # the end is always resumable
-            self.save_checkpoint(self.state["step"])
+            self.loop(LogWindow(), ExpertLoad(), interrupts)
+        self.progress.close()
+        if self.state.step != self.last_saved_step:  # the end is always resumable
+            self.save_checkpoint(self.state.step)
         if self.eval_batches:
-            self.run_eval(self.state["step"])
+            self.run_eval(self.state.step)
 
-    def _loop(self, window: _Window, load: ExpertLoad, interrupts: ckpt.InterruptGuard) -> None:
+    def loop(self, window: LogWindow, load: ExpertLoad, interrupts: ckpt.InterruptGuard) -> None:
         """Optimizer steps from the current one to the last; stops with a checkpoint on Ctrl-C."""
         from accelerate import skip_first_batches
 
-        acc, t, progress = self.accelerator, self.recipe.train, self.progress
-        while self.state["step"] < self.total_steps:
-            epoch, first_update = divmod(self.state["step"], self.steps_per_epoch)
+        acc, t = self.accelerator, self.recipe.train
+        while self.state.step < self.total_steps:
+            epoch, first_update = divmod(self.state.step, self.steps_per_epoch)
             # Through the prepared loader: Accelerate's own epoch counter re-sets the sampler's epoch each
             # time the loader is iterated, and it only advances when an iteration runs to exhaustion.
             self.train_dl.set_epoch(epoch)
@@ -316,41 +250,91 @@ class TrainingRun:
             for update in range(first_update, self.steps_per_epoch):
                 count = min(t.grad_accum, len(self.train_dl) - update * t.grad_accum)
                 micro_batches = [next(batches) for _ in range(count)]
-                step = self.state["step"] + 1
+                step = self.state.step + 1
                 torch.manual_seed(step_seed(t.seed, step, acc.process_index))  # dropout: resumable
                 started = time.perf_counter()
                 result = self.train_step(micro_batches, step, load)
                 seconds = time.perf_counter() - started
-                self.state["step"] = step
-                self.state["tokens"] += result["tokens"]
-                self.state["train_seconds"] += seconds
+                self.state.step = step
+                self.state.tokens += result.tokens
+                self.state.train_seconds += seconds
                 window.add(result, seconds)
-                progress.update(1)
-                if step % t.log_every == 0 or step == self.total_steps:
+                self.progress.update(1)
+                last = step == self.total_steps
+                if step % t.log_every == 0 or last:
                     logged = window.flush() | load.flush(acc) | {"train/lr": self.scheduler.get_last_lr()[0]}
-                    self.log(logged, step)
-                    progress.set_postfix(
+                    self.accelerator.log(logged, step=step)
+                    self.progress.set_postfix(
                         loss=f"{logged['train/loss']:.4f}",
                         lr=f"{logged['train/lr']:.2e}",
                         tok_s=f"{logged['train/tokens_per_second']:.0f}",
                     )
-                if (
-                    t.eval_every
-                    and step % t.eval_every == 0
-                    and step != self.total_steps
-                    and self.eval_batches
-                ):
+                if t.eval_every and step % t.eval_every == 0 and not last and self.eval_batches:
                     self.run_eval(step)
-                if t.save_every and step % t.save_every == 0 and step != self.total_steps:
+                if t.save_every and step % t.save_every == 0 and not last:
                     self.save_checkpoint(step)
                 ckpt.failpoint("after-step", step)
-                if step >= self.total_steps:
+                if last:
                     return
                 signum = interrupts.requested(acc)
                 if signum is not None:
-                    self._stop_on_interrupt(step, signum)
+                    self.stop_on_interrupt(step, signum)
 
-    def _stop_on_interrupt(self, step: int, signum: int) -> None:
+    def train_step(self, micro_batches: list[dict], step: int, load: ExpertLoad) -> StepResult:
+        """One optimizer step over `micro_batches`; the loss is normalised by the global token count."""
+        acc, t = self.accelerator, self.recipe.train
+        local = sum(count_label_tokens(b["labels"]) for b in micro_batches if "labels" in b)
+        step_loss = StepLoss(
+            label_tokens=int(acc.reduce(torch.tensor(local, device=acc.device), "sum").item()),
+            micro_batches=len(micro_batches),
+            num_processes=acc.num_processes,
+            aux_coef=self.aux_coef,
+            device=acc.device,
+        )
+        seen = 0
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # Gradients are all-reduced once, at the end.
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                out = forward_loss(self.model, batch, routes=self.routes)
+                acc.backward(step_loss.term(out))
+            seen += reporting.input_token_count(batch)
+            load.add(out.router_logits, batch, top_k=getattr(self.base_config, "num_experts_per_tok", None))
+
+        max_norm = t.max_grad_norm if t.max_grad_norm else float("inf")
+        norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)  # None: DeepSpeed before its first step
+        grad_norm = as_float(norm) if norm is not None else float("nan")
+        train_loss, aux = step_loss.totals(acc)
+        tokens = int(acc.reduce(torch.tensor(seen, device=acc.device), "sum").item())
+        # fp16 overflows are the GradScaler's business (it skips the step); NaN loss never is.
+        bad_grads = acc.scaler is None and norm is not None and not math.isfinite(grad_norm)
+        if not math.isfinite(train_loss) or bad_grads:
+            what = f"loss {train_loss}" if not math.isfinite(train_loss) else f"gradient norm {grad_norm}"
+            self.skip_or_stop(step, what)
+            return StepResult(loss=float("nan"), aux_loss=aux, grad_norm=grad_norm, tokens=tokens)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.train_loss.append([step, train_loss])
+        return StepResult(loss=train_loss, aux_loss=aux, grad_norm=grad_norm, tokens=tokens)
+
+    def skip_or_stop(self, step: int, what: str) -> None:
+        """A non-finite loss or gradient: stop naming the step (nothing saved), or skip the update."""
+        if self.recipe.train.nan_policy == "stop":
+            last = ckpt.latest_checkpoint(self.run_dir)
+            raise MoetuneError(
+                f"training stopped at step {step}: {what} is not finite; nothing of this step was saved "
+                f"(last good checkpoint: {last or 'none'}); lower train.lr, check the data, or set "
+                "train.nan_policy: skip"
+            )
+        self.say(f"step {step}: {what} is not finite; skipping this step (train.nan_policy: skip)")
+        self.state.skipped_steps.append(step)
+        if self.accelerator.scaler is not None:  # fp16: the GradScaler sees the non-finite gradients and
+            self.optimizer.step()  # skips the update itself, keeping its own state consistent
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def stop_on_interrupt(self, step: int, signum: int) -> None:
         """Save a resumable checkpoint of the finished `step` (unless there is one) and stop."""
         self.progress.close()
         if step != self.last_saved_step:
@@ -361,168 +345,73 @@ class TrainingRun:
         latest = ckpt.latest_checkpoint(self.run_dir)
         raise ckpt.TrainingInterrupted(
             f"training interrupted by {name} after step {step} of {self.total_steps}; checkpoint saved in "
-            f"{latest}; rerun the same command with --resume to continue",
+            f"{latest}; {ckpt.RESUME_HINT}",
             signum,
         )
 
-    def train_step(self, micro_batches: list[dict], step: int, load: ExpertLoad) -> dict[str, float]:
-        """One optimizer step over `micro_batches`; the loss is normalised by the global token count."""
-        acc, t = self.accelerator, self.recipe.train
-        local = sum(count_label_tokens(b["labels"]) for b in micro_batches if "labels" in b)
-        global_tokens = int(acc.reduce(torch.tensor(local, device=acc.device), "sum").item())
-        denominator = max(global_tokens, 1)
-        loss_sum = torch.zeros((), device=acc.device)
-        aux_sum = torch.zeros((), device=acc.device)
-        multimodal_sum = torch.zeros((), device=acc.device)
-        seen = 0
-        for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            with _maybe(not last, acc.no_sync, self.model):  # gradients are all-reduced once, at the end
-                out = forward_loss(self.model, batch, routes=self.routes)
-                # x num_processes: DDP averages gradients over processes; the global count already spans them.
-                loss = out["loss_sum"] * acc.num_processes / denominator
-                if out["aux_loss"] is not None:
-                    loss = loss + self.aux_coef * out["aux_loss"] / len(micro_batches)
-                    aux_sum += out["aux_loss"].detach().float()
-                if out["multimodal_loss"] is not None:  # per-example means: averaged over micro-batches
-                    loss = loss + out["multimodal_loss"] / len(micro_batches)
-                    multimodal_sum += out["multimodal_loss"].detach().float()
-                acc.backward(loss)
-            loss_sum += out["loss_sum"].detach().float()
-            seen += input_token_count(batch)
-            load.add(
-                out["router_logits"], batch, top_k=getattr(self.base_config, "num_experts_per_tok", None)
-            )
-
-        max_norm = t.max_grad_norm if t.max_grad_norm else float("inf")
-        norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)  # None: DeepSpeed before its first step
-        grad_norm = _as_float(norm) if norm is not None else float("nan")
-        train_loss = float(acc.reduce(loss_sum, "sum").item()) / denominator
-        # Token-normalised LM loss plus the (batch-mean) contrastive / classification terms, if any.
-        train_loss += float(acc.reduce(multimodal_sum, "mean").item()) / len(micro_batches)
-        aux = float(acc.reduce(aux_sum, "mean").item()) / len(micro_batches)
-        tokens = int(acc.reduce(torch.tensor(seen, device=acc.device), "sum").item())
-        # fp16 overflows are the GradScaler's business (it skips the step); NaN loss never is.
-        bad_grads = acc.scaler is None and norm is not None and not math.isfinite(grad_norm)
-        if not math.isfinite(train_loss) or bad_grads:
-            what = f"loss {train_loss}" if not math.isfinite(train_loss) else f"gradient norm {grad_norm}"
-            if t.nan_policy == "stop":
-                last = ckpt.latest_checkpoint(self.run_dir)
-                raise MoetuneError(
-                    f"training stopped at step {step}: {what} is not finite; nothing of this step was saved "
-                    f"(last good checkpoint: {last or 'none'}); lower train.lr, check the data, or set "
-                    "train.nan_policy: skip"
-                )
-            self.say(f"step {step}: {what} is not finite; skipping this step (train.nan_policy: skip)")
-            self.state["skipped_steps"].append(step)
-            if acc.scaler is not None:  # fp16: the GradScaler sees the non-finite gradients and skips
-                self.optimizer.step()  # the update itself, keeping its own state consistent
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            return {"loss": float("nan"), "aux_loss": aux, "grad_norm": grad_norm, "tokens": tokens}
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state["train_loss"].append([step, train_loss])
-        return {"loss": train_loss, "aux_loss": aux, "grad_norm": grad_norm, "tokens": tokens}
+    # ------------------------------------------------------------------ eval
 
     def evaluate(self) -> dict[str, float]:
         """Loss and perplexity on the eval batches, each process taking its share (weighted by tokens)."""
-        from finetune.evaluate import evaluate_loss
-
-        acc = self.accelerator
-        mine = self.eval_batches[acc.process_index :: acc.num_processes]
-        rounds = math.ceil(len(self.eval_batches) / acc.num_processes)
-        device_batches = [_to_device(b, acc.device) for b in mine]
-        was_training = self.model.training
-        # Batches with text targets: token-normalised LM loss. Encoder-only batches (alignment,
-        # classification): the model's weighted contrastive + classification loss, per example.
-        measure = evaluate_loss if self.eval_is_lm else evaluate_multimodal_losses
-        result = measure(self.model, device_batches) if device_batches else {"loss": 0.0, "tokens": 0}
-        if len(mine) < rounds:  # sharded models need every process in every forward: one discarded extra
-            measure(self.model, [_to_device(self.eval_batches[0], acc.device)])
-        self.model.train(was_training)
-        tokens = torch.tensor(float(result["tokens"]), device=acc.device)
-        weighted = torch.tensor(
-            float(result["loss"]) * result["tokens"] if result["tokens"] else 0.0, device=acc.device
-        )
-        total = float(acc.reduce(tokens, "sum").item())
-        loss = float(acc.reduce(weighted, "sum").item()) / max(total, 1.0)
-        return {
-            "loss": loss,
-            "perplexity": _perplexity(loss) if self.eval_is_lm else float("nan"),
-            "tokens": total,
-        }
+        return evaluate_across_processes(self.accelerator, self.model, self.eval_batches, lm=self.eval_is_lm)
 
     def expert_load(self) -> list[list[float]] | None:
         """Share of routed tokens per expert per MoE layer on the eval batches (None for dense models)."""
-        from finetune.evaluate import routing_stats
-
         if not self.has_experts or not self.eval_batches:
             return None
-        was_training = self.model.training
-        batches = [_to_device(b, self.accelerator.device) for b in self.eval_batches]
-        stats = routing_stats(self.model, batches)
-        self.model.train(was_training)
-        return _load_shares(stats)
+        return expert_load_shares(self.model, self.eval_batches, self.accelerator.device)
 
     def run_eval(self, step: int) -> None:
         result = self.evaluate()
-        self.state["eval_loss"].append([step, result["loss"]])
-        self.log({"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]}, step)
+        self.state.eval_loss.append([step, result["loss"]])
+        self.accelerator.log(
+            {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]}, step=step
+        )
         self.say(f"step {step}: eval loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f})")
+
+    # ------------------------------------------------------------------ checkpoint
 
     def save_checkpoint(self, step: int) -> None:
         acc = self.accelerator
-        _check_finite(self.model, f"the checkpoint of step {step}")
-        ckpt.save_checkpoint(acc, self.run_dir, step, self.state, needed_bytes=self.checkpoint_bytes)
+        ckpt.check_finite(self.model, f"the checkpoint of step {step}")
+        ckpt.save_checkpoint(
+            acc, self.run_dir, step, self.state.as_dict(), needed_bytes=self.checkpoint_bytes
+        )
         self.last_saved_step = step
         if acc.is_main_process:
             ckpt.prune_checkpoints(self.run_dir, self.recipe.output.keep_checkpoints)
         acc.wait_for_everyone()
 
-    def say(self, text: str, *, err: bool = False) -> None:
-        """A line on the main process (stderr with `err`), written above the progress bar."""
-        if not self.accelerator.is_main_process:
-            return
-        progress = getattr(self, "progress", None)
-        if progress is not None and not progress.disable:
-            progress.write(text, file=sys.stderr if err else None)
-        else:
-            print(text, flush=True, file=sys.stderr if err else sys.stdout)
-
-    def log(self, values: dict[str, float], step: int) -> None:
-        self.accelerator.log(values, step=step)
+    def restore(self, checkpoint: Path) -> None:
+        state = RunState.from_dict(ckpt.load_checkpoint(self.accelerator, checkpoint, self.model))
+        state.resumed_at.append(state.step)
+        self.state, self.last_saved_step = state, state.step
+        left = max(self.total_steps - state.step, 0)
+        self.accelerator.print(
+            f"resumed from {checkpoint} (step {state.step} of {self.total_steps}; {left} step(s) to run)"
+        )
 
     # ------------------------------------------------------------------ save
 
-    def save(self) -> str:
+    def save(self) -> TrainResult | None:
         """Write the adapter and the run's reports; only the main process touches the disk."""
-        from finetune.recipe import recipe_to_dict, save_recipe
-
         acc, r = self.accelerator, self.recipe
-        _check_finite(self.model, "the final adapter")
+        ckpt.check_finite(self.model, "the final adapter")
         after_load = self.expert_load()
         state_dict = acc.get_state_dict(self.model)  # collective under FSDP: every process calls it
-        metrics = self.metrics()
+        metrics = RunMetrics.of_run(
+            self.state,
+            r,
+            eval_is_lm=self.eval_is_lm,
+            trainable_params=self.trainable_params,
+            total_params=self.total_params,
+            num_processes=acc.num_processes,
+        )
         adapter_dir = self.run_dir / "adapter"
         if acc.is_main_process:
-            from finetune import plots
-
             adapter_bytes = ckpt.estimate_checkpoint_bytes(acc.unwrap_model(self.model), optimizer_states=0)
             ckpt.check_disk_space(self.run_dir, adapter_bytes, what="final adapter")
-            images = plots.write_run_plots(
-                self.run_dir / "plots",
-                train_loss=self.state["train_loss"],
-                eval_loss=(
-                    [[0, self.state["eval_loss_before"]]]
-                    if self.state["eval_loss_before"] is not None
-                    else []
-                )
-                + self.state["eval_loss"],
-                load_before=self.state["expert_load_before"],
-                load_after=after_load,
-            )
+            images = reporting.write_plots(self.run_dir, self.state, after_load)
             with ckpt.atomic_folder(adapter_dir) as tmp:
                 # save_embedding_layers=False: the vocabulary is never resized here, so a frozen
                 # lm_head / embedding is the base's own and does not belong in the adapter.
@@ -532,350 +421,45 @@ class TrainingRun:
                 save_recipe(r, tmp / "recipe.yaml")
                 if getattr(self.tokenizer, "label_names", None):  # classification: the label order
                     self.tokenizer.save_pretrained(tmp)
-                ckpt.write_json(tmp / "metrics.json", metrics)
-                _write_card(tmp, r, metrics, images, recipe_to_dict(r))
+                ckpt.write_json(tmp / "metrics.json", metrics.as_dict())
+                reporting.write_card(tmp, r, metrics, images)
                 ckpt.failpoint("adapter-mid-write")
-            ckpt.write_json_atomic(self.run_dir / "metrics.json", metrics)
-            history = {k: self.state[k] for k in ("train_loss", "eval_loss", "skipped_steps")}
-            ckpt.write_json_atomic(self.run_dir / "history.json", history)
+            ckpt.write_json_atomic(self.run_dir / "metrics.json", metrics.as_dict())
+            reporting.write_history(self.run_dir, self.state)
             if r.output.push_to_hub:
                 from adapters.hub import push_folder
 
-                acc.print(push_folder(adapter_dir, r.output.push_to_hub, private=r.output.private, revision=None,
-                                      dry_run=False))  # fmt: skip
+                out = r.output
+                acc.print(
+                    push_folder(
+                        adapter_dir, out.push_to_hub, private=out.private, revision=None, dry_run=False
+                    )
+                )
         acc.wait_for_everyone()
-        return self.summary(metrics, adapter_dir) if acc.is_main_process else ""
-
-    def metrics(self) -> dict[str, Any]:
-        s = self.state
-        losses = [loss for _, loss in s["train_loss"]]
-        tail = losses[-max(1, min(len(losses), self.recipe.train.log_every)) :]
-        before, after = s["eval_loss_before"], (s["eval_loss"][-1][1] if s["eval_loss"] else None)
-        return {
-            "steps": s["step"],
-            "train_loss": sum(tail) / len(tail) if tail else None,
-            "eval_loss_before": before,
-            "eval_loss_after": after,
-            "perplexity_before": _perplexity(before) if before is not None and self.eval_is_lm else None,
-            "perplexity_after": _perplexity(after) if after is not None and self.eval_is_lm else None,
-            "tokens": s["tokens"],
-            "tokens_per_second": s["tokens"] / s["train_seconds"] if s["train_seconds"] else None,
-            "train_seconds": s["train_seconds"],
-            "trainable_params": self.trainable_params,
-            "total_params": self.total_params,
-            "skipped_steps": s["skipped_steps"],
-            "resumed_at": s.get("resumed_at", []),
-            "num_processes": self.accelerator.num_processes,
-            "mixed_precision": self.recipe.train.mixed_precision,
-        }
-
-    def summary(self, m: dict[str, Any], adapter_dir: Path) -> str:
-        lines = [f"trained {m['steps']} steps in {m['train_seconds']:.1f}s"]
-        if m["resumed_at"]:
-            lines[0] += f" (resumed at step {', '.join(map(str, m['resumed_at']))})"
-        if m["tokens_per_second"]:
-            lines[0] += f" ({m['tokens_per_second']:.0f} tokens/s on {m['num_processes']} process(es))"
-        if m["train_loss"] is not None:
-            lines.append(f"train loss (last steps): {m['train_loss']:.4f}")
-        if (
-            m["eval_loss_before"] is not None
-            and m["eval_loss_after"] is not None
-            and m["perplexity_before"] is None
-        ):
-            lines.append(  # encoder-only tasks: no perplexity to speak of
-                f"held-out eval loss (contrastive + classification) {m['eval_loss_before']:.4f} -> "
-                f"{m['eval_loss_after']:.4f}"
-            )
-        elif m["eval_loss_before"] is not None and m["eval_loss_after"] is not None:
-            change = 100.0 * (1.0 - m["perplexity_after"] / m["perplexity_before"])
-            trend = f"{change:.1f}% lower" if change >= 0 else f"{-change:.1f}% HIGHER"
-            lines.append(
-                f"held-out eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f}; perplexity "
-                f"{m['perplexity_before']:.2f} -> {m['perplexity_after']:.2f} ({trend})"
-            )
-        if m["skipped_steps"]:
-            lines.append(f"skipped steps (non-finite): {m['skipped_steps']}")
-        lines.append(f"trainable parameters: {m['trainable_params']:,} of {m['total_params']:,}")
-        lines.append(f"adapter: {adapter_dir}")
-        lines.append(f"metrics: {self.run_dir / 'metrics.json'}; plots: {self.run_dir / 'plots'}")
-        lines.append(f"logs: tensorboard --logdir {self.run_dir / 'logs'}")
-        return "\n".join(lines)
+        return TrainResult(self.run_dir, metrics) if acc.is_main_process else None
 
     # ------------------------------------------------------------------ cleanup
 
     def cleanup(self) -> None:
-        acc = self.accelerator
-        if acc is None:
+        if self.accelerator is not None:
+            end_training(self.accelerator)  # trackers closed, process group released, settings forgotten
+            self.accelerator = None
+
+    # ------------------------------------------------------------------ output
+
+    def say(self, text: str, *, err: bool = False) -> None:
+        """A line on the main process (stderr with `err`), written above the progress bar."""
+        if not self.accelerator.is_main_process:
             return
-        acc.end_training()
-        # Accelerate's state is a process-wide singleton; a second run in this process (tests, notebooks)
-        # may use other settings (mixed precision, trackers), so start it afresh.
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        self.accelerator = None
+        if self.progress is not None and not self.progress.disable:
+            self.progress.write(text, file=sys.stderr if err else None)
+        else:
+            print(text, flush=True, file=sys.stderr if err else sys.stdout)
 
 
-# ============================================================================= loop helpers
-
-
-def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, routes: bool) -> dict[str, Any]:
-    """Summed next-token loss over the label tokens of `batch`, plus the MoE aux loss and router logits.
-
-    The loss is computed here, not by the model, so it can be normalised by a global token count.
-    """
-    labels = batch.get("labels")
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if routes:
-        inputs["output_router_logits"] = True
-    out = model(**inputs, use_cache=False)
-    if labels is None or out.logits is None:  # alignment / classification batches carry no text targets
-        loss_sum = torch.zeros((), device=labels.device if labels is not None else "cpu")
-    else:
-        # Multimodal models put modality prefix slots before the text: keep the positions of the text.
-        logits = out.logits[:, -labels.shape[1] :][:, :-1, :].float()  # (B, T-1, V): t predicts t+1
-        targets = labels[:, 1:].to(logits.device)
-        loss_sum = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-    return {
-        "loss_sum": loss_sum,
-        "aux_loss": getattr(out, "aux_loss", None) if routes else None,
-        "router_logits": getattr(out, "router_logits", None) if routes else None,
-        "multimodal_loss": multimodal_losses(out, model),
-    }
-
-
-@torch.no_grad()
-def evaluate_multimodal_losses(model: torch.nn.Module, batches: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean weighted contrastive + classification loss per example over encoder-only `batches`."""
-    was_training = model.training
-    model.eval()
-    total, examples = 0.0, 0
-    try:
-        for batch in batches:
-            losses = multimodal_losses(model(**batch), model)
-            size = next(iter(batch.values())).shape[0]
-            if losses is not None:
-                total, examples = total + float(losses) * size, examples + size
-    finally:
-        model.train(was_training)
-    return {"loss": total / examples if examples else float("nan"), "tokens": examples}
-
-
-def multimodal_losses(out: Any, model: torch.nn.Module) -> torch.Tensor | None:
-    """The contrastive and classification losses of a multimodal model, weighted by its config."""
-    config = getattr(model, "config", None)
-    parts = [
-        float(getattr(config, f"{name}_loss_coef", 0.0) or 0.0) * loss.float()
-        for name in ("contrastive", "classification")
-        if (loss := getattr(out, f"{name}_loss", None)) is not None
-    ]
-    return torch.stack(parts).sum() if parts else None
-
-
-def count_label_tokens(labels: torch.Tensor) -> int:
-    """Tokens that carry a loss: labels after the shift that are not IGNORE_INDEX."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum().item())
-
-
-def input_token_count(batch: dict[str, torch.Tensor]) -> int:
-    """Decoder input tokens of a batch (0 for batches that only feed the modality encoders)."""
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        return int(mask.sum().item())
-    return int(batch["input_ids"].numel()) if "input_ids" in batch else 0
-
-
-def step_seed(seed: int, step: int, process: int) -> int:
-    """The RNG seed of one step on one process: independent of everything that happened before."""
-    return int(np.random.SeedSequence([seed, step, process]).generate_state(1)[0])
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A shuffled order that is a pure function of (seed, epoch): what makes data order resumable.
-
-    With `data.group_by_length` the order comes from the data module's length-bucketing sampler,
-    rebuilt for every epoch with seed + epoch.
-    """
-
-    def __init__(self, dataset: Any, data: Any, *, batch_size: int, seed: int) -> None:
-        self.dataset, self.data, self.batch_size, self.seed = dataset, data, batch_size, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __iter__(self):
-        seed = self.seed + self.epoch
-        if getattr(self.data, "group_by_length", False):
-            from finetune.data import make_sampler
-
-            yield from make_sampler(self.data, self.dataset, batch_size=self.batch_size, seed=seed)
-            return
-        generator = torch.Generator().manual_seed(seed)
-        yield from torch.randperm(len(self.dataset), generator=generator).tolist()
-
-
-class ExpertLoad:
-    """Counts of routed tokens per (MoE layer, expert) during training, logged every log_every steps."""
-
-    def __init__(self) -> None:
-        self.counts: torch.Tensor | None = None  # (L, E)
-
-    def add(self, router_logits: Any, batch: dict[str, torch.Tensor], *, top_k: int | None) -> None:
-        if not router_logits or not top_k:
-            return
-        mask = batch.get("attention_mask")
-        keep = mask.reshape(-1).bool() if mask is not None else None
-        rows = []
-        for logits in router_logits:  # one (B*T, E) per MoE layer
-            logits = logits.detach().reshape(-1, logits.size(-1))
-            if keep is not None and keep.numel() == logits.size(0):
-                logits = logits[keep.to(logits.device)]
-            chosen = logits.topk(top_k, dim=-1).indices.reshape(-1)  # (N*k,)
-            rows.append(torch.bincount(chosen, minlength=logits.size(-1)).float())
-        counts = torch.stack(rows)
-        self.counts = counts if self.counts is None else self.counts + counts
-
-    def flush(self, acc) -> dict[str, float]:
-        if self.counts is None:
-            return {}
-        counts = acc.reduce(self.counts, "sum")
-        self.counts = None
-        out = {}
-        for layer, row in enumerate(counts):
-            mean = row.mean().clamp_min(1e-9)
-            out[f"expert_load/layer_{layer}/max_over_mean"] = float(row.max() / mean)
-            out[f"expert_load/layer_{layer}/cv"] = float(row.std(unbiased=False) / mean)
-        return out
-
-
-class _Window:
-    """Averages of the steps since the last log line."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-        self.seconds = 0.0
-
-    def add(self, result: dict[str, float], seconds: float) -> None:
-        self.rows.append(result)
-        self.seconds += seconds
-
-    def flush(self) -> dict[str, float]:
-        finite = [r["loss"] for r in self.rows if math.isfinite(r["loss"])]
-        out = {
-            "train/loss": sum(finite) / len(finite) if finite else float("nan"),
-            "train/aux_loss": sum(r["aux_loss"] for r in self.rows) / len(self.rows),
-            "train/grad_norm": sum(r["grad_norm"] for r in self.rows) / len(self.rows),
-            "train/tokens_per_second": sum(r["tokens"] for r in self.rows) / max(self.seconds, 1e-9),
-        }
-        self.rows, self.seconds = [], 0.0
-        return out
-
-
-def _maybe(condition: bool, context, *args):
-    import contextlib
-
-    return context(*args) if condition else contextlib.nullcontext()
-
-
-def _as_float(value: Any) -> float:
-    if isinstance(value, torch.Tensor):
-        if hasattr(value, "full_tensor"):  # a DTensor under FSDP2
-            value = value.full_tensor()
-        return float(value.item())
-    return float(value)
-
-
-def _perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _first_batches(dataset: Any, collate: Any, batch_size: int, limit: int | None) -> list[dict]:
-    """The eval batches, fixed for the whole run (same before, during and after training)."""
-    if dataset is None:
-        return []
-    from torch.utils.data import DataLoader
-
-    batches = []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
-        batches.append(batch)
-        if limit is not None and len(batches) >= limit:
-            break
-    return batches
-
-
-def _load_shares(stats: Any) -> list[list[float]] | None:
-    """routing_stats(...) -> per layer, the share of routed tokens each expert received."""
-    counts = stats.get("counts") if isinstance(stats, dict) else stats
-    if counts is None:
-        return None
-    rows = []
-    for row in counts:
-        row = torch.as_tensor(row, dtype=torch.float64)
-        rows.append((row / row.sum().clamp_min(1e-12)).tolist())
-    return rows
-
-
-def _check_finite(model: torch.nn.Module, what: str) -> None:
-    for name, p in model.named_parameters():
-        if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
-            raise MoetuneError(f"not writing {what}: parameter {name} holds NaN/inf values")
-
-
-def _fingerprint(recipe: Any) -> dict[str, str]:
-    """The recipe keys a resumed run must share with its checkpoint (others, like max_steps, may change)."""
-    t = recipe.train
-    keys = {
-        "model.name": recipe.model.name,
-        "adapter": dataclasses.asdict(recipe.adapter),
-        "data": dataclasses.asdict(recipe.data),
-        "train.seed": t.seed,
-        "train.batch_size": t.batch_size,
-        "train.grad_accum": t.grad_accum,
-    }
-    return {k: repr(v) for k, v in keys.items()}
-
-
-def _flat_config(recipe: Any) -> dict[str, Any]:
-    """The recipe as flat scalars, the only kind TensorBoard's hparams accept."""
-    from finetune.recipe import recipe_to_dict
-
-    flat = {}
-    for section, body in recipe_to_dict(recipe).items():
-        for key, value in body.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
-    return flat
-
-
-def _write_card(folder: Path, recipe: Any, metrics: dict, images: list[Path], recipe_dict: dict) -> None:
-    from adapters.model_card import write_model_card
-
-    sources = recipe.data.train if isinstance(recipe.data.train, list) else [recipe.data.train]
-    write_model_card(
-        folder,
-        base_model=recipe.model.name,
-        kind="adapter",
-        datasets=sources,
-        metrics=metrics,
-        recipe=recipe_dict,
-        images=images,
-    )
-
-
-def make_scheduler(t: Any, optimizer: torch.optim.Optimizer, total_steps: int):
+def make_scheduler(
+    t: TrainSection, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warmup, then cosine / linear decay to 0, or constant."""
     from transformers import get_scheduler
 
@@ -889,184 +473,38 @@ def make_scheduler(t: Any, optimizer: torch.optim.Optimizer, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-# ============================================================================= accelerate plumbing
-
-
-def make_accelerator(recipe: Any, run_dir: Path):
-    """One Accelerator for the run: mixed precision and trackers from the recipe, logs in the run folder."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    trackers = resolve_trackers(recipe.output.report_to)
-    acc = Accelerator(
-        cpu=not _has_accelerator(),
-        mixed_precision=recipe.train.mixed_precision,
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-        step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the processes
+def entry_parser() -> argparse.ArgumentParser:
+    """The options of `python -m finetune.train` (what finetune/launch.py passes each process)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune.train",
+        description="Train from a recipe in this process (or in each process of `accelerate launch -m "
+        "finetune.train`); `moetune train` has the full command line.",
     )
-    _enable_fsdp_on_cpu(acc)
-    return acc
+    parser.add_argument("recipe", help="recipe YAML (a path or a bundled recipe name)")
+    parser.add_argument("--output", default=None, help="run folder (default: the recipe's output.dir)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run folder")
+    parser.add_argument("--no-summary", action="store_true", help="the launching process prints it")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return parser
 
 
-def resolve_trackers(report_to: Sequence[str]) -> list[str]:
-    """The trackers asked for; one that is not installed is an error, not a silent omission."""
-    import importlib.util
-
-    for name in report_to:
-        if name != "tensorboard" and importlib.util.find_spec(name) is None:
-            raise MoetuneError(
-                f"output.report_to lists {name!r}, which is not installed; pip install {name} or remove it"
-            )
-    return list(dict.fromkeys(report_to))
-
-
-def _has_accelerator() -> bool:
-    accel = getattr(torch, "accelerator", None)
-    if accel is not None and hasattr(accel, "is_available"):
-        return bool(accel.is_available())
-    return torch.cuda.is_available()
-
-
-def _enable_fsdp_on_cpu(acc) -> None:
-    """Honour an FSDP launch config on CPU processes (gloo), where Accelerate would fall back to DDP.
-
-    Accelerate turns FSDP on only for accelerator devices; on CPUs (tests, debugging a sharded run on
-    a laptop) we switch it on the same way it does, so the FSDP code path is the one that runs.
-    """
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if not wants_fsdp or acc.distributed_type != DistributedType.MULTI_CPU:
-        return
-    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` exported
-    if acc.mixed_precision != "no":
-        plugin.set_mixed_precision(acc.mixed_precision)
-    acc.state.fsdp_plugin = plugin
-    acc.state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-
-def inside_distributed_launch() -> bool:
-    """True inside `accelerate launch` / torchrun (each process then trains; none re-launches)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
-
-
-def relaunch_with_accelerate(
-    recipe: Any,
-    overrides: Sequence[str],
-    *,
-    output_dir: str | os.PathLike | None,
-    resume: bool,
-    num_processes: int,
-    debug: bool,
-    overwrite: bool = False,
-) -> str:
-    """`moetune train R.yaml --num-processes N` = `accelerate launch --num_processes N cli.py train R.yaml`."""
-    import cli
-    from finetune.recipe import Recipe, save_recipe
-
-    if isinstance(recipe, Recipe):
-        fd, name = tempfile.mkstemp(suffix=".yaml", prefix="moetune-recipe-")
-        os.close(fd)
-        recipe = str(save_recipe(recipe, name))
-
-    def command(port: int) -> list[str]:
-        cmd = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--num_processes", str(num_processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port),
-            "--multi_gpu",
-        ]  # fmt: skip
-        cmd += [str(Path(cli.__file__).resolve()), "train", str(recipe)]
-        for item in overrides:
-            cmd += ["--set", item]
-        if output_dir is not None:
-            cmd += ["--output", str(output_dir)]
-        if resume:
-            cmd.append("--resume")
-        if overwrite:
-            cmd.append("--overwrite")
-        if debug:
-            cmd.append("--debug")
-        return cmd
-
-    env = dict(os.environ)
-    if not _has_accelerator():
-        env["ACCELERATE_USE_CPU"] = "true"
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
-    rc, err = launch_on_a_free_port(command, env=env)
-    if rc != 0 and "rerun the same command with --resume" in err:  # they stopped on Ctrl-C and saved
-        raise ckpt.TrainingInterrupted(
-            f"training on {num_processes} processes was interrupted (see above); rerun the same command "
-            "with --resume to continue",
-            signal.SIGINT,
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m finetune.train RECIPE`: the recipe's own entry point, run by every launched process."""
+    args = entry_parser().parse_args(argv)
+    try:
+        result = launch_training(
+            args.recipe, output_dir=args.output, resume=args.resume, overwrite=args.overwrite
         )
-    if rc != 0:
-        raise MoetuneError(
-            f"training on {num_processes} processes failed (exit code {rc}); see the messages above"
-        )
-    return ""
+    except MoetuneError as err:
+        if args.debug:
+            raise
+        print(f"moetune: error: {err}", file=sys.stderr)
+        return err.exit_code
+    if result is not None and not args.no_summary:
+        print(result)
+    return 0
 
 
-def launch_on_a_free_port(
-    command: Any,
-    *,
-    env: dict[str, str],
-    cwd: str | os.PathLike | None = None,
-    echo: bool = True,
-    attempts: int = 3,
-    timeout: float | None = None,
-) -> tuple[int, str]:
-    """Run `command(port)` (a launcher whose rendezvous listens on `port`); returns (exit code, stderr).
-
-    A free port has to be chosen before the launcher binds it, and another process may take it in
-    between (the launcher then fails at once with EADDRINUSE, before any training): that case is
-    retried on a new port. stderr is passed through as it comes (`echo`) and kept for the caller;
-    a launcher still running after `timeout` seconds is killed.
-    """
-    import codecs
-    import threading
-
-    for attempt in range(1, attempts + 1):
-        proc = subprocess.Popen(command(_free_port()), env=env, cwd=cwd, stderr=subprocess.PIPE)
-        watchdog = threading.Timer(timeout, proc.kill) if timeout else None
-        if watchdog is not None:
-            watchdog.start()
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a chunk may split a character
-        parts, interrupted = [], False
-        while True:
-            try:
-                chunk = os.read(proc.stderr.fileno(), 65536)
-            except KeyboardInterrupt:
-                # Ctrl-C reached the launched processes as well: they save a checkpoint and stop, so
-                # wait for them; a second Ctrl-C stops them at once.
-                if interrupted:
-                    proc.kill()
-                    raise
-                interrupted = True
-                continue
-            if not chunk:
-                break
-            parts.append(decoder.decode(chunk))
-            if echo:
-                sys.stderr.write(parts[-1])
-                sys.stderr.flush()
-        rc = proc.wait()
-        proc.stderr.close()
-        if watchdog is not None:
-            watchdog.cancel()
-        err = "".join(parts) + decoder.decode(b"", final=True)
-        taken = "EADDRINUSE" in err or "address already in use" in err.lower()
-        if rc == 0 or not taken or attempt == attempts:
-            break
-    return rc, err
-
-
-def _free_port() -> int:
-    """A port nothing listens on now (it may be taken again before use: see launch_on_a_free_port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+if __name__ == "__main__":
+    sys.exit(main())

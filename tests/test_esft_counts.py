@@ -69,7 +69,7 @@ def test_training_summary_and_metrics_use_the_report_count(tmp_path, capsys):
         tmp_path, corpus, adapter={"targets": ["attention", "experts"], "experts": SELECTION},
         data={"eval_fraction": None, "max_length": 32}, train={"max_steps": 1, "save_every": None},
     )  # fmt: skip
-    summary = launch_training(str(recipe))
+    summary = str(launch_training(str(recipe)))
     printed = capsys.readouterr().out
     reported = int(re.search(r"total\s+([\d,]+)\s", printed)[1].replace(",", ""))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

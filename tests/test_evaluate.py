@@ -63,7 +63,10 @@ def test_profile_experts_writes_stats_heatmap_and_a_loadable_selection(tmp_path)
     report = profile_experts(
         "preset:tiny", data, tmp_path / "out", threshold=0.3, max_examples=4, max_length=32
     )
-    assert "4 examples" in report and "selection.json" in report
+    assert report.examples == 4 and "(4 examples)" in str(report)
+    assert report.files == [
+        tmp_path / "out" / n for n in ("expert_stats.json", "expert_load.png", "selection.json")
+    ]
     stats = json.loads((tmp_path / "out" / "expert_stats.json").read_text())
     assert stats["examples"] == 4 and len(stats["token_ratio"]) == len(stats["layers"]) == 2
     png = (tmp_path / "out" / "expert_load.png").read_bytes()
@@ -79,7 +82,7 @@ def test_profile_experts_writes_stats_heatmap_and_a_loadable_selection(tmp_path)
     long_doc = tmp_path / "long.txt"
     long_doc.write_text("word " * 200)  # cut into windows of 16 tokens, not truncated to the first
     report = profile_experts("preset:tiny", long_doc, tmp_path / "long", max_examples=5, max_length=16)
-    assert "80 tokens (5 examples)" in report
+    assert (report.tokens, report.examples) == (80, 5) and "80 tokens (5 examples)" in str(report)
 
 
 def test_read_texts_follows_the_recipe_source_rules(tmp_path):

@@ -234,9 +234,9 @@ def _poisoned_forward(monkeypatch, step_of_nan, kind):
         calls["n"] += 1  # one micro-batch per step in these recipes
         if calls["n"] == step_of_nan:
             if kind == "loss":
-                out["loss_sum"] = out["loss_sum"] * float("nan")
+                out.loss_sum = out.loss_sum * float("nan")
             else:  # finite loss, NaN gradients: d sqrt(x)/dx at 0 is inf, times 0
-                out["loss_sum"] = out["loss_sum"] + torch.sqrt(out["loss_sum"] * 0.0)
+                out.loss_sum = out.loss_sum + torch.sqrt(out.loss_sum * 0.0)
         return out
 
     monkeypatch.setattr(train, "forward_loss", forward)
@@ -272,8 +272,10 @@ def test_the_hub_token_never_reaches_a_file_of_the_run(tmp_path, setup, monkeypa
     monkeypatch.setenv("HF_TOKEN", token)
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", token)
     run_dir = tmp_path / "run"
-    summary = launch_training(
-        str(recipe), output_dir=run_dir, overrides=["train.eval_every=4", "data.eval_fraction=0.2"]
+    summary = str(
+        launch_training(
+            str(recipe), output_dir=run_dir, overrides=["train.eval_every=4", "data.eval_fraction=0.2"]
+        )
     )
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert len(files) > 10  # adapter, card, metrics, recipe, plots, checkpoints, TensorBoard logs

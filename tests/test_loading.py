@@ -39,11 +39,11 @@ def test_dtype_option(tmp_path):
 
 
 def test_init_model_writes_a_loadable_checkpoint(tmp_path):
-    out = init_model("tiny", tmp_path / "m", seed=3)
+    out = init_model("tiny", tmp_path / "m", seed=3).folder
     model, tokenizer = load_model(str(out))
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert tokenizer.pad_token_id == model.config.pad_token_id == 0
-    again = init_model("tiny", tmp_path / "m2", seed=3)
+    again = init_model("tiny", tmp_path / "m2", seed=3).folder
     torch.testing.assert_close(
         load_model(str(again))[0].lm_head.weight, model.lm_head.weight, rtol=0, atol=0
     )  # the seed makes init reproducible

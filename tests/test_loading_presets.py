@@ -38,12 +38,12 @@ def test_init_model_default_seed_writes_the_preset_and_leaves_the_rng_alone(tmp_
     torch.manual_seed(3)
     expected = torch.rand(5)
     torch.manual_seed(3)
-    folder = init_model("tiny", tmp_path / "m")
+    folder = init_model("tiny", tmp_path / "m").folder
     assert torch.equal(torch.rand(5), expected)
     saved = _weights(load_model(str(folder))[0])
     preset = _weights(load_model("preset:tiny")[0])
     assert saved.keys() == preset.keys()
     for key, value in preset.items():
         assert torch.equal(saved[key], value), key
-    other = _weights(load_model(str(init_model("tiny", tmp_path / "m1", seed=1)))[0])
+    other = _weights(load_model(str(init_model("tiny", tmp_path / "m1", seed=1).folder))[0])
     assert not torch.equal(other["lm_head.weight"], preset["lm_head.weight"])

@@ -17,7 +17,7 @@ from finetune.loading import init_model
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 def test_merge_folds_linear_and_conv_lora_writes_full_modules_and_matches_peft(tmp_path):
-    base_dir = init_model("tiny", tmp_path / "base", modalities=["image", "text"])
+    base_dir = init_model("tiny", tmp_path / "base", modalities=["image", "text"]).folder
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     # encoders: LoRA on the text encoder's Linear and the ResNet's Conv2d layers; projector: trained in full
     peft_model = apply_lora(model, targets=["attention", "experts", "encoders", "projector"], r=4, alpha=8)
@@ -43,7 +43,7 @@ def test_merge_folds_linear_and_conv_lora_writes_full_modules_and_matches_peft(t
 
 
 def test_combining_adapters_with_fully_trained_modules_is_refused(tmp_path):
-    base_dir = init_model("tiny", tmp_path / "base", modalities=["image", "text"])
+    base_dir = init_model("tiny", tmp_path / "base", modalities=["image", "text"]).folder
     for name in ("a", "b"):
         model = AutoModelForCausalLM.from_pretrained(base_dir)
         apply_lora(model, targets=["attention", "projector"], r=4).save_pretrained(tmp_path / name)
@@ -52,7 +52,7 @@ def test_combining_adapters_with_fully_trained_modules_is_refused(tmp_path):
 
 
 def test_combining_conv_lora_is_refused_in_one_line(tmp_path):
-    base_dir = init_model("tiny", tmp_path / "base", modalities=["image", "text"])
+    base_dir = init_model("tiny", tmp_path / "base", modalities=["image", "text"]).folder
     for name in ("a", "b"):
         model = AutoModelForCausalLM.from_pretrained(base_dir)
         apply_lora(model, targets=["attention", "encoders"], r=4).save_pretrained(tmp_path / name)

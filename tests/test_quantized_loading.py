@@ -142,7 +142,7 @@ def test_a_multimodal_model_is_written_with_quantized_experts_and_runs(tmp_path,
 
 def test_info_and_plan_count_quantized_experts():
     info = model_info("preset:full", quantize="nf4")
-    before, after = info["weight_bytes"], info["weight_bytes_quantized"]
+    before, after = info.weight_bytes, info.weight_bytes_quantized
     assert after["experts"] / before["experts"] == pytest.approx((0.5 + 4 / 64) / 4, rel=1e-3)  # fp32 -> NF4
     assert all(after[g] == before[g] for g in before if g != "experts")
     full = plan_memory("preset:full", gpus=1, gpu_memory_gib=24, quantize="nf4")

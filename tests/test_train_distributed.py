@@ -17,7 +17,8 @@ import pytest
 import torch
 from test_train_support import ROOT, adapter_tensors, cli_env, history, write_corpus, write_recipe
 
-from finetune.train import launch_on_a_free_port, launch_training
+from finetune.launch import launch_on_a_free_port
+from finetune.train import launch_training
 
 AUDIT_HOOK = textwrap.dedent(
     """

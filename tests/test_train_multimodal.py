@@ -44,8 +44,8 @@ def test_the_training_loss_takes_the_text_positions_after_the_modality_prefix(tm
     must equal the model's own lm_loss, which aligns labels behind the prefix slots explicitly."""
     from finetune.data import make_collator, prepare_datasets
     from finetune.loading import load_model
+    from finetune.losses import count_label_tokens, forward_loss
     from finetune.recipe import load_recipe
-    from finetune.train import count_label_tokens, forward_loss
 
     recipe = load_recipe(str(RECIPES / "mm-caption.yaml"))
     data = recipe.data
@@ -59,7 +59,7 @@ def test_the_training_loss_takes_the_text_positions_after_the_modality_prefix(tm
     with torch.no_grad():
         out = model(**batch)
         assert out.prefix_length > 0 and out.logits.shape[1] == out.prefix_length + batch["labels"].shape[1]
-        mine = forward_loss(model, batch, routes=False)["loss_sum"] / count_label_tokens(batch["labels"])
+        mine = forward_loss(model, batch, routes=False).loss_sum / count_label_tokens(batch["labels"])
     torch.testing.assert_close(mine, out.lm_loss.float(), rtol=1e-5, atol=1e-6)
     # the same loss taken on the first T positions (the prefix slots) is far off: the check can fail
     logits = out.logits[:, : batch["labels"].shape[1]][:, :-1].float()

@@ -368,22 +368,31 @@ def _report(stats: SplitStats, data: DataSection) -> None:
     if stats.skipped:
         logger.warning(
             "%s: skipped %d bad record(s) of %d (data.on_bad_record: skip); first: %s",
-            stats.what, stats.skipped, stats.records, stats.first_problem,
-        )  # fmt: skip
+            stats.what,
+            stats.skipped,
+            stats.records,
+            stats.first_problem,
+        )
     if stats.empty:  # an empty __init__.py in a code folder: nothing lost, so not a warning
         logger.info("%s: dropped %d empty document(s)", stats.what, stats.empty)
     if stats.truncated:
         logger.warning(
             "%s: truncated %d example(s) longer than data.max_length=%d (longest: %d tokens)",
-            stats.what, stats.truncated, data.max_length, stats.longest,
-        )  # fmt: skip
+            stats.what,
+            stats.truncated,
+            data.max_length,
+            stats.longest,
+        )
     if stats.no_target:
         logger.warning(
             "%s: dropped %d example(s) whose prompt fills data.max_length=%d, leaving nothing to learn",
-            stats.what, stats.no_target, data.max_length,
-        )  # fmt: skip
+            stats.what,
+            stats.no_target,
+            data.max_length,
+        )
     if stats.split_documents:
         logger.info(
             "%s: packing continued %d document(s) longer than the room left in a row on the next row",
-            stats.what, stats.split_documents,
-        )  # fmt: skip
+            stats.what,
+            stats.split_documents,
+        )

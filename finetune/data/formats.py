@@ -305,8 +305,11 @@ def layout_for(data: Any, fields: Collection[str], where: str) -> tuple[Any, str
             data = dataclasses.replace(data, prompt_field="instruction", response_field="output")
             layout = "Alpaca layout: instruction + input -> output"
             note = f"{note}; {layout}" if note else f"{where}: {layout}"
-    required = {"text": [data.text_field], "chat": [data.messages_field],
-                "instruction": [data.prompt_field, data.response_field]}.get(fmt, [])  # fmt: skip
+    required = {
+        "text": [data.text_field],
+        "chat": [data.messages_field],
+        "instruction": [data.prompt_field, data.response_field],
+    }.get(fmt, [])
     absent = [name for name in required if name not in fields]
     if absent:
         fits = [f for f in formats_fitting(fields, data) if f != fmt]

@@ -32,7 +32,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from finetune.modeling import multimodal as _mm
 from finetune.modeling.media import MediaError, load_audio, load_image, resample
 
 from . import synthetic_mm
+
+if TYPE_CHECKING:
+    from finetune.recipe import DataSection
 
 logger = logging.getLogger("moetune.data")
 
@@ -285,8 +288,12 @@ class MultimodalDataset(Dataset):
                     continue
             good.append(record)
         if self.skipped:
-            logger.warning("skipped %d of %d records with bad media (first: %s)", len(self.skipped), len(records),
-                           self.skipped[0])  # fmt: skip
+            logger.warning(
+                "skipped %d of %d records with bad media (first: %s)",
+                len(self.skipped),
+                len(records),
+                self.skipped[0],
+            )
         if records and not good:
             raise MoetuneError(f"{records[0].where.rsplit(': record', 1)[0]}: no record with readable media")
         return good
@@ -337,8 +344,11 @@ class MultimodalDataset(Dataset):
                 ids, labels = ids[: self.max_length], labels[: self.max_length]
                 self.truncated += 1
                 if self.truncated == 1:
-                    logger.warning("%s: decoder text cut to data.max_length=%d (further cuts are counted)",
-                                   record.where, self.max_length)  # fmt: skip
+                    logger.warning(
+                        "%s: decoder text cut to data.max_length=%d (further cuts are counted)",
+                        record.where,
+                        self.max_length,
+                    )
             example["input_ids"], example["labels"] = ids, labels
         if "image" in media:
             example["pixel_values"] = processor.images_to_pixels([media["image"]])[0]  # (3, H, W)
@@ -433,7 +443,9 @@ def _label_names(options: MultimodalOptions, processor, records: Iterable[Multim
     return names
 
 
-def build_multimodal_dataset(raw, data: Any, processor, *, source: str | None = None) -> MultimodalDataset:
+def build_multimodal_dataset(
+    raw, data: DataSection, processor, *, source: str | None = None
+) -> MultimodalDataset:
     """One split of raw records (a `datasets.Dataset` or a list of dicts) -> a checked `MultimodalDataset`.
 
     `source` is the data file (or files, ", "-joined) they came from: messages name it and relative media
@@ -468,7 +480,7 @@ def _source_records(source: Any, what: str, options: MultimodalOptions) -> list[
     return read_records(source, options)
 
 
-def build_multimodal_data(data: Any, processor, *, seed: int = 0) -> MultimodalData:
+def build_multimodal_data(data: DataSection, processor, *, seed: int = 0) -> MultimodalData:
     """A data section (mapping or object) -> train and eval datasets, without the recipe pipeline.
 
     Reads `train`, `eval` (files or `synthetic:KIND[:N[:SEED]]`), `eval_fraction` (seeded split of train
@@ -498,7 +510,7 @@ def build_multimodal_data(data: Any, processor, *, seed: int = 0) -> MultimodalD
     )
 
 
-def make_multimodal_collator(data: Any, processor) -> MultimodalCollator:
+def make_multimodal_collator(data: DataSection, processor) -> MultimodalCollator:
     """The collator for these datasets (honours `data.pad_to_multiple_of`)."""
     return MultimodalCollator(processor, pad_to_multiple_of=_get(data, "pad_to_multiple_of"))
 

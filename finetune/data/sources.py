@@ -258,8 +258,12 @@ def _without_malformed_lines(path: Path, scratch: Path, *, what: str) -> Path:
         )
     logger.warning(
         "%s: %s: skipped %d malformed JSON line(s) of %d (data.on_bad_record: skip); first: %s",
-        what, path, len(bad), len(bad) + len(good), bad[0],
-    )  # fmt: skip
+        what,
+        path,
+        len(bad),
+        len(bad) + len(good),
+        bad[0],
+    )
     clean = scratch / f"{len(list(scratch.iterdir()))}-{path.name}"
     clean.write_text("\n".join(good) + "\n", encoding="utf-8")
     return clean

@@ -30,7 +30,7 @@ GENERATOR_VERSION = 3
 
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 200), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
-# (row, column) on a 3 x 3 grid -> words in the caption
+# (row, column) on a 3 x 3 grid -> words in the caption; laid out as the grid, row by row (fmt: skip)
 POSITIONS = {
     (0, 0): "at the top left", (0, 1): "at the top", (0, 2): "at the top right",
     (1, 0): "on the left", (1, 1): "in the centre", (1, 2): "on the right",
@@ -128,8 +128,11 @@ def _records(kind: str, n: int, seed: int, folder: Path) -> list[dict[str, Any]]
             name = str(folder / f"media/{i:05d}.png")
             draw_shape(rng, colour, shape, cell).save(name)
             caption = shape_caption(colour, shape, cell)
-            records.append({"image": name, "target": caption} if kind == "shapes-caption" else
-                           {"image": name, "text": caption})  # fmt: skip
+            records.append(
+                {"image": name, "target": caption}
+                if kind == "shapes-caption"
+                else {"image": name, "text": caption}
+            )
     elif kind == "tones":
         for i in range(n):
             note, tone_kind = str(rng.choice(list(NOTES))), str(rng.choice(TONE_KINDS))
@@ -146,9 +149,12 @@ def _records(kind: str, n: int, seed: int, folder: Path) -> list[dict[str, Any]]
             name = str(folder / f"media/{i:05d}.png")
             draw_shape(rng, colour, shape, cell).save(name)
             records.append(
-                {"image": name, "text": _plot_text(rng, list(text_genres)),
-                 "labels": sorted([*map(str, text_genres), image_genre])}
-            )  # fmt: skip
+                {
+                    "image": name,
+                    "text": _plot_text(rng, list(text_genres)),
+                    "labels": sorted([*map(str, text_genres), image_genre]),
+                }
+            )
     else:
         raise ValueError(f"unknown synthetic kind {kind!r}; one of {KINDS}")
     return records
@@ -232,8 +238,10 @@ def synthetic_tokenizer(vocab_size: int = 1024):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
+    )
     tok.train_from_iterator(corpus() * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

@@ -30,7 +30,8 @@ import torch
 METHODS = ("int8", "nf4")
 NF4_BLOCK = 64
 
-# The NormalFloat4 code book (Dettmers et al., QLoRA, appendix E), as bitsandbytes stores it.
+# The NormalFloat4 code book (Dettmers et al., QLoRA, appendix E), as bitsandbytes stores it; four
+# values a row, as the paper prints it (hence the fmt: skip).
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,

@@ -1,0 +1,143 @@
+"""The run's Accelerator, and every use of Accelerate beyond its public API, each with its reason.
+
+The training loop uses Accelerate's public API only (prepare, backward, no_sync, clip_grad_norm_,
+reduce, save_state / load_state, the trackers). What that API cannot do is done here, one function
+per need, and tests/test_accelerator.py fails when upstream renames or changes what they touch:
+
+- `enable_fsdp_on_cpu` / `switch_to_fsdp`: Accelerate turns an FSDP launch config on for accelerator devices only; on
+  CPU processes (gloo: the tests, a sharded run debugged on a laptop) it falls back to DDP. We switch
+  FSDP on the way its own state does: `AcceleratorState.fsdp_plugin` and `.distributed_type`, and
+  `PartialState._shared_state["distributed_type"]`, which its FSDP save / load helpers read.
+- `reset_state`: Accelerate's state is a process-wide singleton that refuses other settings (mixed
+  precision, trackers) once set; a second run in one process (tests, notebooks) starts it afresh
+  with `AcceleratorState._reset_state` / `GradientState._reset_state`, which Accelerate's own tests use.
+
+An engine's settings (DeepSpeed, FSDP options) become Accelerate plugins in `make_accelerator`;
+engine-specific refusals go in `check_engine`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from finetune.errors import MoetuneError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from finetune.recipe import Recipe, TrainSection
+
+TRACKER_PROJECT = "moetune"
+
+
+def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
+    """One Accelerator for the run: mixed precision and trackers from the recipe, logs in the run folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    trackers = resolve_trackers(recipe.output.report_to)
+    acc = Accelerator(
+        cpu=not has_accelerator(),
+        mixed_precision=recipe.train.mixed_precision,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the processes
+    )
+    enable_fsdp_on_cpu(acc)
+    return acc
+
+
+def check_engine(acc: Accelerator, train: TrainSection) -> None:
+    """Refuse recipe settings the launched engine cannot honour (before any model is loaded)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED and train.grad_accum > 1:
+        raise MoetuneError(
+            "train.grad_accum > 1 is not supported under DeepSpeed (its engine steps after every backward); "
+            "raise train.batch_size instead, or use recipes/accelerate/fsdp.yaml"
+        )
+
+
+def is_sharded(acc: Accelerator) -> bool:
+    """True when every process holds a shard of the whole model (its checkpoints hold the frozen base too)."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def as_float(value: Any) -> float:
+    """A reduced scalar (a clipped gradient norm) as a float, whole: under FSDP2 it is a DTensor."""
+    if isinstance(value, torch.Tensor):
+        if hasattr(value, "full_tensor"):
+            value = value.full_tensor()
+        return float(value.item())
+    return float(value)
+
+
+def resolve_trackers(report_to: Sequence[str]) -> list[str]:
+    """The trackers asked for; one that is not installed is an error, not a silent omission."""
+    for name in report_to:
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:
+            raise MoetuneError(
+                f"output.report_to lists {name!r}, which is not installed; pip install {name} or remove it"
+            )
+    return list(dict.fromkeys(report_to))
+
+
+def has_accelerator() -> bool:
+    """A GPU (or another torch accelerator) is present; without one every process runs on the CPU."""
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None and hasattr(accel, "is_available"):
+        return bool(accel.is_available())
+    return torch.cuda.is_available()
+
+
+def enable_fsdp_on_cpu(acc: Accelerator) -> None:
+    """Honour an FSDP launch config on CPU processes (gloo), where Accelerate would fall back to DDP.
+
+    Accelerate turns FSDP on only for accelerator devices; on CPUs we switch it on the same way it
+    does, so the FSDP code path is the one that runs (private fields: see the module docstring).
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wants_fsdp or acc.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` exported
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    switch_to_fsdp(acc, plugin)
+
+
+def switch_to_fsdp(acc: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
+    """Set what Accelerate's state sets when it enables FSDP itself (private fields: see the module
+    docstring): the plugin and the distributed type, in the Accelerator's state and in the shared
+    process state that Accelerate's FSDP save / load helpers read."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    acc.state.fsdp_plugin = plugin
+    acc.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def end_training(acc: Accelerator) -> None:
+    """Close the trackers, release the process group, and forget the settings of this run."""
+    acc.end_training()
+    reset_state()
+
+
+def reset_state() -> None:
+    """Start Accelerate's process-wide state afresh, so the next run in this process may use other
+    settings (private fields: see the module docstring)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

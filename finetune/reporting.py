@@ -1,0 +1,272 @@
+"""What a training run reports: its log lines, metrics.json, history.json, plots, model card, summary.
+
+- every `train.log_every` steps: `LogWindow` (train/loss, aux_loss, grad_norm, tokens/s averaged over
+  the window) and `ExpertLoad` (per MoE layer, how evenly the routed tokens spread over the experts);
+- at the end: `RunMetrics` (metrics.json, in the run folder and in the adapter folder, and the model
+  card's metrics), `write_history` (history.json: the plots' data), `write_plots`, `write_card`;
+- `TrainResult`: what `launch_training` returns and `moetune train` prints.
+
+A new metric (a task score from evaluation, a preference margin) is one more field of `RunMetrics`
+and one more key of the logged dicts; the loop only hands the numbers over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from finetune import checkpoint as ckpt
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from finetune.recipe import Recipe
+    from finetune.resume import RunState
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+def input_token_count(batch: dict[str, torch.Tensor]) -> int:
+    """Decoder input tokens of a batch (0 for batches that only feed the modality encoders)."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum().item())
+    return int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+
+
+# ----------------------------------------------------------------------------- every log_every steps
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports (all processes together)."""
+
+    loss: float  # nan for a skipped step
+    aux_loss: float
+    grad_norm: float
+    tokens: int  # input tokens
+
+
+class LogWindow:
+    """Averages of the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.rows: list[StepResult] = []
+        self.seconds = 0.0
+
+    def add(self, result: StepResult, seconds: float) -> None:
+        self.rows.append(result)
+        self.seconds += seconds
+
+    def flush(self) -> dict[str, float]:
+        finite = [r.loss for r in self.rows if math.isfinite(r.loss)]
+        out = {
+            "train/loss": sum(finite) / len(finite) if finite else float("nan"),
+            "train/aux_loss": sum(r.aux_loss for r in self.rows) / len(self.rows),
+            "train/grad_norm": sum(r.grad_norm for r in self.rows) / len(self.rows),
+            "train/tokens_per_second": sum(r.tokens for r in self.rows) / max(self.seconds, 1e-9),
+        }
+        self.rows, self.seconds = [], 0.0
+        return out
+
+
+class ExpertLoad:
+    """Counts of routed tokens per (MoE layer, expert) during training, logged every log_every steps."""
+
+    def __init__(self) -> None:
+        self.counts: torch.Tensor | None = None  # (L, E)
+
+    def add(self, router_logits: Any, batch: dict[str, torch.Tensor], *, top_k: int | None) -> None:
+        if not router_logits or not top_k:
+            return
+        mask = batch.get("attention_mask")
+        keep = mask.reshape(-1).bool() if mask is not None else None
+        rows = []
+        for logits in router_logits:  # one (B*T, E) per MoE layer
+            logits = logits.detach().reshape(-1, logits.size(-1))
+            if keep is not None and keep.numel() == logits.size(0):
+                logits = logits[keep.to(logits.device)]
+            chosen = logits.topk(top_k, dim=-1).indices.reshape(-1)  # (N*k,)
+            rows.append(torch.bincount(chosen, minlength=logits.size(-1)).float())
+        counts = torch.stack(rows)
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def flush(self, acc: Accelerator) -> dict[str, float]:
+        if self.counts is None:
+            return {}
+        counts = acc.reduce(self.counts, "sum")
+        self.counts = None
+        out = {}
+        for layer, row in enumerate(counts):
+            mean = row.mean().clamp_min(1e-9)
+            out[f"expert_load/layer_{layer}/max_over_mean"] = float(row.max() / mean)
+            out[f"expert_load/layer_{layer}/cv"] = float(row.std(unbiased=False) / mean)
+        return out
+
+
+def tracker_config(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as flat scalars, the only kind TensorBoard's hparams accept."""
+    from finetune.recipe import recipe_to_dict
+
+    flat = {}
+    for section, body in recipe_to_dict(recipe).items():
+        for key, value in body.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
+
+
+# ----------------------------------------------------------------------------- at the end
+
+
+@dataclass
+class RunMetrics:
+    """metrics.json: what the run did and reached (the model card shows it too)."""
+
+    steps: int
+    train_loss: float | None  # mean of the last log_every steps' losses
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    perplexity_before: float | None  # None for encoder-only tasks (contrastive, classification)
+    perplexity_after: float | None
+    tokens: int
+    tokens_per_second: float | None
+    train_seconds: float
+    trainable_params: int
+    total_params: int
+    skipped_steps: list[int]
+    resumed_at: list[int]
+    num_processes: int
+    mixed_precision: str
+
+    @classmethod
+    def of_run(
+        cls,
+        state: RunState,
+        recipe: Recipe,
+        *,
+        eval_is_lm: bool,
+        trainable_params: int,
+        total_params: int,
+        num_processes: int,
+    ) -> RunMetrics:
+        losses = [loss for _, loss in state.train_loss]
+        tail = losses[-max(1, min(len(losses), recipe.train.log_every)) :]
+        before, after = state.eval_loss_before, (state.eval_loss[-1][1] if state.eval_loss else None)
+        return cls(
+            steps=state.step,
+            train_loss=sum(tail) / len(tail) if tail else None,
+            eval_loss_before=before,
+            eval_loss_after=after,
+            perplexity_before=perplexity(before) if before is not None and eval_is_lm else None,
+            perplexity_after=perplexity(after) if after is not None and eval_is_lm else None,
+            tokens=state.tokens,
+            tokens_per_second=state.tokens / state.train_seconds if state.train_seconds else None,
+            train_seconds=state.train_seconds,
+            trainable_params=trainable_params,
+            total_params=total_params,
+            skipped_steps=state.skipped_steps,
+            resumed_at=state.resumed_at,
+            num_processes=num_processes,
+            mixed_precision=recipe.train.mixed_precision,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> RunMetrics:
+        """The metrics of a metrics.json (keys this version does not know are left out)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+
+def write_history(run_dir: Path, state: RunState) -> None:
+    """history.json: train loss per step, eval loss per eval, skipped steps (the plots' data)."""
+    history = {k: getattr(state, k) for k in ("train_loss", "eval_loss", "skipped_steps")}
+    ckpt.write_json_atomic(run_dir / "history.json", history)
+
+
+def write_plots(run_dir: Path, state: RunState, load_after: list[list[float]] | None) -> list[Path]:
+    """plots/loss.png and plots/expert_load.png (before vs after); returns the files written."""
+    from finetune import plots
+
+    before = [[0, state.eval_loss_before]] if state.eval_loss_before is not None else []
+    return plots.write_run_plots(
+        run_dir / "plots",
+        train_loss=state.train_loss,
+        eval_loss=before + state.eval_loss,
+        load_before=state.expert_load_before,
+        load_after=load_after,
+    )
+
+
+def write_card(folder: Path, recipe: Recipe, metrics: RunMetrics, images: list[Path]) -> None:
+    """The adapter's model card (README.md): base, data, metrics, plots, the resolved recipe."""
+    from adapters.model_card import write_model_card
+    from finetune.recipe import recipe_to_dict
+
+    sources = recipe.data.train if isinstance(recipe.data.train, list) else [recipe.data.train]
+    write_model_card(
+        folder,
+        base_model=recipe.model.name,
+        kind="adapter",
+        datasets=sources,
+        metrics=metrics.as_dict(),
+        recipe=recipe_to_dict(recipe),
+        images=images,
+    )
+
+
+@dataclass
+class TrainResult:
+    """A finished run: its folder and metrics; `str()` is the summary `moetune train` prints."""
+
+    run_dir: Path
+    metrics: RunMetrics
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.run_dir / "adapter"
+
+    @classmethod
+    def read(cls, run_dir: Path) -> TrainResult:
+        """The result of the run written in `run_dir` (by another process: a launch of several)."""
+        metrics = json.loads((Path(run_dir) / "metrics.json").read_text(encoding="utf-8"))
+        return cls(Path(run_dir), RunMetrics.from_dict(metrics))
+
+    def __str__(self) -> str:
+        m = self.metrics
+        lines = [f"trained {m.steps} steps in {m.train_seconds:.1f}s"]
+        if m.resumed_at:
+            lines[0] += f" (resumed at step {', '.join(map(str, m.resumed_at))})"
+        if m.tokens_per_second:
+            lines[0] += f" ({m.tokens_per_second:.0f} tokens/s on {m.num_processes} process(es))"
+        if m.train_loss is not None:
+            lines.append(f"train loss (last steps): {m.train_loss:.4f}")
+        if m.eval_loss_before is not None and m.eval_loss_after is not None and m.perplexity_before is None:
+            lines.append(  # encoder-only tasks: no perplexity to speak of
+                f"held-out eval loss (contrastive + classification) {m.eval_loss_before:.4f} -> "
+                f"{m.eval_loss_after:.4f}"
+            )
+        elif m.eval_loss_before is not None and m.eval_loss_after is not None:
+            change = 100.0 * (1.0 - m.perplexity_after / m.perplexity_before)
+            trend = f"{change:.1f}% lower" if change >= 0 else f"{-change:.1f}% HIGHER"
+            lines.append(
+                f"held-out eval loss {m.eval_loss_before:.4f} -> {m.eval_loss_after:.4f}; perplexity "
+                f"{m.perplexity_before:.2f} -> {m.perplexity_after:.2f} ({trend})"
+            )
+        if m.skipped_steps:
+            lines.append(f"skipped steps (non-finite): {m.skipped_steps}")
+        lines.append(f"trainable parameters: {m.trainable_params:,} of {m.total_params:,}")
+        lines.append(f"adapter: {self.adapter_dir}")
+        lines.append(f"metrics: {self.run_dir / 'metrics.json'}; plots: {self.run_dir / 'plots'}")
+        lines.append(f"logs: tensorboard --logdir {self.run_dir / 'logs'}")
+        return "\n".join(lines)
