@@ -255,7 +255,7 @@ def part_memory(quick: bool) -> dict:
 
 def part_speed(quick: bool) -> dict:
     folder = write_model(WORK / "qwen-bf16", qwen_config(2), "bfloat16")
-    rounds, steps = (1, 1) if quick else (5, 3)
+    rounds, steps = (1, 1) if quick else (3, 2)
     results = _interleaved(rounds, lambda kind: ("speed", kind, str(folder), str(steps)))
     base = [r["step_s"] for r in results["float"]]
     out = {"rounds": rounds, "steps_per_round": steps, "bf16_step_s": statistics.median(base)}
