@@ -341,6 +341,8 @@ def write_markdown(results: dict, path: Path) -> None:
             "| --- | ---: | ---: | ---: | ---: | --- |",
         ]
         for label, row in results["quality"].items():
+            if not isinstance(row, dict):
+                continue  # wall_s
             lines.append(
                 f"| {label} | {row['steps']} | {row['float']['eval_loss_after']:.4f} | "
                 f"{row['int8']['eval_loss_after']:.4f} ({row['ratio']['int8']:.4f}) | "
