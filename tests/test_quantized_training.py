@@ -21,7 +21,7 @@ from tiny_models import random_batch
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("quantized")
     corpus = write_corpus(folder / "train.jsonl", n=64)
-    base = init_model("tiny", folder / "base")  # a float folder with its tokenizer: quantized while it loads
+    base = init_model("tiny", folder / "base").folder  # a float folder with its tokenizer: quantized while it loads
     return folder, corpus, base
 
 
