@@ -30,9 +30,9 @@ _LAZY = {
     "select_experts": "adapters.selection",
     "load_selection": "adapters.selection",
     "export_adapter": "adapters.export",
-    "install_fast_path": "adapters.experts",
-    "remove_fast_path": "adapters.experts",
-    "fast_path_modules": "adapters.experts",
+    "install_fast_path": "adapters.expert_fast_path",
+    "remove_fast_path": "adapters.expert_fast_path",
+    "fast_path_modules": "adapters.expert_fast_path",
 }
 
 __all__ = ["MoetuneError", *_LAZY]

@@ -4,7 +4,7 @@
 selection) into a plain `peft.LoraConfig` with exact module names (`target_modules`) and exact
 fused-expert parameter names (`target_parameters`), so the adapter folder is PEFT's own and plain
 `PeftModel.from_pretrained` loads it. The routed expert computation is then switched on with
-`adapters.experts.install_fast_path`. Unsupported combinations are refused here, at construction.
+`adapters.expert_fast_path.install_fast_path`. Unsupported combinations are refused here, at construction.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from adapters.errors import MoetuneError
-from adapters.experts import exposed_quantized_weights, install_fast_path
+from adapters.expert_fast_path import exposed_quantized_weights, install_fast_path
 from adapters.peft_format import split_experts
 from adapters.selection import load_selection
 from adapters.targets import ALL_GROUPS, clean_name, did_you_mean, find_targets, layer_of, resolve_targets

@@ -371,7 +371,7 @@ def _trainable_rows(peft_model: nn.Module) -> dict[str, dict]:
     """
     from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
-    from adapters.experts import expert_lora_mask
+    from adapters.expert_fast_path import expert_lora_mask
 
     groups = {t.name: t.group for t in find_targets(peft_model)}
     rows = {g: {"modules": 0, "params": 0, "trainable": 0, "experts": {}} for g in (*ALL_GROUPS, "other")}

@@ -2,7 +2,7 @@
 
 The training loop uses Accelerate's public API only (prepare, backward, no_sync, clip_grad_norm_,
 reduce, save_state / load_state, the trackers). What that API cannot do is done here, one function
-per need, and tests/test_accelerator.py fails when upstream renames or changes what they touch:
+per need, and tests/finetune/test_accelerator.py fails when upstream renames or changes what they touch:
 
 - `enable_fsdp_on_cpu` / `switch_to_fsdp`: Accelerate turns an FSDP launch config on for accelerator devices only; on
   CPU processes (gloo: the tests, a sharded run debugged on a laptop) it falls back to DDP. We switch

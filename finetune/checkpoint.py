@@ -5,7 +5,10 @@ A checkpoint is a folder `checkpoints/step-000120/` in the run folder: Accelerat
 epoch and metric history). It is written under a temporary name, every file is fsynced, and only
 then renamed into place, so a crash or a `kill -9` at any moment leaves either the whole new
 checkpoint or none of it; the previous checkpoints are never touched until the new one is complete.
-The final adapter folder is written the same way (`atomic_folder`).
+The final adapter folder is written the same way (`atomic_folder`). The fsync helpers are
+adapters/output_folder.py's; the rename here differs from that module's `atomic_output_folder` in
+one way a run needs: a replaced folder is kept as `.old-NAME` until the new one is in place, and
+`clean_stale` puts it back on resume when a crash fell between the two renames.
 
 Before writing, the free space of the target file system is compared with an estimate of what the
 checkpoint needs; when it does not fit, a `MoetuneError` says so and nothing is written.
@@ -30,6 +33,7 @@ from typing import Any
 
 import torch
 
+from adapters.output_folder import fsync_folder, fsync_tree
 from finetune.errors import MoetuneError
 
 CHECKPOINTS = "checkpoints"
@@ -161,31 +165,6 @@ def _mb(n: int) -> str:
 # ----------------------------------------------------------------------------- atomic folders
 
 
-def fsync_tree(folder: Path) -> None:
-    """fsync every file under `folder`, then the folders themselves (so the names are durable too)."""
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def tmp_path_for(final: Path) -> Path:
     return final.with_name(TMP_PREFIX + final.name)
 
@@ -199,7 +178,7 @@ def publish(tmp: Path, final: Path) -> None:
             shutil.rmtree(old)
         os.replace(final, old)  # `final` is briefly absent; `old` still holds it (see clean_stale)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_folder(final.parent)
     if old.exists():
         shutil.rmtree(old)
 
@@ -286,7 +265,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(TMP_PREFIX + path.name)
     write_json(tmp, data)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_folder(path.parent)
 
 
 def trainable_state_filter(model: torch.nn.Module):

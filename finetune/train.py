@@ -176,7 +176,7 @@ class TrainingRun:
         from accelerate.utils import DistributedType
         from torch.utils.data import DataLoader
 
-        from adapters.experts import set_experts_backend
+        from adapters.expert_fast_path import set_experts_backend
 
         acc, t = self.accelerator, self.recipe.train
         sampler = EpochSampler(train_ds, self.recipe.data, batch_size=t.batch_size, seed=t.seed)

@@ -1,17 +1,11 @@
-"""Shared fixtures: a seed, a tmp folder, and the tiny model families (see tiny_models.py)."""
+"""Shared fixtures and the test environment (offline, one thread); helpers live in tests/helpers/."""
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import pytest
-from test_train_support import ROOT, cli_env
 
 import cli
-import tiny_models
 from adapters import apply_lora
 from adapters.errors import MoetuneError
+from tests.helpers import models as tiny_models
+from tests.helpers.runs import ROOT, cli_env
 
 
 def test_a_closed_pipe_ends_quietly_without_a_traceback():

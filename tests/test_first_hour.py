@@ -3,10 +3,9 @@ quickstart (short schedule) -> generate --adapter -> merge --verify -> push --dr
 
 from __future__ import annotations
 
-from test_quickstart import SHORT
-
 import cli
 from finetune import quickstart
+from tests.helpers.runs import SHORT
 
 
 def test_quickstart_then_generate_merge_and_push_from_the_command_line(tmp_path, capsys):

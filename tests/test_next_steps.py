@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import write_corpus, write_recipe
 from transformers import AutoModelForCausalLM
 
 from adapters import load_adapter
@@ -25,6 +24,7 @@ from finetune.data.synthetic_mm import materialize
 from finetune.generation import generate_text
 from finetune.loading import init_model, load_model
 from finetune.train import launch_training
+from tests.helpers.runs import write_corpus, write_recipe
 
 TEXT_CASES = {
     "attention": {"targets": ["attention"]},

@@ -11,15 +11,10 @@ import subprocess
 import sys
 
 import pytest
-from test_train_support import ROOT, cli_env
 
 from finetune.errors import MoetuneError
 from finetune.quickstart import main, run_quickstart
-
-SHORT = [
-    "train.max_steps=8", "train.warmup_steps=2", "train.eval_every=4", "train.save_every=4",
-    "train.eval_batches=2", "data.max_examples=12", "data.max_eval_examples=4",
-]  # fmt: skip
+from tests.helpers.runs import ROOT, SHORT, cli_env
 
 
 def _check_artefacts(out, report):

@@ -151,7 +151,7 @@ def fused_weight_names(module: nn.Module) -> list[str]:
 
 def quantizable(module: nn.Module) -> bool:
     """A fused-experts module whose computation the routed path reproduces (so it can run quantized)."""
-    from adapters.experts import fast_path_supports
+    from adapters.expert_fast_path import fast_path_supports
 
     return bool(fused_weight_names(module)) and fast_path_supports(module)
 
