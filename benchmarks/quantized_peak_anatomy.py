@@ -28,7 +28,18 @@ MIB = 2**20
 class _MallInfo2(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_size_t)
-        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+        for name in [
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        ]
     ]
 
 
@@ -40,12 +51,16 @@ def _status(key: str) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("kind", choices=["float", "int8", "nf4"])
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     if not MODEL.is_dir():
-        raise SystemExit(f"{MODEL} does not exist: run `python benchmarks/quantized_experts.py --part memory` first")
+        raise SystemExit(
+            f"{MODEL} does not exist: run `python benchmarks/quantized_experts.py --part memory` first"
+        )
 
     import torch
 
@@ -57,7 +72,9 @@ def main() -> None:
     libc.mallinfo2.restype = _MallInfo2
     torch.set_num_threads(2)
     base = _status("VmRSS")
-    print(f"{'when':<8} {'RSS':>6} {'peak':>6} {'heap used':>10} {'heap free':>10} {'mapped':>7}  (MiB above the baseline; heap and mapped absolute)")
+    print(
+        f"{'when':<8} {'RSS':>6} {'peak':>6} {'heap used':>10} {'heap free':>10} {'mapped':>7}  (MiB above the baseline; heap and mapped absolute)"
+    )
 
     def row(when: str) -> None:
         info = libc.mallinfo2()
