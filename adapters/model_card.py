@@ -35,7 +35,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _DATA_SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".tsv", ".parquet", ".arrow", ".yaml", ".yml")
 _SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential", re.IGNORECASE)
 # Metrics that are results (go into the model-index); the rest (steps, tokens/s, ...) stay in the body.
-_RESULT_METRIC = re.compile(r"loss|perplexity|accuracy|f1|score|bleu|rouge|exact_match", re.IGNORECASE)
+_RESULT_METRIC = re.compile(r"loss|perplexity|accuracy|f1|score|bleu|rouge|exact_match|recall", re.IGNORECASE)
 REDACTED = "<redacted>"
 
 

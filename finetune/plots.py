@@ -1,4 +1,5 @@
-"""PNG plots of a run: loss curves, and the expert load of every MoE layer before and after training.
+"""PNG plots of a run: loss curves (with the task metrics of `eval.metrics` beside them), and the
+expert load of every MoE layer before and after training.
 
 matplotlib with the non-interactive Agg backend (no display needed: servers, CI, containers).
 """
@@ -6,7 +7,7 @@ matplotlib with the non-interactive Agg backend (no display needed: servers, CI,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -22,23 +23,35 @@ def write_run_plots(
     eval_loss: Sequence[Sequence[float]],
     load_before: Sequence[Sequence[float]] | None,
     load_after: Sequence[Sequence[float]] | None,
+    curves: Mapping[str, Sequence[Sequence[float]]] | None = None,
 ) -> list[Path]:
-    """Write every plot the data allows; returns their paths."""
+    """Write every plot the data allows; returns their paths. `curves`: [step, value] rows by logged
+    name (`retain/loss` joins the loss axes, task metrics get a panel of their own)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    if train_loss or eval_loss:
-        written.append(plot_loss(folder / "loss.png", train_loss, eval_loss))
+    if train_loss or eval_loss or curves:
+        written.append(plot_loss(folder / "loss.png", train_loss, eval_loss, curves))
     if load_before is not None and load_after is not None:
         written.append(plot_expert_load(folder / "expert_load.png", load_before, load_after))
     return written
 
 
 def plot_loss(
-    path: Path, train_loss: Sequence[Sequence[float]], eval_loss: Sequence[Sequence[float]]
+    path: Path,
+    train_loss: Sequence[Sequence[float]],
+    eval_loss: Sequence[Sequence[float]],
+    curves: Mapping[str, Sequence[Sequence[float]]] | None = None,
 ) -> Path:
-    """Train loss per step (raw, and a moving average) and eval loss at its steps."""
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    """Train loss per step (raw, and a moving average), eval loss and the other loss curves (retain)
+    at their steps; the task metrics (0..1) on a second panel when there are any."""
+    curves = {name: rows for name, rows in (curves or {}).items() if rows}
+    loss_curves = {name: rows for name, rows in curves.items() if name.endswith("loss")}
+    task_curves = {name: rows for name, rows in curves.items() if name not in loss_curves}
+    fig, axes = plt.subplots(
+        1, 2 if task_curves else 1, figsize=(12 if task_curves else 7, 4), dpi=110, squeeze=False
+    )
+    ax = axes[0][0]
     if train_loss:
         steps, losses = zip(*train_loss)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (per step)")
@@ -52,11 +65,25 @@ def plot_loss(
     if eval_loss:
         steps, losses = zip(*eval_loss)
         ax.plot(steps, losses, "o-", color="tab:orange", linewidth=1.6, label="eval")
+    for name, rows in loss_curves.items():
+        steps, values = zip(*rows)
+        ax.plot(steps, values, "s--", linewidth=1.4, label=name.replace("/", " "))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if task_curves:
+        ax = axes[0][1]
+        for name, rows in task_curves.items():
+            steps, values = zip(*rows)
+            ax.plot(steps, values, "o-", linewidth=1.6, label=name.removeprefix("eval/"))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("held-out score")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title("task metrics (eval.metrics)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -112,6 +112,27 @@ class ExpertLoad:
         return out
 
 
+def eval_line(result: dict[str, float]) -> str:
+    """One eval's log line: `eval loss 2.1234 (perplexity 8.37); exact_match 0.4100; retain loss 3.0120`."""
+    parts = []
+    if "eval/loss" in result:
+        ppl = result.get("eval/perplexity")
+        extra = f" (perplexity {ppl:.2f})" if ppl is not None and math.isfinite(ppl) else ""
+        parts.append(f"eval loss {result['eval/loss']:.4f}{extra}")
+    tasks = {
+        k: v for k, v in result.items() if k.startswith("eval/") and k not in ("eval/loss", "eval/perplexity")
+    }
+    parts += [f"{name.removeprefix('eval/')} {value:.4f}" for name, value in tasks.items()]
+    if "retain/loss" in result:
+        parts.append(f"retain loss {result['retain/loss']:.4f}")
+    return "; ".join(parts)
+
+
+def metric_key(logged: str) -> str:
+    """metrics.json's stem of a logged name: eval/exact_match -> eval_exact_match, retain/loss -> retain_loss."""
+    return logged.replace("/", "_")
+
+
 def tracker_config(recipe: Recipe) -> dict[str, Any]:
     """The recipe as flat scalars, the only kind TensorBoard's hparams accept."""
     from finetune.recipe import recipe_to_dict
@@ -145,6 +166,9 @@ class RunMetrics:
     resumed_at: list[int]
     num_processes: int
     mixed_precision: str
+    # eval.metrics and the retain loss: {eval_exact_match_before: .., eval_exact_match_after: ..,
+    # retain_loss_before: .., ...}; written as top-level keys of metrics.json
+    task_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of_run(
@@ -160,6 +184,12 @@ class RunMetrics:
         losses = [loss for _, loss in state.train_loss]
         tail = losses[-max(1, min(len(losses), recipe.train.log_every)) :]
         before, after = state.eval_loss_before, (state.eval_loss[-1][1] if state.eval_loss else None)
+        task_metrics = {}
+        for name in dict.fromkeys([*state.eval_metrics_before, *state.eval_metrics]):
+            if name in state.eval_metrics_before:
+                task_metrics[f"{metric_key(name)}_before"] = state.eval_metrics_before[name]
+            if state.eval_metrics.get(name):
+                task_metrics[f"{metric_key(name)}_after"] = state.eval_metrics[name][-1][1]
         return cls(
             steps=state.step,
             train_loss=sum(tail) / len(tail) if tail else None,
@@ -176,21 +206,33 @@ class RunMetrics:
             resumed_at=state.resumed_at,
             num_processes=num_processes,
             mixed_precision=recipe.train.mixed_precision,
+            task_metrics=task_metrics,
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        tasks = out.pop("task_metrics")
+        return {**out, **tasks}
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> RunMetrics:
         """The metrics of a metrics.json (keys this version does not know are left out)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in names})
+        tasks = {k: v for k, v in saved.items() if k not in names and k.endswith(("_before", "_after"))}
+        return cls(**{k: v for k, v in saved.items() if k in names}, task_metrics=tasks)
+
+    def before_after(self) -> list[tuple[str, float | None, float | None]]:
+        """(stem, before, after) of each task metric and the retain loss, in the order measured."""
+        stems = dict.fromkeys(k.rsplit("_", 1)[0] for k in self.task_metrics)
+        return [
+            (stem, self.task_metrics.get(f"{stem}_before"), self.task_metrics.get(f"{stem}_after"))
+            for stem in stems
+        ]
 
 
 def write_history(run_dir: Path, state: RunState) -> None:
     """history.json: train loss per step, eval loss per eval, skipped steps (the plots' data)."""
-    history = {k: getattr(state, k) for k in ("train_loss", "eval_loss", "skipped_steps")}
+    history = {k: getattr(state, k) for k in ("train_loss", "eval_loss", "skipped_steps", "eval_metrics")}
     ckpt.write_json_atomic(run_dir / "history.json", history)
 
 
@@ -199,12 +241,17 @@ def write_plots(run_dir: Path, state: RunState, load_after: list[list[float]] | 
     from finetune import plots
 
     before = [[0, state.eval_loss_before]] if state.eval_loss_before is not None else []
+    curves = {
+        name: ([[0, state.eval_metrics_before[name]]] if name in state.eval_metrics_before else []) + rows
+        for name, rows in state.eval_metrics.items()
+    }
     return plots.write_run_plots(
         run_dir / "plots",
         train_loss=state.train_loss,
         eval_loss=before + state.eval_loss,
         load_before=state.expert_load_before,
         load_after=load_after,
+        curves=curves,
     )
 
 
@@ -263,6 +310,13 @@ class TrainResult:
                 f"held-out eval loss {m.eval_loss_before:.4f} -> {m.eval_loss_after:.4f}; perplexity "
                 f"{m.perplexity_before:.2f} -> {m.perplexity_after:.2f} ({trend})"
             )
+        for stem, before, after in m.before_after():
+            if before is None or after is None:
+                continue
+            if stem == "retain_loss":  # what the adaptation cost on general data
+                lines.append(f"retain loss (data.retain) {before:.4f} -> {after:.4f} ({after - before:+.4f})")
+            else:
+                lines.append(f"eval {stem.removeprefix('eval_')} {before:.4f} -> {after:.4f}")
         if m.skipped_steps:
             lines.append(f"skipped steps (non-finite): {m.skipped_steps}")
         lines.append(f"trainable parameters: {m.trainable_params:,} of {m.total_params:,}")

@@ -45,6 +45,9 @@ class RunState:
     train_loss: list[list[float]] = field(default_factory=list)  # [step, loss] every step
     eval_loss: list[list[float]] = field(default_factory=list)  # [step, loss] every eval
     eval_loss_before: float | None = None  # eval loss before the first step
+    # eval.metrics and the retain loss by logged name (eval/exact_match, retain/loss): [step, value] every eval
+    eval_metrics: dict[str, list[list[float]]] = field(default_factory=dict)
+    eval_metrics_before: dict[str, float] = field(default_factory=dict)  # their values before the first step
     expert_load_before: list[list[float]] | None = None  # (MoE layers, experts) shares before the first step
     fingerprint: dict[str, str] = field(default_factory=dict)  # see `fingerprint`
 

@@ -5,7 +5,8 @@
                 its schedule); the run folder and trackers; `--resume` restores the last checkpoint
     train       each optimizer step takes `grad_accum` micro-batches per process; logging, eval and
                 checkpoints every N steps, and one at the end; Ctrl-C / SIGTERM saves one and stops
-    eval        loss and perplexity on the eval batches, before, during and after training
+    eval        loss and perplexity on the eval batches, the recipe's `eval.metrics` and the retain
+                loss, before, during and after training (finetune/evaluation/runs.py)
     checkpoint  trainable weights, optimizer, scheduler, RNG and the run state, written atomically
     save        adapter/ (PEFT + model card + recipe + metrics), metrics.json, history, plots; push
     cleanup     close the trackers, release the process group
@@ -37,12 +38,15 @@ from finetune import checkpoint as ckpt
 from finetune import reporting
 from finetune.accelerator import TRACKER_PROJECT, as_float, check_engine, end_training, make_accelerator
 from finetune.errors import MoetuneError
-from finetune.evaluate import eval_batches, evaluate_across_processes, expert_load_shares
+from finetune.evaluate import expert_load_shares
 from finetune.launch import inside_distributed_launch, launch_run
 from finetune.losses import StepLoss, count_label_tokens, forward_loss
 from finetune.recipe import Recipe, TrainSection, load_recipe, save_recipe
 from finetune.reporting import ExpertLoad, LogWindow, RunMetrics, StepResult, TrainResult
 from finetune.resume import EpochSampler, RunState, check_run_folder, fingerprint, step_seed
+
+# Logged at every eval but kept in the run state elsewhere (eval_loss) or derived (perplexity).
+NOT_TRACKED = ("eval/loss", "eval/perplexity")
 
 
 def launch_training(
@@ -147,12 +151,12 @@ class TrainingRun:
     def setup_data(self) -> tuple[Any, Callable[[list[dict]], dict]]:
         """The training set and its collator; the eval batches, fixed for the whole run."""
         from finetune.data import build_datasets, make_collator
+        from finetune.evaluation.runs import RunEvaluation
 
         d, t = self.recipe.data, self.recipe.train
         train_ds, eval_ds = build_datasets(d, self.tokenizer, seed=t.seed)
         collate = make_collator(d, self.tokenizer)
-        self.eval_batches = eval_batches(eval_ds, collate, t.batch_size, t.eval_batches)
-        self.eval_is_lm = any("labels" in b for b in self.eval_batches)
+        self.evaluation = RunEvaluation(self.recipe, self.tokenizer, eval_ds, collate)
         return train_ds, collate
 
     def setup_adapter(self, model: torch.nn.Module, train_ds: Any) -> None:
@@ -211,13 +215,12 @@ class TrainingRun:
     def train(self) -> None:
         from tqdm.auto import tqdm
 
-        if self.state.step == 0 and self.eval_batches:
+        if self.state.step == 0 and self.evaluation.active:
             before = self.evaluate()
-            self.state.eval_loss_before = before["loss"]
+            self.state.eval_loss_before = before.get("eval/loss")
+            self.state.eval_metrics_before = {k: v for k, v in before.items() if k not in NOT_TRACKED}
             self.state.expert_load_before = self.expert_load()
-            self.accelerator.log(
-                {"eval/loss": before["loss"], "eval/perplexity": before["perplexity"]}, step=0
-            )
+            self.accelerator.log(before, step=0)
         self.progress = tqdm(
             total=self.total_steps,
             initial=self.state.step,
@@ -232,7 +235,7 @@ class TrainingRun:
         self.progress.close()
         if self.state.step != self.last_saved_step:  # the end is always resumable
             self.save_checkpoint(self.state.step)
-        if self.eval_batches:
+        if self.evaluation.active:
             self.run_eval(self.state.step)
 
     def loop(self, window: LogWindow, load: ExpertLoad, interrupts: ckpt.InterruptGuard) -> None:
@@ -269,7 +272,7 @@ class TrainingRun:
                         lr=f"{logged['train/lr']:.2e}",
                         tok_s=f"{logged['train/tokens_per_second']:.0f}",
                     )
-                if t.eval_every and step % t.eval_every == 0 and not last and self.eval_batches:
+                if t.eval_every and step % t.eval_every == 0 and not last and self.evaluation.active:
                     self.run_eval(step)
                 if t.save_every and step % t.save_every == 0 and not last:
                     self.save_checkpoint(step)
@@ -352,22 +355,25 @@ class TrainingRun:
     # ------------------------------------------------------------------ eval
 
     def evaluate(self) -> dict[str, float]:
-        """Loss and perplexity on the eval batches, each process taking its share (weighted by tokens)."""
-        return evaluate_across_processes(self.accelerator, self.model, self.eval_batches, lm=self.eval_is_lm)
+        """eval/loss, eval/perplexity, eval/<metric> and retain/loss, as the recipe asks (logged names)."""
+        return self.evaluation.measure(self.accelerator, self.model)
 
     def expert_load(self) -> list[list[float]] | None:
         """Share of routed tokens per expert per MoE layer on the eval batches (None for dense models)."""
-        if not self.has_experts or not self.eval_batches:
+        batches = self.evaluation.loss_batches
+        if not self.has_experts or not batches:
             return None
-        return expert_load_shares(self.model, self.eval_batches, self.accelerator.device)
+        return expert_load_shares(self.model, batches, self.accelerator.device)
 
     def run_eval(self, step: int) -> None:
         result = self.evaluate()
-        self.state.eval_loss.append([step, result["loss"]])
-        self.accelerator.log(
-            {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]}, step=step
-        )
-        self.say(f"step {step}: eval loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f})")
+        if "eval/loss" in result:
+            self.state.eval_loss.append([step, result["eval/loss"]])
+        for name, value in result.items():
+            if name not in NOT_TRACKED:
+                self.state.eval_metrics.setdefault(name, []).append([step, value])
+        self.accelerator.log(result, step=step)
+        self.say(f"step {step}: {reporting.eval_line(result)}")
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -402,7 +408,7 @@ class TrainingRun:
         metrics = RunMetrics.of_run(
             self.state,
             r,
-            eval_is_lm=self.eval_is_lm,
+            eval_is_lm=self.evaluation.lm,
             trainable_params=self.trainable_params,
             total_params=self.total_params,
             num_processes=acc.num_processes,

@@ -1,4 +1,4 @@
-"""Recipes: one YAML file with sections model / adapter / data / train / output.
+"""Recipes: one YAML file with sections model / adapter / data / train / output / eval.
 
 - schema.py      the section dataclasses; every key documented (`moetune recipes`, the docs' table)
 - validation.py  types, ranges, cross-field rules; all the problems of a recipe reported together,
@@ -32,6 +32,7 @@ from finetune.recipe.schema import (
     SECTIONS,
     AdapterSection,
     DataSection,
+    EvalSection,
     ModelSection,
     OutputSection,
     Recipe,
@@ -53,6 +54,7 @@ __all__ = [
     "SECTIONS",
     "AdapterSection",
     "DataSection",
+    "EvalSection",
     "ModelSection",
     "OutputSection",
     "Recipe",

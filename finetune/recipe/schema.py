@@ -1,4 +1,4 @@
-"""The recipe schema: one dataclass per section (model / adapter / data / train / output).
+"""The recipe schema: one dataclass per section (model / adapter / data / train / output / eval).
 
 Each field is a recipe key, documented in `metadata["help"]`; `describe_keys` / `keys_markdown`
 turn them into the reference table of docs/recipes-and-data.md (`python -m finetune.recipe`), so the
@@ -210,6 +210,29 @@ class TrainSection:
 
 
 @dataclass
+class EvalSection:
+    """What a run measures on the held-out data, before training, every train.eval_every steps and after."""
+
+    metrics: list[Literal["loss", "exact_match", "word_accuracy", "macro_f1", "recall_at_1"]] = _doc(
+        "loss (held-out loss, always measured when there is eval data); exact_match / word_accuracy (greedy "
+        "generation of each example's target after its prompt: instruction, chat, multimodal targets); "
+        "macro_f1 (the multi-label head); recall_at_1 (image <-> text retrieval over the eval pairs). "
+        "metrics.json gets eval_<metric>_before / _after",
+        default_factory=lambda: ["loss"],
+    )
+    batch_size: int | None = _doc(
+        "examples per batch for the task metrics (generation is batched); null = train.batch_size",
+        default=None,
+    )
+    max_examples: int | None = _doc(
+        "compute the task metrics on at most this many eval examples (the loss follows train.eval_batches); "
+        "null = all",
+        default=None,
+    )
+    max_new_tokens: int = _doc("tokens generated per example for exact_match / word_accuracy", default=32)
+
+
+@dataclass
 class OutputSection:
     """Where the run goes."""
 
@@ -233,6 +256,7 @@ class Recipe:
     data: DataSection
     train: TrainSection
     output: OutputSection
+    eval: EvalSection = field(default_factory=EvalSection)
     # What loading decided for the user, one line each, printed by the training loop; not part of the
     # recipe itself. notes: defaults a run relies on, sample data found in the installation (stdout);
     # warnings: overrides that replaced a key of the recipe file (stderr).
@@ -246,6 +270,7 @@ SECTIONS: dict[str, type] = {
     "data": DataSection,
     "train": TrainSection,
     "output": OutputSection,
+    "eval": EvalSection,
 }
 REQUIRED = ("model.name", "data.train")
 # Keys whose value must not be empty when given (a default exists for when they are left out).

@@ -52,6 +52,9 @@ _AT_LEAST = {
     "train.log_every": 1,
     "train.eval_batches": 1,
     "output.keep_checkpoints": 1,
+    "eval.batch_size": 1,
+    "eval.max_examples": 1,
+    "eval.max_new_tokens": 1,
 }
 _POSITIVE = ("adapter.alpha", "train.lr", "train.max_grad_norm")
 _UNIT_INTERVAL = {
@@ -300,6 +303,7 @@ def _check_conflicts(recipe: Recipe, where: str, problems: _Problems) -> None:
                 problems.add(
                     f"{where}: {key} is set but there is no eval data; set data.eval or data.eval_fraction"
                 )
+    _check_eval(recipe, where, problems)
     if o.private and o.push_to_hub is None:
         problems.add(
             f"{where}: output.private is set but output.push_to_hub is null; name the repo or drop private"
@@ -326,6 +330,23 @@ def _check_conflicts(recipe: Recipe, where: str, problems: _Problems) -> None:
             f"{where}: data.pad_to_multiple_of ({d.pad_to_multiple_of}) exceeds data.max_length "
             f"({d.max_length}); lower it"
         )
+
+
+def _check_eval(recipe: Recipe, where: str, problems: _Problems) -> None:
+    """Task metrics need held-out data, and generation needs whole examples (not packed rows)."""
+    d, e = recipe.data, recipe.eval
+    tasks = [name for name in e.metrics if name != "loss"]
+    if tasks and d.eval is None and d.eval_fraction is None:
+        problems.add(
+            f"{where}: eval.metrics {show_value(tasks)} need eval data; set data.eval or data.eval_fraction"
+        )
+    generation = [name for name in tasks if name in ("exact_match", "word_accuracy")]
+    if generation and d.packing:
+        problems.add(
+            f"{where}: eval.metrics {show_value(generation)} generate from whole examples; set data.packing: false"
+        )
+    if len(set(e.metrics)) != len(e.metrics):
+        problems.add(f"{where}: eval.metrics {show_value(e.metrics)} names a metric twice; list each once")
 
 
 def _check_multimodal(d: DataSection, where: str, problems: _Problems) -> None:

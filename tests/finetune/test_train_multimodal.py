@@ -21,10 +21,11 @@ def train(recipe: str, out: Path, *extra: str) -> dict:
 
 
 def test_caption_recipe_trains_the_decoder_on_text_after_the_modality_prefix(tmp_path):
-    metrics = train("mm-caption.yaml", tmp_path / "run")
+    metrics = train("mm-caption.yaml", tmp_path / "run", "--set", "eval.max_examples=10")
     assert (
         metrics["perplexity_before"] is not None and metrics["eval_loss_after"] < metrics["eval_loss_before"]
     )
+    assert {"eval_exact_match_before", "eval_word_accuracy_after"} <= set(metrics)  # the recipe's eval.metrics
     weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert any("encoders" in k or "projector" in k for k in weights)
 
@@ -32,6 +33,7 @@ def test_caption_recipe_trains_the_decoder_on_text_after_the_modality_prefix(tmp
 def test_classify_recipe_trains_encoder_losses_and_keeps_the_label_order(tmp_path):
     metrics = train("mm-classify.yaml", tmp_path / "run")
     assert metrics["perplexity_before"] is None  # no text targets: no perplexity is claimed
+    assert 0.0 <= metrics["eval_macro_f1_before"] <= 1.0 and 0.0 <= metrics["eval_macro_f1_after"] <= 1.0
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
     assert all(torch.isfinite(torch.tensor(v)) for v in (metrics["train_loss"], metrics["eval_loss_after"]))
     adapter = tmp_path / "run" / "adapter"

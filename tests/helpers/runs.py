@@ -74,7 +74,7 @@ def write_recipe(folder: Path, corpus: Path, **sections) -> Path:
         "output": {"dir": str(folder / "run"), "keep_checkpoints": None},
     }  # fmt: skip
     for name, values in sections.items():
-        recipe[name].update(values)
+        recipe.setdefault(name, {}).update(values)  # a section the defaults leave out (eval)
     if recipe["data"].get("eval_fraction") is None and recipe["data"].get("eval") is None:
         recipe["train"].pop("eval_batches")  # no eval data: eval keys would be refused
     path = folder / "recipe.yaml"

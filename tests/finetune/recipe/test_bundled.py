@@ -128,4 +128,4 @@ def test_adapter_section_fits_a_tiny_model_of_the_recipe_family(path, tmp_path):
 def test_recipe_yaml_files_are_plain_mappings_of_sections():
     for path in RECIPES:
         raw = yaml.safe_load(path.read_text())
-        assert set(raw) <= {"model", "adapter", "data", "train", "output"}, path
+        assert set(raw) <= {"model", "adapter", "data", "train", "output", "eval"}, path

@@ -267,7 +267,10 @@ def test_multimodal_options_are_checked_when_the_recipe_loads(tmp_path):
         ("model:\n  name: preset:tiny\nadapter:\n  targets: [x]\n", "missing required key 'data.train'"),
         (MINIMAL.replace("[attention, experts]", "[]"), "'adapter.targets' is required and empty"),
         (MINIMAL.replace("preset:tiny", "''"), "'model.name' is required and empty"),
-        ("- a\n- b\n", "a recipe is a mapping with sections model, adapter, data, train, output; got list"),
+        (
+            "- a\n- b\n",
+            "a recipe is a mapping with sections model, adapter, data, train, output, eval; got list",
+        ),
         ("model:\n  name: a\n  name: b\n", "line 3: duplicate key 'name'; keep one"),
         ("model: [unclosed\n", "r.yaml: line 2"),
     ],
