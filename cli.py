@@ -122,6 +122,25 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(result)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from finetune.evaluation.command import evaluate_model
+
+    result = evaluate_model(
+        args.model,
+        args.data,
+        adapter=args.adapter,
+        format=args.format,
+        metrics=_csv(args.metrics),
+        batch_size=args.batch_size,
+        max_examples=args.max_examples,
+        max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+        quantize=args.quantize,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result)
+
+
 def cmd_recipes(args: argparse.Namespace) -> None:
     from finetune.recipe import list_recipes
 
@@ -238,6 +257,7 @@ EXAMPLES = {
     "plan": "moetune plan preset:full --gpus 8 --gpu-memory 80 --seq-len 8192",
     "train": "moetune train quickstart --set train.max_steps=50 --output runs/qs",
     "recipes": "moetune recipes",
+    "evaluate": "moetune evaluate preset:tiny --adapter runs/qs/adapter --data eval.jsonl --metrics loss",
     "experts": "moetune experts profile preset:tiny --data docs --output runs/esft-profile",
     "experts profile": "moetune experts profile preset:tiny --data docs --output runs/esft-profile",
     "export-adapter": "moetune export-adapter runs/esft/adapter --format per-expert --output runs/esft/per-expert",
@@ -411,6 +431,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add("recipes", cmd_recipes, "list the bundled recipes")
+
+    p = add("evaluate", cmd_evaluate, "held-out loss and task metrics of MODEL (+ adapter) on data")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="adapter folder to apply (default: none)")
+    p.add_argument("--data", required=True, help="a data source, as data.train takes it (required)")
+    p.add_argument(
+        "--format",
+        default=None,
+        choices=["text", "instruction", "chat", "multimodal"],
+        help="data.format (default: the adapter's recipe's, else inferred from the records)",
+    )
+    p.add_argument(
+        "--metrics",
+        default="loss",
+        help="comma list of loss, exact_match, word_accuracy, macro_f1, recall_at_1 (default: loss)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="examples per batch (default: 8)")
+    p.add_argument("--max-examples", type=int, default=None, help="use at most N records (default: all)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per example (default: the adapter's recipe's, else 1024)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="generation budget of exact_match / word_accuracy (default: 32)",
+    )
+    p.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None, help=QUANTIZE_HELP)
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model repository's own code (default: off)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object (default: one line)")
 
     experts = sub.add_parser(
         "experts",

@@ -25,7 +25,9 @@ def test_caption_recipe_trains_the_decoder_on_text_after_the_modality_prefix(tmp
     assert (
         metrics["perplexity_before"] is not None and metrics["eval_loss_after"] < metrics["eval_loss_before"]
     )
-    assert {"eval_exact_match_before", "eval_word_accuracy_after"} <= set(metrics)  # the recipe's eval.metrics
+    assert {"eval_exact_match_before", "eval_word_accuracy_after"} <= set(
+        metrics
+    )  # the recipe's eval.metrics
     weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert any("encoders" in k or "projector" in k for k in weights)
 
