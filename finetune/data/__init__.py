@@ -13,6 +13,7 @@ logged as warnings on the `moetune.data` logger.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import logging
@@ -47,6 +48,8 @@ __all__ = [
     "DataStats",
     "SplitStats",
     "build_datasets",
+    "build_retain",
+    "unpacked",
     "load_source",
     "make_collator",
     "make_sampler",
@@ -106,17 +109,44 @@ def build_datasets(
     return prepared.train, prepared.eval
 
 
-def prepare_datasets(data: DataSection, tokenizer: Any, *, seed: int) -> PreparedData:
-    """Load, split (seeded), cap, tokenize, check, pack. Raises MoetuneError on any data mistake."""
+def prepare_datasets(
+    data: DataSection, tokenizer: Any, *, seed: int, what: str = "data.train"
+) -> PreparedData:
+    """Load, split (seeded), cap, tokenize, check, pack. Raises MoetuneError on any data mistake.
+
+    `what` names `data.train` in messages (another key when its source is loaded the same way)."""
     with quiet_datasets():
-        return _prepare(data, tokenizer, seed=seed)
+        return _prepare(data, tokenizer, seed=seed, what=what)
 
 
-def _prepare(data: DataSection, tokenizer: Any, *, seed: int) -> PreparedData:
-    train_specs = _resolve(data.train, "data.train", data)
+def build_retain(data: DataSection, tokenizer: Any, *, seed: int) -> datasets.Dataset | None:
+    """`data.retain` as examples (None when unset): the loaders of data.train, its format inferred from
+    its own records (general text next to instruction data) unless multimodal, at most
+    `data.max_eval_examples` records, never packed."""
+    if data.retain is None:
+        return None
+    section = dataclasses.replace(
+        unpacked(data),
+        train=data.retain,
+        eval=None,
+        eval_fraction=None,
+        retain=None,
+        format="multimodal" if data.format == "multimodal" else None,
+        max_examples=data.max_eval_examples,
+    )
+    return prepare_datasets(section, tokenizer, seed=seed, what="data.retain").train
+
+
+def unpacked(data: DataSection) -> DataSection:
+    """The data settings of `build_retain`'s examples (for their collator): never packed."""
+    return dataclasses.replace(data, packing=False, group_by_length=False)
+
+
+def _prepare(data: DataSection, tokenizer: Any, *, seed: int, what: str) -> PreparedData:
+    train_specs = _resolve(data.train, what, data)
     eval_specs = _resolve(data.eval, "data.eval", data) if data.eval is not None else None
     skip = data.on_bad_record == "skip"
-    raw_train = load_source(train_specs, what="data.train", skip_malformed=skip)
+    raw_train = load_source(train_specs, what=what, skip_malformed=skip)
     raw_eval = None
     if eval_specs is not None:
         raw_eval = load_source(eval_specs, what="data.eval", skip_malformed=skip)
@@ -132,16 +162,16 @@ def _prepare(data: DataSection, tokenizer: Any, *, seed: int) -> PreparedData:
         train_source, eval_source = _label(train_specs), _label(eval_specs or train_specs)
         train = build(raw_train, data, tokenizer, source=train_source)
         evals = build(raw_eval, data, tokenizer, source=eval_source) if raw_eval is not None else None
-        stats = DataStats(SplitStats("data.train", train_source, records=len(raw_train), examples=len(train)))
+        stats = DataStats(SplitStats(what, train_source, records=len(raw_train), examples=len(train)))
         if evals is not None:
             stats.eval = SplitStats("data.eval", eval_source, records=len(raw_eval), examples=len(evals))
         return PreparedData(train, evals, stats)
 
-    data, note = layout_for(data, raw_train.column_names, f"data.train ({_label(data.train)})")
+    data, note = layout_for(data, raw_train.column_names, f"{what} ({_label(data.train)})")
     if note:
         logger.warning("%s", note)
     template = resolve_chat_template(tokenizer, data.chat_template) if data.format == "chat" else None
-    train_stats = SplitStats("data.train", _label(data.train))
+    train_stats = SplitStats(what, _label(data.train))
     train = _tokenize(raw_train, data, tokenizer, template, train_stats)
     eval_stats = eval_set = None
     if raw_eval is not None:

@@ -92,6 +92,7 @@ def evaluate_model(
         train=data,
         eval=None,
         eval_fraction=None,
+        retain=None,
         format=format or section.format,
         max_length=max_length or section.max_length,
         max_examples=max_examples,

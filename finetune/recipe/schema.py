@@ -101,6 +101,11 @@ class DataSection:
         "Required."
     )
     eval: str | list[str] | None = _doc("held-out data, same forms as data.train", default=None)
+    retain: str | list[str] | None = _doc(
+        "general-domain data, same forms as data.train (format inferred from its records): its loss before "
+        "and after training (retain_loss_before / _after) shows what the adaptation cost elsewhere",
+        default=None,
+    )
     eval_fraction: float | None = _doc(
         "hold out this share of data.train (by record, seeded with train.seed) instead of data.eval",
         default=None,

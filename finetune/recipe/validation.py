@@ -293,7 +293,7 @@ def _check_conflicts(recipe: Recipe, where: str, problems: _Problems) -> None:
     for a, b in EXCLUSIVE:
         if is_set(get_key(recipe, a)) and is_set(get_key(recipe, b)):
             problems.add(f"{where}: {a} and {b} both set; keep one")
-    if d.eval is None and d.eval_fraction is None:
+    if d.eval is None and d.eval_fraction is None and d.retain is None:  # data.retain is measured too
         for key, value in (
             ("train.eval_every", t.eval_every),
             ("train.eval_batches", t.eval_batches),
