@@ -41,7 +41,7 @@ from finetune.errors import MoetuneError
 from finetune.evaluate import expert_load_shares
 from finetune.launch import inside_distributed_launch, launch_run
 from finetune.losses import StepLoss, count_label_tokens, forward_loss
-from finetune.recipe import Recipe, TrainSection, load_recipe, save_recipe
+from finetune.recipe import Recipe, TrainSection, esft_profile, load_recipe, save_recipe
 from finetune.reporting import ExpertLoad, LogWindow, RunMetrics, StepResult, TrainResult
 from finetune.resume import EpochSampler, RunState, check_run_folder, fingerprint, step_seed
 
@@ -100,6 +100,7 @@ class TrainingRun:
         self.accelerator = None
         self.progress = None  # the progress bar, while the loop runs
         self.last_saved_step: int | None = None  # the step of the newest checkpoint on disk
+        self.esft = None  # the experts selected in this run (adapter.experts: {threshold: ..})
         self.state = RunState(fingerprint=fingerprint(recipe))
 
     # ------------------------------------------------------------------ setup
@@ -170,7 +171,13 @@ class TrainingRun:
         if label_names and hasattr(model, "set_label_names"):
             # Multi-label head sized and ordered by the data, before LoRA so the adapter can train it.
             model.set_label_names(list(label_names))
-        self.model = apply_lora(model, **dataclasses.asdict(self.recipe.adapter))
+        adapter = dataclasses.asdict(self.recipe.adapter)
+        if esft_profile(self.recipe.adapter.experts) is not None:  # ESFT: profile the base, select, then LoRA
+            from finetune.evaluation.esft import select_for_run
+
+            self.esft = select_for_run(model, self.recipe, self.tokenizer, train_ds)
+            adapter["experts"] = self.esft.selection
+        self.model = apply_lora(model, **adapter)
         self.trainable_params = count_trainable(self.model)  # as the report counts (ESFT: chosen experts)
         self.total_params = sum(p.numel() for p in self.model.parameters())
         self.has_experts = bool(expert_call_sites(self.model))
@@ -210,6 +217,9 @@ class TrainingRun:
                 self.say(f"--overwrite: removed the previous run's {', '.join(removed)} in {self.run_dir}")
         ckpt.clean_stale(self.run_dir / ckpt.CHECKPOINTS)
         save_recipe(self.recipe, self.run_dir / "recipe.yaml")
+        if self.esft is not None:
+            self.esft.write(self.run_dir)
+            self.say(str(self.esft))
 
     # ------------------------------------------------------------------ train
 

@@ -38,6 +38,7 @@ from finetune.recipe.schema import (
     Recipe,
     TrainSection,
     describe_keys,
+    esft_profile,
     keys_markdown,
     recipe_to_dict,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "RecipeProblems",
     "TrainSection",
     "describe_keys",
+    "esft_profile",
     "find_recipe",
     "header_comment",
     "keys_markdown",

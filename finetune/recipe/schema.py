@@ -76,9 +76,12 @@ class AdapterSection:
         "decoder layers to adapt: a list of indices or an inclusive range 'START-END'; null = all layers",
         default=None,
     )
-    experts: dict[int, list[int]] | str | None = _doc(
-        "routed experts to adapt: null = all, a mapping layer -> expert ids, or the path of the "
-        "selection.json written by `moetune experts profile`",
+    experts: dict[int, list[int]] | dict[str, Any] | str | None = _doc(
+        "routed experts to adapt: null = all, a mapping layer -> expert ids, the path of the "
+        "selection.json written by `moetune experts profile`, or ESFT in the run: {threshold: P, data: SOURCE, "
+        "metric: token_ratio | gate_score, max_examples: N} profiles the loaded model's routing on SOURCE "
+        "(default: the training data; metric token_ratio, 256 examples) and keeps per layer the experts "
+        "whose share adds up to P (RUN/selection.json + selection.png)",
         default=None,
     )
     router: Literal["frozen", "train", "lora"] = _doc(
@@ -302,6 +305,16 @@ EXCLUSIVE = (
 ONE_OR_LIST = ("adapter.targets",)
 
 # Lower bounds (inclusive) and open ranges, checked after types.
+
+
+ESFT_KEYS = ("threshold", "data", "metric", "max_examples")
+
+
+def esft_profile(experts: Any) -> dict[str, Any] | None:
+    """`adapter.experts` when it asks for ESFT in the run ({threshold: ..}), else None."""
+    if isinstance(experts, dict) and any(isinstance(k, str) for k in experts):
+        return experts
+    return None
 
 
 def get_key(recipe: Recipe, path: str) -> Any:

@@ -22,6 +22,7 @@ import yaml
 
 from finetune.errors import MoetuneError
 from finetune.recipe.schema import (
+    ESFT_KEYS,
     EXCLUSIVE,
     HEADLINE_DEFAULTS,
     NOT_EMPTY,
@@ -31,6 +32,7 @@ from finetune.recipe.schema import (
     UNION_TYPES,
     DataSection,
     Recipe,
+    esft_profile,
     get_key,
     type_name,
 )
@@ -272,9 +274,11 @@ def _check_values(recipe: Recipe, where: str, problems: _Problems) -> None:
             )
     elif a.layers is not None and any(i < 0 for i in a.layers):
         problems.add(f"{where}: adapter.layers must be layer indices >= 0, got {a.layers}")
-    if isinstance(a.experts, dict) and any(i < 0 for ids in a.experts.values() for i in ids):
+    if esft_profile(a.experts) is not None:
+        _check_esft(a, where, problems)
+    elif isinstance(a.experts, dict) and any(i < 0 for ids in a.experts.values() for i in ids):
         problems.add(f"{where}: adapter.experts has a negative expert id; ids start at 0")
-    if isinstance(a.experts, dict) and any(k < 0 for k in a.experts):
+    elif isinstance(a.experts, dict) and any(k < 0 for k in a.experts):
         problems.add(f"{where}: adapter.experts has a negative layer index; layers start at 0")
     if isinstance(a.experts, str) and not a.experts.strip():
         problems.add(f"{where}: adapter.experts is an empty path; give selection.json or null")
@@ -284,6 +288,36 @@ def _check_values(recipe: Recipe, where: str, problems: _Problems) -> None:
     repo = recipe.output.push_to_hub
     if repo is not None and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo):
         problems.add(f"{where}: output.push_to_hub '{repo}' is not a hub repo id; use OWNER/NAME")
+
+
+def _check_esft(a: Any, where: str, problems: _Problems) -> None:
+    """adapter.experts {threshold, data, metric, max_examples}: ESFT's selection made in the run."""
+    spec = a.experts
+    for key in spec:
+        if key not in ESFT_KEYS:
+            problems.add(
+                f"{where}: adapter.experts.{key} is not an ESFT key ({', '.join(ESFT_KEYS)}); a mapping of layer "
+                "-> expert ids has integer keys"
+            )
+    threshold = spec.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1:
+        problems.add(f"{where}: adapter.experts.threshold must be a number in (0, 1], got {threshold!r}")
+    data = spec.get("data")
+    if data is not None and not (
+        isinstance(data, str) or (isinstance(data, list) and all(isinstance(d, str) for d in data))
+    ):
+        problems.add(f"{where}: adapter.experts.data must be a source like data.train's, got {data!r}")
+    if spec.get("metric", "token_ratio") not in ("token_ratio", "gate_score"):
+        problems.add(
+            f"{where}: adapter.experts.metric must be token_ratio or gate_score, got {spec['metric']!r}"
+        )
+    count = spec.get("max_examples", 256)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        problems.add(f"{where}: adapter.experts.max_examples must be an integer >= 1, got {count!r}")
+    if "experts" not in a.targets:
+        problems.add(
+            f"{where}: adapter.experts selects experts but 'experts' is not in adapter.targets; add it"
+        )
 
 
 def _check_conflicts(recipe: Recipe, where: str, problems: _Problems) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.recipe import RECIPES_DIR, find_recipe, header_comment, list_recipes, load_recipe
+from finetune.recipe import RECIPES_DIR, esft_profile, find_recipe, header_comment, list_recipes, load_recipe
 from tests.helpers.tokenizers import tiny_tokenizer
 
 ALL_FILES = sorted(Path(root, name) for root, _, names in os.walk(RECIPES_DIR) for name in names)
@@ -111,9 +111,8 @@ def test_adapter_section_fits_a_tiny_model_of_the_recipe_family(path, tmp_path):
     family = next(f for key, f in FAMILY.items() if key in recipe.model.name.lower())
     model = build(family)
     adapter = dataclasses.asdict(recipe.adapter)
-    if isinstance(
-        adapter["experts"], str
-    ):  # a selection.json from `experts profile`: a stand-in for the tiny model
+    if isinstance(adapter["experts"], str) or esft_profile(adapter["experts"]):
+        # a selection.json from `experts profile` or one made in the run: a stand-in for the tiny model
         moe_layer = model.config.num_hidden_layers - 1
         selection = tmp_path / "selection.json"
         selection.write_text(json.dumps({"layers": {str(moe_layer): [0, 1]}}))
