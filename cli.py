@@ -141,6 +141,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(result.as_dict(), indent=2) if args.json else result)
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from finetune.evaluation.sweep import run_sweep
+
+    result = run_sweep(args.recipe, args.grid, output=args.output, overrides=args.set)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result)
+
+
 def cmd_recipes(args: argparse.Namespace) -> None:
     from finetune.recipe import list_recipes
 
@@ -257,6 +264,7 @@ EXAMPLES = {
     "plan": "moetune plan preset:full --gpus 8 --gpu-memory 80 --seq-len 8192",
     "train": "moetune train quickstart --set train.max_steps=50 --output runs/qs",
     "recipes": "moetune recipes",
+    "sweep": "moetune sweep quickstart --grid adapter.r=2,4,8,16 --output runs/sweep-quickstart",
     "evaluate": "moetune evaluate preset:tiny --adapter runs/qs/adapter --data eval.jsonl --metrics loss",
     "experts": "moetune experts profile preset:tiny --data docs --output runs/esft-profile",
     "experts profile": "moetune experts profile preset:tiny --data docs --output runs/esft-profile",
@@ -466,6 +474,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-remote-code", action="store_true", help="run the model repository's own code (default: off)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object (default: one line)")
+
+    p = add("sweep", cmd_sweep, "train a recipe over a grid: held-out gain vs trainable parameters")
+    p.add_argument("recipe", help="recipe YAML (a path or a bundled recipe name)")
+    p.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="a recipe key and its values, repeatable, e.g. adapter.r=2,4,8,16 or "
+        "adapter.experts.threshold=0.5,0.8,1.0 (required)",
+    )
+    p.add_argument(
+        "--output", default=None, help="sweep folder (default: runs/sweep-<the recipe's output.dir name>)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key for every point, repeatable (default: none)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
 
     experts = sub.add_parser(
         "experts",

@@ -151,14 +151,14 @@ class TrainingRun:
 
     def setup_data(self) -> tuple[Any, Callable[[list[dict]], dict]]:
         """The training set and its collator; the eval batches, fixed for the whole run."""
-        from finetune.data import build_datasets, build_retain, make_collator, unpacked
+        from finetune.data import build_datasets, build_retain, make_collator
         from finetune.evaluation.runs import RunEvaluation
 
         d, t = self.recipe.data, self.recipe.train
         train_ds, eval_ds = build_datasets(d, self.tokenizer, seed=t.seed)
         collate = make_collator(d, self.tokenizer)
-        retain = build_retain(d, self.tokenizer, seed=t.seed), make_collator(unpacked(d), self.tokenizer)
-        self.evaluation = RunEvaluation(self.recipe, self.tokenizer, eval_ds, collate, retain)
+        retain_ds = build_retain(d, self.tokenizer, seed=t.seed)
+        self.evaluation = RunEvaluation(self.recipe, self.tokenizer, eval_ds, collate, retain_ds)
         return train_ds, collate
 
     def setup_adapter(self, model: torch.nn.Module, train_ds: Any) -> None:

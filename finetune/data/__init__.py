@@ -49,7 +49,6 @@ __all__ = [
     "SplitStats",
     "build_datasets",
     "build_retain",
-    "unpacked",
     "load_source",
     "make_collator",
     "make_sampler",
@@ -122,11 +121,11 @@ def prepare_datasets(
 def build_retain(data: DataSection, tokenizer: Any, *, seed: int) -> datasets.Dataset | None:
     """`data.retain` as examples (None when unset): the loaders of data.train, its format inferred from
     its own records (general text next to instruction data) unless multimodal, at most
-    `data.max_eval_examples` records, never packed."""
+    `data.max_eval_examples` records, packed when data.train is (so the run's collator batches them)."""
     if data.retain is None:
         return None
     section = dataclasses.replace(
-        unpacked(data),
+        data,
         train=data.retain,
         eval=None,
         eval_fraction=None,
@@ -135,11 +134,6 @@ def build_retain(data: DataSection, tokenizer: Any, *, seed: int) -> datasets.Da
         max_examples=data.max_eval_examples,
     )
     return prepare_datasets(section, tokenizer, seed=seed, what="data.retain").train
-
-
-def unpacked(data: DataSection) -> DataSection:
-    """The data settings of `build_retain`'s examples (for their collator): never packed."""
-    return dataclasses.replace(data, packing=False, group_by_length=False)
 
 
 def _prepare(data: DataSection, tokenizer: Any, *, seed: int, what: str) -> PreparedData:

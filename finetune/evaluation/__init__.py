@@ -7,6 +7,8 @@
 - runs.py     what a training run measures before, at every `train.eval_every` and after
               (held-out loss, `eval.metrics`, `data.retain` loss); the loop calls it, it never trains
 - command.py  `moetune evaluate`: the same measurements on a MODEL (+ adapter) and a data source
+- sweep.py    `moetune sweep`: one run per grid point (resumable), the gain vs trainable-share table and
+              curve, the smallest budget reaching 92% of the best gain
 - esft.py     ESFT in one recipe (`adapter.experts: {threshold: P}`): profile the loaded base, select the
               experts per layer, write selection.json + selection.png in the run folder
 

@@ -87,7 +87,7 @@ def _profile_batches(dataset: Any, limit: int) -> list[dict[str, torch.Tensor]]:
 def select_for_run(model: nn.Module, recipe: Recipe, tokenizer: Any, train_set: Any) -> RunSelection:
     """Profile `model` (the base, before LoRA) on the ESFT data of `recipe` and select its experts."""
     from adapters.selection import select_experts
-    from finetune.data import prepare_datasets, unpacked
+    from finetune.data import prepare_datasets
     from finetune.evaluate import routing_stats
 
     spec = recipe.adapter.experts
@@ -101,7 +101,7 @@ def select_for_run(model: nn.Module, recipe: Recipe, tokenizer: Any, train_set: 
         dataset, source = train_set, "the training data"
     else:
         section = dataclasses.replace(
-            unpacked(recipe.data),
+            recipe.data,
             train=spec["data"],
             eval=None,
             eval_fraction=None,

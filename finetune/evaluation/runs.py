@@ -32,9 +32,8 @@ class RunEvaluation:
         tokenizer: Any,
         eval_set: Any,
         collate: Any,
-        retain: tuple[Any, Any] = (None, None),
+        retain_set: Any = None,
     ) -> None:
-        """`retain`: the data.retain examples (or None) and their collator."""
         t, e = recipe.train, recipe.eval
         self.tokenizer, self.max_new_tokens = tokenizer, e.max_new_tokens
         self.loss_batches = eval_batches(eval_set, collate, t.batch_size, t.eval_batches)
@@ -45,8 +44,7 @@ class RunEvaluation:
             if e.max_examples is not None and e.max_examples < len(eval_set):
                 eval_set = Subset(eval_set, range(e.max_examples))
             self.metric_batches = eval_batches(eval_set, collate, e.batch_size or t.batch_size, None)
-        retain_set, retain_collate = retain
-        self.retain_batches = eval_batches(retain_set, retain_collate, t.batch_size, t.eval_batches)
+        self.retain_batches = eval_batches(retain_set, collate, t.batch_size, t.eval_batches)
 
     @property
     def active(self) -> bool:
