@@ -148,6 +148,22 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(json.dumps(result.as_dict(), indent=2) if args.json else result)
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> None:
+    from finetune.evaluation.harness import run_lm_eval
+
+    result = run_lm_eval(
+        args.model,
+        _csv(args.tasks),
+        adapter=args.adapter,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        bootstrap_iters=args.bootstrap_iters,
+        quantize=args.quantize,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result)
+
+
 def cmd_recipes(args: argparse.Namespace) -> None:
     from finetune.recipe import list_recipes
 
@@ -264,6 +280,7 @@ EXAMPLES = {
     "plan": "moetune plan preset:full --gpus 8 --gpu-memory 80 --seq-len 8192",
     "train": "moetune train quickstart --set train.max_steps=50 --output runs/qs",
     "recipes": "moetune recipes",
+    "lm-eval": "moetune lm-eval preset:tiny --adapter runs/qs/adapter --tasks my_task.yaml --limit 50",
     "sweep": "moetune sweep quickstart --grid adapter.r=2,4,8,16 --output runs/sweep-quickstart",
     "evaluate": "moetune evaluate preset:tiny --adapter runs/qs/adapter --data eval.jsonl --metrics loss",
     "experts": "moetune experts profile preset:tiny --data docs --output runs/esft-profile",
@@ -474,6 +491,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-remote-code", action="store_true", help="run the model repository's own code (default: off)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object (default: one line)")
+
+    p = add(
+        "lm-eval", cmd_lm_eval, "lm-evaluation-harness tasks on MODEL (+ adapter); needs moetune[lm-eval]"
+    )
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="adapter folder to apply (default: none)")
+    p.add_argument(
+        "--tasks",
+        required=True,
+        help="comma list of harness task names and/or task YAML files or folders (required)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="documents per task at most (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per batch (default: 8)")
+    p.add_argument(
+        "--bootstrap-iters",
+        type=int,
+        default=100000,
+        help="resamples for the standard errors; 0 skips them (default: 100000, the harness's)",
+    )
+    p.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None, help=QUANTIZE_HELP)
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model repository's own code (default: off)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
 
     p = add("sweep", cmd_sweep, "train a recipe over a grid: held-out gain vs trainable parameters")
     p.add_argument("recipe", help="recipe YAML (a path or a bundled recipe name)")

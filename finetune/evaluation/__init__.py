@@ -9,6 +9,7 @@
 - command.py  `moetune evaluate`: the same measurements on a MODEL (+ adapter) and a data source
 - sweep.py    `moetune sweep`: one run per grid point (resumable), the gain vs trainable-share table and
               curve, the smallest budget reaching 92% of the best gain
+- harness.py  `moetune lm-eval`: lm-evaluation-harness on the model + adapter (optional extra)
 - esft.py     ESFT in one recipe (`adapter.experts: {threshold: P}`): profile the loaded base, select the
               experts per layer, write selection.json + selection.png in the run folder
 
