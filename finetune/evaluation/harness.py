@@ -51,11 +51,12 @@ class HarnessResult:
         return dataclasses.asdict(self)
 
 
-def _tasks_and_paths(tasks: list[str]) -> tuple[list[str], list[str]]:
-    """(task names, folders to search): a YAML file gives its `task:` and its folder; a folder, its YAMLs."""
+def _tasks_and_paths(tasks: list[str]) -> tuple[list[str], list[str], bool]:
+    """(task names, folders to search, whether any name is the harness's own): a YAML file gives its
+    `task:` and its folder; a folder, its YAMLs."""
     import yaml
 
-    names, paths = [], []
+    names, paths, builtin = [], [], False
     for item in tasks:
         path = Path(item).expanduser()
         if path.suffix in (".yaml", ".yml") or path.is_dir():
@@ -70,7 +71,8 @@ def _tasks_and_paths(tasks: list[str]) -> tuple[list[str], list[str]]:
             paths.append(str(path if path.is_dir() else path.parent))
         else:
             names.append(item)
-    return names, paths
+            builtin = True
+    return names, paths, builtin
 
 
 def run_lm_eval(
@@ -101,7 +103,7 @@ def run_lm_eval(
         raise MoetuneError("--tasks is empty; give harness task names or task YAML files")
     if limit is not None and limit < 1:
         raise MoetuneError(f"--limit must be >= 1, got {limit}")
-    names, paths = _tasks_and_paths(tasks)
+    names, paths, builtin = _tasks_and_paths(tasks)
     net, tokenizer = load_model(model, quantize=quantize, trust_remote_code=trust_remote_code)
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a multimodal processor: its decoder's tokenizer
     if tokenizer is None:
@@ -111,7 +113,8 @@ def run_lm_eval(
 
         net = load_adapter(net, adapter, base=model)
     net.eval()
-    manager = TaskManager(include_path=paths or None)
+    # Only YAML files given: the harness's thousands of own tasks are not indexed (seconds saved).
+    manager = TaskManager(include_path=paths or None, include_defaults=builtin)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         raise MoetuneError(
