@@ -30,6 +30,7 @@ TEXT_CASES = {
     "attention": {"targets": ["attention"]},
     "experts": {"targets": ["experts"]},
     "experts-esft": {"targets": ["experts"], "experts": {1: [0, 3]}},
+    "experts-esft-in-run": {"targets": ["experts"], "experts": {"threshold": 0.5}},  # selected by the run
     "shared_experts": {"targets": ["shared_experts"]},
     "dense_mlp": {"targets": ["dense_mlp"]},
     "router-lora": {"targets": ["router"], "router": "lora"},
