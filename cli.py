@@ -472,7 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="loss",
         help="comma list of loss, exact_match, word_accuracy, macro_f1, recall_at_1 (default: loss)",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="examples per batch (default: 8)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="examples per batch (default: the adapter's recipe's, else 8)",
+    )
     p.add_argument("--max-examples", type=int, default=None, help="use at most N records (default: all)")
     p.add_argument(
         "--max-length",

@@ -67,3 +67,24 @@ def test_evaluate_prints_one_line_and_refuses_unknown_metrics(finished_run, caps
     assert line.startswith(f"preset:tiny + {run_dir / 'adapter'} on {evals} (7 examples): loss ")
     assert cli.main(["evaluate", "preset:tiny", "--data", str(evals), "--metrics", "loss,bleu"]) == 2
     assert "choose from loss, exact_match" in capsys.readouterr().err
+
+
+def test_evaluate_reproduces_a_multimodal_runs_final_loss_and_macro_f1(tmp_path, capsys):
+    """The run's held-out `synthetic:` set (its seed), its batch size (contrastive losses depend on it)."""
+    run_dir = tmp_path / "run"
+    short = [
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.eval_every=null",
+        "--set",
+        "data.max_eval_examples=40",
+    ]
+    assert cli.main(["train", "mm-classify", "--output", str(run_dir), *short]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    values = evaluate(
+        capsys, "--adapter", str(run_dir / "adapter"), "--data", "synthetic:mmimdb:200", "--max-examples", "40",
+        "--metrics", "loss,macro_f1",
+    )["values"]  # fmt: skip
+    assert values["loss"] == pytest.approx(metrics["eval_loss_after"], rel=1e-5)
+    assert values["macro_f1"] == pytest.approx(metrics["eval_macro_f1_after"])

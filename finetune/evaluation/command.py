@@ -2,8 +2,9 @@
 
 The examples are built exactly as training builds them: when the adapter folder holds the recipe it
 was trained with (recipe.yaml), its `data` settings (fields, template, max_length, multimodal options)
-and `model` settings (dtype, preset modalities) are used, with `--data` as the source and `--format`
-when given. So evaluating a finished run's adapter on its `data.eval` file gives the run's final eval
+and `model` settings (dtype, preset modalities) and its batch size are used, with `--data` as the source
+and `--format` when given; `--data` equal to the recipe's `data.eval` is read as the held-out set
+(a generated `synthetic:` set draws the held-out seed). So evaluating a finished run's adapter on its `data.eval` file gives the run's final eval
 loss (all of it: the run used its first `train.eval_batches` batches).
 """
 
@@ -61,7 +62,7 @@ def evaluate_model(
     adapter: str | None = None,
     format: str | None = None,
     metrics: list[str] | tuple[str, ...] = ("loss",),
-    batch_size: int = 8,
+    batch_size: int | None = None,
     max_examples: int | None = None,
     max_length: int | None = None,
     max_new_tokens: int = 32,
@@ -114,7 +115,9 @@ def evaluate_model(
         tokenizer = load_tokenizer(Path(adapter)) or tokenizer
     if tokenizer is None:
         raise MoetuneError(f"{model}: no tokenizer found next to the model; evaluate needs one")
-    dataset = prepare_datasets(section, tokenizer, seed=trained.train.seed if trained else 0).train
+    # The run's own held-out source is read as data.eval (generated `synthetic:` sets draw its seed).
+    what = "data.eval" if trained is not None and data == trained.data.eval else "--data"
+    dataset = prepare_datasets(section, tokenizer, seed=trained.train.seed if trained else 0, what=what).train
     label_names = getattr(dataset, "label_names", None) or getattr(tokenizer, "label_names", None)
     if label_names and hasattr(net, "set_label_names"):
         net.set_label_names(list(label_names))  # the head sized and ordered as in training
@@ -123,6 +126,8 @@ def evaluate_model(
 
         net = load_adapter(net, adapter, base=model)
     net.eval()
+    if batch_size is None:  # the run's: contrastive losses depend on which examples share a batch
+        batch_size = trained.train.batch_size if trained is not None else 8
     batches = eval_batches(dataset, make_collator(section, tokenizer), batch_size, None)
     device = next(net.parameters()).device
     values: dict[str, float] = {}
