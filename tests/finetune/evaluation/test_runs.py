@@ -27,8 +27,9 @@ def write_qa(path, n: int, seed: int = 0):
     return path
 
 
-@pytest.fixture
-def run(tmp_path):
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("eval-run")
     train, evals = write_qa(tmp_path / "train.jsonl", 32), write_qa(tmp_path / "eval.jsonl", 6, seed=1)
     recipe = write_recipe(
         tmp_path,
@@ -80,3 +81,13 @@ def test_task_metrics_without_eval_data_or_with_packing_are_refused(tmp_path):
         )
     with pytest.raises(MoetuneError, match="eval.metrics"):
         load_recipe(str(recipe), ["eval.metrics=[bleu]"])
+
+
+def test_metrics_json_round_trip_keeps_the_task_metrics_for_the_summary(run):
+    """A launch of several processes prints the summary from metrics.json (TrainResult.read)."""
+    from finetune.reporting import TrainResult
+
+    run_dir, result = run
+    again = TrainResult.read(run_dir)
+    assert again.metrics.as_dict() == result.metrics.as_dict()
+    assert str(again) == str(result)
