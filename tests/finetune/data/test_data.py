@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 import types
-from pathlib import Path
 
 import datasets
 import pytest
@@ -16,17 +15,8 @@ from finetune.data import build_datasets, load_source, make_collator, make_sampl
 from finetune.data.formats import IGNORE_INDEX
 from finetune.errors import MoetuneError
 from finetune.recipe import DataSection
+from tests.helpers.runs import jsonl
 from tests.helpers.tokenizers import tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-def jsonl(path: Path, records) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
 
 
 def texts(n: int, words: int = 3):
