@@ -422,7 +422,7 @@ def quantize_model(
     safetensors, config.json with `quantization_config`, and the tokenizer, and loads with
     `load_model(output)` or, after `import finetune`, `AutoModelForCausalLM.from_pretrained(output)`.
     """
-    from finetune.quantization.checkpoint import quantize_checkpoint
+    from finetune.quantization.checkpoint import save_quantized
 
     method = check_quantize(method)
     if method is None:
@@ -438,7 +438,6 @@ def quantize_model(
             f"`moetune init-model --preset {_preset_name(str(spec))} --quantize {method} --output DIR`"
         )
     with atomic_output_folder(output) as tmp:
-        quantize_checkpoint(
-            spec, method, tmp, dtype=dtype, max_shard_size=max_shard_size, trust_remote_code=trust_remote_code
-        )
+        model, tokenizer = load_model(spec, quantize=method, dtype=dtype, trust_remote_code=trust_remote_code)
+        save_quantized(model, tokenizer, tmp, max_shard_size=max_shard_size)
     return WrittenModel(output, f"{spec} with its routed experts stored {method}")
