@@ -298,3 +298,18 @@ def test_cuda_chunked_grouped_path_equals_the_loop(method):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=2e-2, atol=2e-2)
     for got, want in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_quantizing_a_stack_in_chunks_equals_quantizing_it_whole(method, monkeypatch):
+    """quantize_weight works through a stack a few experts at a time (bounded fp32 working set) and
+    writes each chunk in place; the codes and scales equal one call on the whole stack."""
+    from finetune.quantization import experts as quantized_experts
+    from finetune.quantization.formats import quantize
+
+    module = synthetic_experts(True, True, False, num_experts=E, hidden=H, width=INTER)
+    weight = module.gate_up_proj.detach()  # (E, in, out): transposed storage
+    whole = quantize(weight.transpose(1, 2), method)
+    monkeypatch.setattr(quantized_experts, "QUANTIZE_CHUNK_BYTES", 4 * 2 * INTER * H * 2)  # 2 experts a chunk
+    codes, scales = quantized_experts.quantize_weight(module, weight, method)
+    assert torch.equal(codes, whole[0]) and torch.equal(scales, whole[1])
