@@ -216,8 +216,11 @@ class RunMetrics:
 
 
 def write_history(run_dir: Path, state: RunState) -> None:
-    """history.json: train loss per step, eval loss per eval, skipped steps (the plots' data)."""
+    """history.json: train loss per step, eval loss per eval, skipped steps (the plots' data); the held-out
+    reward metrics of a preference run."""
     history = {k: getattr(state, k) for k in ("train_loss", "eval_loss", "skipped_steps")}
+    if state.eval_rewards:  # preference runs: [step, reward accuracy, reward margin, preference loss]
+        history["eval_rewards"] = [state.eval_rewards_before, *state.eval_rewards]
     ckpt.write_json_atomic(run_dir / "history.json", history)
 
 

@@ -1,0 +1,117 @@
+"""train.method dpo / orpo / simpo through the one training loop: the reference is the adapter disabled,
+runs learn the preference, resume replays exactly, two processes equal one, NF4 experts and ESFT
+expert selections train, and the adapter is a plain PEFT adapter."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+
+from adapters import apply_lora, load_adapter
+from finetune.data.preference import PreferenceCollator, preference_pairs
+from finetune.losses import PairLogps
+from finetune.preference import make_objective
+from finetune.train import launch_training
+from tests.helpers.models import FAMILIES, build
+from tests.helpers.runs import adapter_tensors, history, write_recipe
+from tests.helpers.tokenizers import tiny_tokenizer
+
+DATA = {
+    "train": "synthetic:case-preference:48",
+    "eval": "synthetic:case-preference:16",
+    "eval_fraction": None,
+    "format": "preference",
+    "max_length": 64,
+}
+
+
+def pair_batch(tok) -> dict[str, torch.Tensor]:
+    records = [
+        {
+            "prompt": "Write in upper case: river stone\nAnswer: ",
+            "chosen": "RIVER STONE",
+            "rejected": "river stone",
+        },
+        {"prompt": "Write in lower case: apple\nAnswer: ", "chosen": "apple", "rejected": "APPLE"},
+    ]
+    pairs = preference_pairs(records, tok, "prompt", None)
+    return PreferenceCollator(tok.pad_token_id)(
+        [dict(zip(("prompt_ids", "chosen_ids", "rejected_ids"), p)) for p in pairs]
+    )
+
+
+def randomise_lora(model) -> None:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reference_is_the_adapter_disabled_and_equals_a_frozen_copy_of_the_base(family):
+    tok = tiny_tokenizer()
+    base = build(family, vocab_size=len(tok))
+    frozen = copy.deepcopy(base)
+    model = apply_lora(base, targets=["attention", "experts"], r=4, alpha=8)
+    randomise_lora(model)
+    batch = pair_batch(tok)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    objective = make_objective("dpo", None)
+    objective.reference_model = model
+    reference = objective.reference_logps(inputs, batch["labels"])
+    with torch.no_grad():
+        copied = PairLogps.of(frozen(**inputs).logits, batch["labels"])
+        policy = PairLogps.of(model(**inputs).logits, batch["labels"])
+    torch.testing.assert_close(reference.chosen, copied.chosen)
+    torch.testing.assert_close(reference.rejected, copied.rejected)
+    assert not torch.allclose(policy.chosen, copied.chosen)  # the adapter is on again afterwards
+
+
+def train(folder, name, *, method="dpo", overrides=(), num_processes=1, **sections):
+    sections.setdefault("train", {})
+    sections["train"] = {"method": method, "max_steps": 6, "save_every": 3, "lr": 5e-3, **sections["train"]}
+    sections["data"] = {**DATA, **sections.get("data", {})}
+    recipe = write_recipe(folder, None, **sections)
+    launch_training(
+        str(recipe), output_dir=folder / name, overrides=list(overrides), num_processes=num_processes
+    )
+    return recipe, folder / name
+
+
+@pytest.mark.parametrize(
+    "method, settings", [("dpo", None), ("orpo", {"lambda": 1.0}), ("simpo", None)]
+)  # ORPO's default lambda 0.1 leaves 8 steps to its NLL term: the margin barely moves
+def test_each_method_trains_logs_rewards_and_writes_a_plain_peft_adapter(tmp_path, method, settings):
+    from peft import PeftModel
+
+    from finetune.loading import load_model
+
+    train_keys = {"max_steps": 8, "lr": 2e-2, "eval_every": 4, "preference": settings}
+    _, run = train(tmp_path, "run", method=method, train=train_keys)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 8
+    assert (
+        metrics["reward_accuracy_after"] is not None
+        and metrics["reward_margin_after"] > metrics["reward_margin_before"]
+    )
+    assert metrics["eval_loss_before"] is not None  # the chosen answers' SFT loss
+    rewards = history(run)["eval_rewards"]  # [step, accuracy, margin, preference loss]
+    assert [row[0] for row in rewards] == [0, 4, 8]
+    assert rewards[-1][1:3] == [metrics["reward_accuracy_after"], metrics["reward_margin_after"]]
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in history(run)["train_loss"])
+
+    inputs = {"input_ids": torch.tensor([[5, 9, 14, 22, 31, 40]])}
+    model, _ = load_model("preset:tiny")
+    with torch.no_grad():
+        ours = load_adapter(model, run / "adapter")(**inputs).logits
+    with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        base, _ = load_model("preset:tiny")
+        plain = PeftModel.from_pretrained(base, str(run / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).logits, ours, rtol=1e-4, atol=1e-4)
