@@ -115,3 +115,73 @@ def test_each_method_trains_logs_rewards_and_writes_a_plain_peft_adapter(tmp_pat
         plain = PeftModel.from_pretrained(base, str(run / "adapter"))
     with torch.no_grad():
         torch.testing.assert_close(plain(**inputs).logits, ours, rtol=1e-4, atol=1e-4)
+
+
+def assert_same_adapters(a, b, atol: float = 0.0) -> None:
+    first, second = adapter_tensors(a), adapter_tensors(b)
+    assert first.keys() == second.keys()
+    for key, value in first.items():
+        if atol:
+            assert (value - second[key]).abs().max() <= atol, key
+        else:
+            assert torch.equal(value, second[key]), key
+
+
+def test_resumed_dpo_run_gives_the_same_adapter(tmp_path, monkeypatch):
+    """Stopped by SIGTERM after step 4 (a checkpoint is written), resumed: steps 5-6 only, same adapter."""
+    import cli
+
+    recipe, whole = train(tmp_path, "whole", train={"save_every": 2})
+    monkeypatch.setenv("MOETUNE_FAILPOINT", "after-step@4:SIGTERM")
+    assert cli.main(["train", str(recipe), "--output", str(tmp_path / "parts")]) == 143
+    monkeypatch.delenv("MOETUNE_FAILPOINT")
+    launch_training(str(recipe), output_dir=tmp_path / "parts", resume=True)
+    assert json.loads((tmp_path / "parts" / "metrics.json").read_text())["resumed_at"] == [4]
+    assert_same_adapters(whole, tmp_path / "parts")
+    assert history(whole)["eval_rewards"] == history(tmp_path / "parts")["eval_rewards"]
+
+
+def test_resume_refuses_another_method(tmp_path):
+    from finetune.errors import MoetuneError
+
+    recipe, _ = train(tmp_path, "run", train={"max_steps": 2, "save_every": 1})
+    with pytest.raises(MoetuneError, match=r"the recipe changed \(train.method\)"):
+        launch_training(
+            str(recipe), output_dir=tmp_path / "run", resume=True, overrides=["train.method=simpo"]
+        )
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+    """DDP: the step's loss is normalised by the global pair count, so 2 x batch 2 = 1 x batch 2 x accum 2."""
+    keys = {"max_steps": 2, "batch_size": 2, "save_every": 2, "eval_every": None}
+    train(tmp_path, "one", train={**keys, "grad_accum": 2})
+    train(tmp_path, "two", train=keys, num_processes=2)
+    one, two = history(tmp_path / "one"), history(tmp_path / "two")
+    assert [s for s, _ in one["train_loss"]] == [s for s, _ in two["train_loss"]] == [1, 2]
+    for (_, a), (_, b) in zip(one["train_loss"], two["train_loss"]):
+        assert a == pytest.approx(b, abs=1e-5)
+    for a, b in zip(one["eval_rewards"], two["eval_rewards"]):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert_same_adapters(tmp_path / "one", tmp_path / "two", atol=1e-5)
+
+
+def test_dpo_on_nf4_experts_with_an_expert_selection(tmp_path):
+    """QLoRA for MoE plus ESFT: the reference forward (adapter disabled) runs through the quantized
+    experts, and only the selected experts carry LoRA."""
+    from finetune.loading import init_model
+
+    base = init_model("tiny", tmp_path / "base").folder
+    _, run = train(
+        tmp_path,
+        "run",
+        model={"name": str(base), "quantize": "nf4"},
+        adapter={"targets": ["experts"], "experts": {0: [1, 5], 1: [2]}},
+        train={"max_steps": 4, "lr": 2e-2},
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["reward_margin_after"] > metrics["reward_margin_before"] == 0.0
+    saved = adapter_tensors(run)
+    assert saved and all("experts" in key for key in saved)
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"]
