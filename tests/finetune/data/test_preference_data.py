@@ -188,3 +188,15 @@ def test_collated_batch_is_padded_to_a_multiple(tmp_path, tok):
     train, _ = build_datasets(data, tok, seed=0)
     batch = make_collator(data, tok)([train[0], train[1]])
     assert batch["input_ids"].shape[1] % 8 == 0 and batch["input_ids"].dtype == torch.long
+
+
+def test_the_docs_row_of_the_text_synthetic_source_names_its_kinds_and_defaults():
+    from finetune.data.synthetic_text import DEFAULT_SEEDS, DEFAULT_SIZES, KINDS
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "recipes-and-data.md").read_text()
+    (row,) = [line for line in doc.splitlines() if line.startswith("| `synthetic:case-preference")]
+    assert KINDS == ("case-preference",)
+    assert (
+        f"N = {DEFAULT_SIZES['train']} / {DEFAULT_SIZES['eval']}, SEED {DEFAULT_SEEDS['train']} / {DEFAULT_SEEDS['eval']}"
+        in row
+    )
