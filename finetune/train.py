@@ -295,7 +295,8 @@ class TrainingRun:
                     self.stop_on_interrupt(step, signum)
 
     def train_step(self, micro_batches: list[dict], step: int, load: ExpertLoad) -> StepResult:
-        """One optimizer step over `micro_batches`; the loss is normalised by the global token count."""
+        """One optimizer step over `micro_batches`; the loss is normalised by the global count of label
+        tokens (SFT) or of pairs (a preference objective)."""
         acc, t = self.accelerator, self.recipe.train
         if self.objective is not None:  # the unit of a preference loss is the pair
             local = sum(count_pairs(b) for b in micro_batches)

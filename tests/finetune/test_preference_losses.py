@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
+from finetune.accelerator import reset_state
 from finetune.data.preference import PreferenceCollator, preference_pairs
 from finetune.losses import IGNORE_INDEX, PairLogps, PreferenceObjective, preference_forward
 from finetune.preference import make_objective
@@ -57,7 +58,8 @@ def dpo():
             if "lora_B" in name:
                 param.normal_(0.0, 0.2)
     trainer.model.eval()
-    return trainer, tok
+    yield trainer, tok
+    reset_state()  # the Trainer's Accelerator state (bf16) must not leak into later runs in this process
 
 
 def test_preference_tokens_and_batches_equal_trl(dpo):

@@ -198,3 +198,23 @@ def test_the_bundled_recipe_runs_with_the_short_overrides(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out reward accuracy 0.000 -> " in out  # DPO: the policy starts equal to its reference
     assert "held-out eval loss (chosen answers)" in out
+
+
+def test_reference_on_nf4_experts_is_the_quantized_base(tmp_path):
+    """With quantized experts the adapter-disabled forward is exactly the quantized base's forward."""
+    from finetune.loading import init_model, load_model
+
+    base = init_model("tiny", tmp_path / "base").folder
+    quantized, tok = load_model(str(base), quantize="nf4")
+    frozen, _ = load_model(str(base), quantize="nf4")
+    model = apply_lora(quantized, targets=["attention", "experts"], r=4, alpha=8)
+    randomise_lora(model)
+    batch = pair_batch(tok)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    objective = make_objective("dpo", None)
+    objective.reference_model = model
+    reference = objective.reference_logps(inputs, batch["labels"])
+    with torch.no_grad():
+        copied = PairLogps.of(frozen(**inputs).logits, batch["labels"])
+    torch.testing.assert_close(reference.chosen, copied.chosen)
+    torch.testing.assert_close(reference.rejected, copied.rejected)

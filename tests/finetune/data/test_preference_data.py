@@ -12,6 +12,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from finetune.accelerator import reset_state
 from finetune.data import build_datasets, make_collator, prepare_datasets
 from finetune.data.formats import IGNORE_INDEX
 from finetune.data.preference import preference_pairs, truncate_pair
@@ -91,6 +92,7 @@ def test_chat_pairs_equal_trl_tokenization(tok):
             processing_class=tok,
             peft_config=LoraConfig(r=2, target_modules=["q_proj"]),
         )
+    reset_state()  # the Trainer's Accelerator state must not leak into later runs in this process
     ours = preference_pairs(CHAT, tok, "prompt", tok.chat_template)
     for row, pair in zip(trainer.train_dataset, ours):
         assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == pair
