@@ -218,3 +218,23 @@ def test_reference_on_nf4_experts_is_the_quantized_base(tmp_path):
         copied = PairLogps.of(frozen(**inputs).logits, batch["labels"])
     torch.testing.assert_close(reference.chosen, copied.chosen)
     torch.testing.assert_close(reference.rejected, copied.rejected)
+
+
+def test_a_dpo_adapter_goes_on_to_generate_merge_export_and_push(tmp_path):
+    """The next steps of tests/test_next_steps.py, for an adapter trained with a preference objective."""
+    from adapters.export import export_adapter
+    from adapters.hub import push_folder
+    from adapters.merge import merge_into_base
+    from finetune.generation import generate_text
+    from finetune.loading import init_model
+
+    base = init_model("tiny", tmp_path / "base").folder
+    _, run = train(tmp_path, "run", model={"name": str(base)}, train={"max_steps": 2, "lr": 5e-2})
+    adapter = run / "adapter"
+    assert isinstance(
+        generate_text(str(base), "Write in upper case: apple", adapter=str(adapter), max_new_tokens=3), str
+    )
+    report = merge_into_base(base, adapter, tmp_path / "merged", verify=True)
+    assert report.verify.passed
+    export_adapter(adapter, tmp_path / "per-expert", fmt="per-expert")
+    assert push_folder(adapter, "you/adapter", dry_run=True).dry_run
