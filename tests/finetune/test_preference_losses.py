@@ -179,3 +179,35 @@ def test_sigmoid_label_smoothing_is_cdpo():
     losses, _, _ = objective.losses(policy, reference)
     z = 0.5 * ((policy.chosen - reference.chosen) - (policy.rejected - reference.rejected))
     torch.testing.assert_close(losses, -0.8 * F.logsigmoid(z) - 0.2 * F.logsigmoid(-z))
+
+
+def test_step_loss_normalises_pairs_over_micro_batches_and_the_log_window_averages_rewards():
+    """Two micro-batches of 2 and 1 pairs: the step's loss and rewards are means over its 3 pairs."""
+    from finetune.losses import ForwardLoss, StepLoss
+    from finetune.reporting import LogWindow, StepResult
+
+    one_process = SimpleNamespace(reduce=lambda tensor, op: tensor)
+    step = StepLoss(label_tokens=3, micro_batches=2, num_processes=1, aux_coef=0.0, device="cpu")
+    first = ForwardLoss(torch.tensor(1.5), None, None, None, metric_sums=torch.tensor([0.4, -0.2, 2.0, 0.6]))
+    second = ForwardLoss(torch.tensor(0.3), None, None, None, metric_sums=torch.tensor([0.2, 0.1, 0.0, 0.1]))
+    terms = [step.term(first), step.term(second)]
+    torch.testing.assert_close(sum(terms), torch.tensor(1.8 / 3))
+    assert step.totals(one_process)[0] == pytest.approx(0.6)
+    metrics = step.metrics(one_process)
+    assert metrics == pytest.approx(
+        {"train/rewards/chosen": 0.2, "train/rewards/rejected": -1 / 30, "train/rewards/accuracies": 2 / 3,
+         "train/rewards/margins": 0.7 / 3}
+    )  # fmt: skip
+    window = LogWindow()
+    window.add(StepResult(loss=0.6, aux_loss=0.0, grad_norm=1.0, tokens=10, metrics=metrics), 1.0)
+    window.add(
+        StepResult(
+            loss=0.4,
+            aux_loss=0.0,
+            grad_norm=1.0,
+            tokens=10,
+            metrics={**metrics, "train/rewards/accuracies": 1.0},
+        ),
+        1.0,
+    )
+    assert window.flush()["train/rewards/accuracies"] == pytest.approx((2 / 3 + 1.0) / 2)
