@@ -13,6 +13,7 @@ import torch
 
 from adapters import apply_lora, load_adapter
 from finetune.data.preference import PreferenceCollator, preference_pairs
+from finetune.errors import MoetuneError
 from finetune.losses import PairLogps
 from finetune.preference import make_objective
 from finetune.train import launch_training
@@ -127,7 +128,7 @@ def assert_same_adapters(a, b, atol: float = 0.0) -> None:
             assert torch.equal(value, second[key]), key
 
 
-def test_resumed_dpo_run_gives_the_same_adapter(tmp_path, monkeypatch):
+def test_resumed_dpo_run_gives_the_same_adapter_and_refuses_another_method(tmp_path, monkeypatch):
     """Stopped by SIGTERM after step 4 (a checkpoint is written), resumed: steps 5-6 only, same adapter."""
     import cli
 
@@ -139,16 +140,10 @@ def test_resumed_dpo_run_gives_the_same_adapter(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "parts" / "metrics.json").read_text())["resumed_at"] == [4]
     assert_same_adapters(whole, tmp_path / "parts")
     assert history(whole)["eval_rewards"] == history(tmp_path / "parts")["eval_rewards"]
-
-
-def test_resume_refuses_another_method(tmp_path):
-    from finetune.errors import MoetuneError
-
-    recipe, _ = train(tmp_path, "run", train={"max_steps": 2, "save_every": 1})
-    with pytest.raises(MoetuneError, match=r"the recipe changed \(train.method\)"):
-        launch_training(
-            str(recipe), output_dir=tmp_path / "run", resume=True, overrides=["train.method=simpo"]
-        )
+    with pytest.raises(
+        MoetuneError, match=r"the recipe changed \(train.method\)"
+    ):  # the method is fingerprinted
+        launch_training(str(recipe), output_dir=whole, resume=True, overrides=["train.method=simpo"])
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
