@@ -53,6 +53,9 @@ class StepResult:
     aux_loss: float
     grad_norm: float
     tokens: int  # input tokens
+    metrics: dict[str, float] = dataclasses.field(
+        default_factory=dict
+    )  # train/rewards/* of a preference step
 
 
 class LogWindow:
@@ -74,6 +77,9 @@ class LogWindow:
             "train/grad_norm": sum(r.grad_norm for r in self.rows) / len(self.rows),
             "train/tokens_per_second": sum(r.tokens for r in self.rows) / max(self.seconds, 1e-9),
         }
+        measured = [r.metrics for r in self.rows if r.metrics]
+        for key in measured[0] if measured else ():
+            out[key] = sum(m[key] for m in measured) / len(measured)
         self.rows, self.seconds = [], 0.0
         return out
 
@@ -112,6 +118,16 @@ class ExpertLoad:
         return out
 
 
+def eval_log(result: dict[str, float]) -> dict[str, float]:
+    """An evaluation's logged values: eval/loss, eval/perplexity (and eval/rewards/*, eval/preference_loss)."""
+    return {f"eval/{k}": v for k, v in result.items() if k != "tokens"}
+
+
+def reward_row(step: int, result: dict[str, float]) -> list[float]:
+    """[step, reward accuracy, reward margin, preference loss] of a preference run's evaluation."""
+    return [step, result["rewards/accuracies"], result["rewards/margins"], result["preference_loss"]]
+
+
 def tracker_config(recipe: Recipe) -> dict[str, Any]:
     """The recipe as flat scalars, the only kind TensorBoard's hparams accept."""
     from finetune.recipe import recipe_to_dict
@@ -145,6 +161,12 @@ class RunMetrics:
     resumed_at: list[int]
     num_processes: int
     mixed_precision: str
+    # preference runs (train.method dpo / orpo / simpo), on the held-out pairs; eval_loss_* is then the
+    # SFT loss of their chosen answers
+    reward_accuracy_before: float | None = None
+    reward_accuracy_after: float | None = None
+    reward_margin_before: float | None = None
+    reward_margin_after: float | None = None
 
     @classmethod
     def of_run(
@@ -160,6 +182,7 @@ class RunMetrics:
         losses = [loss for _, loss in state.train_loss]
         tail = losses[-max(1, min(len(losses), recipe.train.log_every)) :]
         before, after = state.eval_loss_before, (state.eval_loss[-1][1] if state.eval_loss else None)
+        rewards_before, rewards_after = state.eval_rewards_before, (state.eval_rewards or [None])[-1]
         return cls(
             steps=state.step,
             train_loss=sum(tail) / len(tail) if tail else None,
@@ -176,6 +199,10 @@ class RunMetrics:
             resumed_at=state.resumed_at,
             num_processes=num_processes,
             mixed_precision=recipe.train.mixed_precision,
+            reward_accuracy_before=rewards_before[1] if rewards_before else None,
+            reward_accuracy_after=rewards_after[1] if rewards_after else None,
+            reward_margin_before=rewards_before[2] if rewards_before else None,
+            reward_margin_after=rewards_after[2] if rewards_after else None,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -189,8 +216,11 @@ class RunMetrics:
 
 
 def write_history(run_dir: Path, state: RunState) -> None:
-    """history.json: train loss per step, eval loss per eval, skipped steps (the plots' data)."""
+    """history.json: train loss per step, eval loss per eval, skipped steps (the plots' data); the held-out
+    reward metrics of a preference run."""
     history = {k: getattr(state, k) for k in ("train_loss", "eval_loss", "skipped_steps")}
+    if state.eval_rewards:  # preference runs: [step, reward accuracy, reward margin, preference loss]
+        history["eval_rewards"] = [state.eval_rewards_before, *state.eval_rewards]
     ckpt.write_json_atomic(run_dir / "history.json", history)
 
 
@@ -259,9 +289,15 @@ class TrainResult:
         elif m.eval_loss_before is not None and m.eval_loss_after is not None:
             change = 100.0 * (1.0 - m.perplexity_after / m.perplexity_before)
             trend = f"{change:.1f}% lower" if change >= 0 else f"{-change:.1f}% HIGHER"
+            chosen = " (chosen answers)" if m.reward_accuracy_before is not None else ""
             lines.append(
-                f"held-out eval loss {m.eval_loss_before:.4f} -> {m.eval_loss_after:.4f}; perplexity "
+                f"held-out eval loss{chosen} {m.eval_loss_before:.4f} -> {m.eval_loss_after:.4f}; perplexity "
                 f"{m.perplexity_before:.2f} -> {m.perplexity_after:.2f} ({trend})"
+            )
+        if m.reward_accuracy_before is not None and m.reward_accuracy_after is not None:
+            lines.append(
+                f"held-out reward accuracy {m.reward_accuracy_before:.3f} -> {m.reward_accuracy_after:.3f}; "
+                f"reward margin {m.reward_margin_before:.3f} -> {m.reward_margin_after:.3f}"
             )
         if m.skipped_steps:
             lines.append(f"skipped steps (non-finite): {m.skipped_steps}")

@@ -39,7 +39,8 @@ from finetune.accelerator import TRACKER_PROJECT, as_float, check_engine, end_tr
 from finetune.errors import MoetuneError
 from finetune.evaluate import eval_batches, evaluate_across_processes, expert_load_shares
 from finetune.launch import inside_distributed_launch, launch_run
-from finetune.losses import StepLoss, count_label_tokens, forward_loss
+from finetune.losses import StepLoss, count_label_tokens, count_pairs, forward_loss, preference_forward
+from finetune.preference import chosen_half, evaluate_preference, make_objective
 from finetune.recipe import Recipe, TrainSection, load_recipe, save_recipe
 from finetune.reporting import ExpertLoad, LogWindow, RunMetrics, StepResult, TrainResult
 from finetune.resume import EpochSampler, RunState, check_run_folder, fingerprint, step_seed
@@ -142,6 +143,8 @@ class TrainingRun:
         self.base_config = model.config
         self.routes = getattr(model.config, "output_router_logits", None) is not None  # returns aux loss
         self.aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+        # train.method dpo / orpo / simpo: per-pair losses (finetune/losses.py); None for sft
+        self.objective = make_objective(self.recipe.train.method, self.recipe.train.preference)
         return model
 
     def setup_data(self) -> tuple[Any, Callable[[list[dict]], dict]]:
@@ -152,6 +155,15 @@ class TrainingRun:
         train_ds, eval_ds = build_datasets(d, self.tokenizer, seed=t.seed)
         collate = make_collator(d, self.tokenizer)
         self.eval_batches = eval_batches(eval_ds, collate, t.batch_size, t.eval_batches)
+        if self.objective is not None:
+            if "chosen_ids" not in train_ds.column_names:
+                raise MoetuneError(
+                    f"train.method {t.method} needs data.format: preference (prompt / chosen / rejected "
+                    f"records); data.train was read as {d.format or 'another format'}"
+                )
+            # Held-out pairs for the reward metrics; eval/loss is the SFT loss on their chosen answers.
+            self.pair_batches = self.eval_batches
+            self.eval_batches = [chosen_half(b) for b in self.pair_batches]
         self.eval_is_lm = any("labels" in b for b in self.eval_batches)
         return train_ds, collate
 
@@ -189,6 +201,8 @@ class TrainingRun:
         self.steps_per_epoch = math.ceil(len(self.train_dl) / t.grad_accum)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.scheduler = acc.prepare(make_scheduler(t, optimizer, self.total_steps))
+        if self.objective is not None:  # DPO's reference: this model, its adapter disabled
+            self.objective.reference_model = acc.unwrap_model(self.model)
         # Checkpoints keep only the trainable weights: the base comes back from MODEL on resume.
         acc.register_save_state_pre_hook(ckpt.trainable_state_filter(acc.unwrap_model(self.model)))
         self.checkpoint_bytes = ckpt.estimate_checkpoint_bytes(
@@ -215,9 +229,9 @@ class TrainingRun:
             before = self.evaluate()
             self.state.eval_loss_before = before["loss"]
             self.state.expert_load_before = self.expert_load()
-            self.accelerator.log(
-                {"eval/loss": before["loss"], "eval/perplexity": before["perplexity"]}, step=0
-            )
+            if self.objective is not None:
+                self.state.eval_rewards_before = reporting.reward_row(0, before)
+            self.accelerator.log(reporting.eval_log(before), step=0)
         self.progress = tqdm(
             total=self.total_steps,
             initial=self.state.step,
@@ -281,9 +295,13 @@ class TrainingRun:
                     self.stop_on_interrupt(step, signum)
 
     def train_step(self, micro_batches: list[dict], step: int, load: ExpertLoad) -> StepResult:
-        """One optimizer step over `micro_batches`; the loss is normalised by the global token count."""
+        """One optimizer step over `micro_batches`; the loss is normalised by the global count of label
+        tokens (SFT) or of pairs (a preference objective)."""
         acc, t = self.accelerator, self.recipe.train
-        local = sum(count_label_tokens(b["labels"]) for b in micro_batches if "labels" in b)
+        if self.objective is not None:  # the unit of a preference loss is the pair
+            local = sum(count_pairs(b) for b in micro_batches)
+        else:
+            local = sum(count_label_tokens(b["labels"]) for b in micro_batches if "labels" in b)
         step_loss = StepLoss(
             label_tokens=int(acc.reduce(torch.tensor(local, device=acc.device), "sum").item()),
             micro_batches=len(micro_batches),
@@ -296,7 +314,10 @@ class TrainingRun:
             last = i == len(micro_batches) - 1
             # Gradients are all-reduced once, at the end.
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                out = forward_loss(self.model, batch, routes=self.routes)
+                if self.objective is not None:
+                    out = preference_forward(self.model, batch, self.objective, routes=self.routes)
+                else:
+                    out = forward_loss(self.model, batch, routes=self.routes)
                 acc.backward(step_loss.term(out))
             seen += reporting.input_token_count(batch)
             load.add(out.router_logits, batch, top_k=getattr(self.base_config, "num_experts_per_tok", None))
@@ -316,7 +337,8 @@ class TrainingRun:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.train_loss.append([step, train_loss])
-        return StepResult(loss=train_loss, aux_loss=aux, grad_norm=grad_norm, tokens=tokens)
+        metrics = step_loss.metrics(acc)  # rewards/* of a preference step
+        return StepResult(loss=train_loss, aux_loss=aux, grad_norm=grad_norm, tokens=tokens, metrics=metrics)
 
     def skip_or_stop(self, step: int, what: str) -> None:
         """A non-finite loss or gradient: stop naming the step (nothing saved), or skip the update."""
@@ -352,8 +374,15 @@ class TrainingRun:
     # ------------------------------------------------------------------ eval
 
     def evaluate(self) -> dict[str, float]:
-        """Loss and perplexity on the eval batches, each process taking its share (weighted by tokens)."""
-        return evaluate_across_processes(self.accelerator, self.model, self.eval_batches, lm=self.eval_is_lm)
+        """Loss and perplexity on the eval batches, each process taking its share (weighted by tokens);
+        with a preference objective, the reward metrics of the held-out pairs too."""
+        result = evaluate_across_processes(
+            self.accelerator, self.model, self.eval_batches, lm=self.eval_is_lm
+        )
+        if self.objective is not None:
+            pairs = evaluate_preference(self.accelerator, self.model, self.pair_batches, self.objective)
+            result |= {f"preference_{k}" if k == "loss" else k: v for k, v in pairs.items()}
+        return result
 
     def expert_load(self) -> list[list[float]] | None:
         """Share of routed tokens per expert per MoE layer on the eval batches (None for dense models)."""
@@ -364,10 +393,12 @@ class TrainingRun:
     def run_eval(self, step: int) -> None:
         result = self.evaluate()
         self.state.eval_loss.append([step, result["loss"]])
-        self.accelerator.log(
-            {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]}, step=step
-        )
-        self.say(f"step {step}: eval loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f})")
+        self.accelerator.log(reporting.eval_log(result), step=step)
+        line = f"step {step}: eval loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f})"
+        if self.objective is not None:
+            self.state.eval_rewards.append(reporting.reward_row(step, result))
+            line += f"; reward accuracy {result['rewards/accuracies']:.3f}, margin {result['rewards/margins']:.3f}"
+        self.say(line)
 
     # ------------------------------------------------------------------ checkpoint
 
