@@ -32,6 +32,7 @@ from finetune.errors import MoetuneError
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.optim.lr_scheduler import LRScheduler
 
     from finetune.recipe import Recipe, TrainSection
 
@@ -114,6 +115,21 @@ def whole_model_building(acc: Accelerator) -> Iterator[None]:
         yield
     finally:
         plugin.set_deepspeed_weakref()
+
+
+def prepare_scheduler(acc: Accelerator, scheduler: LRScheduler) -> LRScheduler:
+    """The learning-rate schedule, prepared, and saved in every checkpoint whatever the engine.
+
+    It is prepared apart from the model (its length needs the prepared loader). Accelerate's DeepSpeed
+    path then hands it back as it is and leaves it out of `save_state`, so a resumed run would start
+    the schedule again from step 0; `register_for_checkpointing` puts it back into the checkpoints.
+    """
+    from accelerate.utils import DistributedType
+
+    prepared = acc.prepare(scheduler)
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        acc.register_for_checkpointing(prepared)
+    return prepared
 
 
 def launched_with_deepspeed() -> bool:

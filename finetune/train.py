@@ -41,6 +41,7 @@ from finetune.accelerator import (
     check_engine,
     end_training,
     make_accelerator,
+    prepare_scheduler,
     whole_model_building,
 )
 from finetune.errors import MoetuneError
@@ -212,7 +213,7 @@ class TrainingRun:
         set_experts_backend(self.model, self.recipe.model.experts_backend)  # on its device: "grouped" checks
         self.steps_per_epoch = math.ceil(len(self.train_dl) / t.grad_accum)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
-        self.scheduler = acc.prepare(make_scheduler(t, optimizer, self.total_steps))
+        self.scheduler = prepare_scheduler(acc, make_scheduler(t, optimizer, self.total_steps))
         # Checkpoints keep only the trainable weights: the base comes back from MODEL on resume.
         acc.register_save_state_pre_hook(ckpt.trainable_state_filter(acc.unwrap_model(self.model)))
         self.checkpoint_bytes = ckpt.estimate_checkpoint_bytes(
