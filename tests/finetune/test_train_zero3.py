@@ -134,3 +134,17 @@ def test_zero3_built_in_model_with_the_bundled_config(tmp_path):
     result = launch_training(str(recipe), output_dir=run_dir, num_processes=2, distributed="zero3")
     assert result.metrics.num_processes == 2
     _same_adapter(run_dir, tmp_path / "single")
+
+
+@pytest.mark.slow
+def test_zero3_with_int8_experts_matches_one_process(tmp_path):
+    """Quantized experts are buffers (codes + scales): ZeRO-3 keeps them whole on every process and
+    partitions the rest; the adapter is the 1-process int8 run's."""
+    recipe = write_recipe(
+        tmp_path, write_corpus(tmp_path / "train.jsonl", n=64), model={"quantize": "int8"}, train=TRAIN
+    )
+    launch_training(str(recipe), output_dir=tmp_path / "single", overrides=["train.grad_accum=2"])
+    run_dir = tmp_path / "zero3"
+    rc, err = _accelerate_launch(_launch_config(tmp_path), recipe, run_dir)
+    assert rc == 0, err[-3000:]
+    _same_adapter(run_dir, tmp_path / "single")
