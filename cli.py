@@ -99,6 +99,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         seq_len=args.seq_len,
         gradient_checkpointing=not args.no_checkpointing,
         quantize=args.quantize,
+        strategy=args.strategy,
     )
     print(json.dumps(plan.as_dict(), indent=2) if args.json else plan)
 
@@ -396,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan without gradient checkpointing (default: with it)",
     )
     p.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None, help=QUANTIZE_HELP)
+    p.add_argument(
+        "--strategy",
+        choices=["auto", "ddp", "fsdp", "zero3"],
+        default="auto",
+        help="how the weights are spread (default: auto: ddp, or fsdp when replicas do not fit)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
 
     p = add("train", cmd_train, "fine-tune LoRA adapters from a recipe")
