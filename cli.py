@@ -442,13 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0..N-1 (default: 0)")
     p.add_argument(
-        "--main-process-ip", default=None, help="machine 0's address (needed with --num-machines > 1)"
+        "--main-process-ip",
+        default=None,
+        help="machine 0's address, needed with --num-machines > 1 (default: none)",
     )
     p.add_argument(
         "--main-process-port",
         type=int,
         default=None,
-        help="a free port on machine 0 (needed with --num-machines > 1; default: a free port on this machine)",
+        help="a free port on machine 0, needed with --num-machines > 1 (default: a free port on this machine)",
     )
 
     add("recipes", cmd_recipes, "list the bundled recipes")
