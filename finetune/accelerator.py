@@ -13,7 +13,11 @@ per need, and tests/finetune/test_accelerator.py fails when upstream renames or 
   with `AcceleratorState._reset_state` / `GradientState._reset_state`, which Accelerate's own tests use.
 
 An engine's settings (DeepSpeed, FSDP options) become Accelerate plugins in `make_accelerator`;
-engine-specific refusals go in `check_engine`.
+engine-specific refusals go in `check_engine`. DeepSpeed (public APIs, each with its reason where it
+is used): gloo named for CPU processes, the world-size guard (`check_world_size`), the recipe's
+clipping and an empty ZeRO-3 leaf-module list in its config (`configure_deepspeed`), the model built
+whole and partitioned by `prepare` (`whole_model_building`), the schedule in its checkpoints
+(`prepare_scheduler`).
 """
 
 from __future__ import annotations
@@ -157,7 +161,8 @@ def check_engine(acc: Accelerator, train: TrainSection) -> None:
     """Refuse recipe settings the launched engine cannot honour (before any model is loaded)."""
     from accelerate.utils import DistributedType
 
-    if launched_with_deepspeed() and acc.distributed_type != DistributedType.DEEPSPEED:
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    if launched_with_deepspeed() and forced_cpu and acc.distributed_type != DistributedType.DEEPSPEED:
         raise MoetuneError(
             "launched with a DeepSpeed config, but ACCELERATE_USE_CPU=true turned DeepSpeed off (the run would "
             "be plain data parallel); unset ACCELERATE_USE_CPU (DS_ACCELERATOR=cpu runs DeepSpeed on CPUs)"

@@ -6,7 +6,7 @@ wrote. By default: Qwen3-MoE (DeepSpeed makes its sparse block a ZeRO-3 leaf mod
 `configure_deepspeed` removes) from the raw `accelerate launch` with a DeepSpeed config file of the
 user's own that partitions every parameter, so the routed expert path really reads partitioned
 weights. Slow: the built-in model through `--distributed zero3` (the bundled config). The first
-DeepSpeed launch on a machine compiles DeepSpeed's shared-memory comm op (about 45 s; cached under
+DeepSpeed launch on a machine compiles DeepSpeed's shared-memory comm op (once; cached under
 torch's extensions folder). DeepSpeed is the `deepspeed` extra, which `make test` installs."""
 
 from __future__ import annotations
