@@ -75,10 +75,11 @@ def configure_deepspeed(acc: Accelerator, train: TrainSection) -> None:
     - Clipping: the DeepSpeed engine clips inside its own step, so `train.max_grad_norm` goes into
       its config (`gradient_clipping: auto`, or absent); a different number there is refused.
     - Leaf modules: DeepSpeed makes some MoE blocks ZeRO-3 "leaf modules" by default (Mixtral's,
-      Qwen2-MoE's and Qwen3-MoE's sparse blocks: their parameters gathered once for the whole block).
-      LoRA on the block's fused expert parameters then meets size-0 (still partitioned) weights in
-      backward; with no leaf classes each module gathers its own parameters, as for the built-in model.
-      A config that sets `zero_optimization.leaf_module` keeps its own.
+      Qwen2-MoE's and Qwen3-MoE's sparse blocks: their parameters gathered once for the whole block),
+      which was reported to give LoRA on the block's fused experts size-0 (still partitioned) weights
+      in backward (docs/scaling.md: not reproduced here). With no leaf classes each module gathers
+      its own parameters, as for the built-in model, which is what the tests run. A config that sets
+      `zero_optimization.leaf_module` keeps its own.
     """
     plugin = acc.state.deepspeed_plugin
     if plugin is None:

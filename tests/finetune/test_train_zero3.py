@@ -2,8 +2,8 @@
 
 The run ends with the same adapter as one process with the same global batch (fp32: max |difference|
 <= 1e-5), also when it was killed (SIGKILL after a step) and resumed, and plain PEFT loads what it
-wrote. By default: Qwen3-MoE (DeepSpeed makes its sparse block a ZeRO-3 leaf module: the trap
-`configure_deepspeed` removes) from the raw `accelerate launch` with a DeepSpeed config file of the
+wrote. By default: Qwen3-MoE (DeepSpeed makes its sparse block a ZeRO-3 leaf module unless
+`configure_deepspeed` empties the list) from the raw `accelerate launch` with a DeepSpeed config file of the
 user's own that partitions every parameter, so the routed expert path really reads partitioned
 weights. Slow: the built-in model through `--distributed zero3` (the bundled config). The first
 DeepSpeed launch on a machine compiles DeepSpeed's shared-memory comm op (once; cached under
