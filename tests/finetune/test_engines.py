@@ -103,3 +103,20 @@ def test_a_run_that_sees_fewer_processes_than_launched_stops(recipe, tmp_path, m
         reset_state()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_upstream_still_builds_every_model_partitioned_once_a_deepspeed_plugin_is_selected():
+    """Why `whole_model_building` exists: Accelerate registers a ZeRO-3 config with transformers
+    even with zero3_init_flag false (transformers would then build models inside zero.Init); the
+    functions it uses to undo and redo that are still there."""
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 3}}, zero3_init_flag=False)
+    try:
+        plugin.set_deepspeed_weakref()
+        assert not plugin.zero3_init_flag and is_deepspeed_zero3_enabled()
+        unset_hf_deepspeed_config()
+        assert not is_deepspeed_zero3_enabled()
+    finally:
+        unset_hf_deepspeed_config()
