@@ -35,10 +35,18 @@ import torch
 
 from finetune import checkpoint as ckpt
 from finetune import reporting
-from finetune.accelerator import TRACKER_PROJECT, as_float, check_engine, end_training, make_accelerator
+from finetune.accelerator import (
+    TRACKER_PROJECT,
+    as_float,
+    check_engine,
+    end_training,
+    make_accelerator,
+    prepare_scheduler,
+    whole_model_building,
+)
 from finetune.errors import MoetuneError
 from finetune.evaluate import eval_batches, evaluate_across_processes, expert_load_shares
-from finetune.launch import inside_distributed_launch, launch_run
+from finetune.launch import ONE_MACHINE, Machines, engine_config, inside_distributed_launch, launch_run
 from finetune.losses import StepLoss, count_label_tokens, count_pairs, forward_loss, preference_forward
 from finetune.preference import chosen_half, evaluate_preference, make_objective
 from finetune.recipe import Recipe, TrainSection, load_recipe, save_recipe
@@ -54,6 +62,8 @@ def launch_training(
     resume: bool = False,
     overwrite: bool = False,
     num_processes: int = 1,
+    distributed: str = "ddp",
+    machines: Machines = ONE_MACHINE,
     debug: bool = False,
 ) -> TrainResult | None:
     """Train the LoRA adapter a recipe describes; returns the run's result (`str()` is its summary).
@@ -61,10 +71,17 @@ def launch_training(
     `recipe` is a YAML path, a bundled recipe name or a `Recipe`; `overrides` are `section.key=value`.
     A run folder that already holds checkpoints or an adapter needs `resume` (continue it) or
     `overwrite` (replace it). Inside a launch of several processes, the ones other than the main
-    process return None.
+    process return None. `distributed` names the engine of a launch of several processes (ddp, fsdp,
+    zero3: the bundled configs in recipes/accelerate/); `machines` spreads them over several machines.
     """
     if num_processes < 1:
         raise MoetuneError(f"--num-processes must be >= 1, got {num_processes}")
+    engine_config(distributed)  # a known engine, or the error that lists them
+    machines.check(num_processes)
+    if num_processes == 1 and distributed != "ddp":
+        raise MoetuneError(
+            f"--distributed {distributed} needs --num-processes 2 or more (1 process trains alone)"
+        )
     if resume and overwrite:
         raise MoetuneError(
             "--resume and --overwrite both given; --resume continues a run, --overwrite replaces it"
@@ -77,7 +94,14 @@ def launch_training(
     run_dir = Path(output_dir or recipe.output.dir).expanduser()
     if num_processes > 1 and not inside_distributed_launch():
         return launch_run(
-            recipe, run_dir, num_processes=num_processes, resume=resume, overwrite=overwrite, debug=debug
+            recipe,
+            run_dir,
+            num_processes=num_processes,
+            distributed=distributed,
+            machines=machines,
+            resume=resume,
+            overwrite=overwrite,
+            debug=debug,
         )
     run = TrainingRun(recipe, run_dir, resume=resume, overwrite=overwrite)
     try:
@@ -115,9 +139,10 @@ class TrainingRun:
         for line in r.notes:  # defaults relied on, sample data found in the installation
             self.say(line)
         set_seed(r.train.seed)  # the same on every process, so randomly initialised parts agree
-        base = self.setup_model()
-        train_ds, collate = self.setup_data()
-        self.setup_adapter(base, train_ds)
+        with whole_model_building(acc):  # ZeRO-3: built whole here, partitioned by prepare
+            base = self.setup_model()
+            train_ds, collate = self.setup_data()
+            self.setup_adapter(base, train_ds)
         self.setup_optimizer(train_ds, collate)
         self.setup_run_folder()
         acc.init_trackers(TRACKER_PROJECT, config=reporting.tracker_config(r))
@@ -200,7 +225,7 @@ class TrainingRun:
         set_experts_backend(self.model, self.recipe.model.experts_backend)  # on its device: "grouped" checks
         self.steps_per_epoch = math.ceil(len(self.train_dl) / t.grad_accum)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
-        self.scheduler = acc.prepare(make_scheduler(t, optimizer, self.total_steps))
+        self.scheduler = prepare_scheduler(acc, make_scheduler(t, optimizer, self.total_steps))
         if self.objective is not None:  # DPO's reference: this model, its adapter disabled
             self.objective.reference_model = acc.unwrap_model(self.model)
         # Checkpoints keep only the trainable weights: the base comes back from MODEL on resume.
