@@ -99,6 +99,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         seq_len=args.seq_len,
         gradient_checkpointing=not args.no_checkpointing,
         quantize=args.quantize,
+        strategy=args.strategy,
     )
     print(json.dumps(plan.as_dict(), indent=2) if args.json else plan)
 
@@ -107,6 +108,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from finetune.launch import Machines
     from finetune.train import launch_training
 
     result = launch_training(
@@ -116,6 +118,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         resume=args.resume,
         overwrite=args.overwrite,
         num_processes=args.num_processes,
+        distributed=args.distributed,
+        machines=Machines(
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            main_process_ip=args.main_process_ip,
+            main_process_port=args.main_process_port,
+        ),
         debug=args.debug,
     )
     if result is not None:  # None: another process of the launch reports
@@ -433,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan without gradient checkpointing (default: with it)",
     )
     p.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None, help=QUANTIZE_HELP)
+    p.add_argument(
+        "--strategy",
+        choices=["auto", "ddp", "fsdp", "zero3"],
+        default="auto",
+        help="how the weights are spread (default: auto: ddp, or fsdp when replicas do not fit)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
 
     p = add("train", cmd_train, "fine-tune LoRA adapters from a recipe")
@@ -452,7 +467,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an earlier run in the run folder (default: off: a finished run is refused)",
     )
     p.add_argument(
-        "--num-processes", type=int, default=1, help="launch N processes with Accelerate (default: 1)"
+        "--num-processes",
+        type=int,
+        default=1,
+        help="launch N processes with Accelerate, all machines together (default: 1)",
+    )
+    p.add_argument(
+        "--distributed",
+        choices=["ddp", "fsdp", "zero3"],
+        default="ddp",
+        help="engine of a launch of several processes: recipes/accelerate/{ddp,fsdp,deepspeed-zero3}.yaml "
+        "(default: ddp; zero3 needs pip install 'moetune[deepspeed]')",
+    )
+    p.add_argument(
+        "--num-machines",
+        type=int,
+        default=1,
+        help="machines taking part, each running this command (default: 1)",
+    )
+    p.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0..N-1 (default: 0)")
+    p.add_argument(
+        "--main-process-ip",
+        default=None,
+        help="machine 0's address, needed with --num-machines > 1 (default: none)",
+    )
+    p.add_argument(
+        "--main-process-port",
+        type=int,
+        default=None,
+        help="a free port on machine 0, needed with --num-machines > 1 (default: a free port on this machine)",
     )
 
     add("recipes", cmd_recipes, "list the bundled recipes")

@@ -25,6 +25,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from adapters.errors import MoetuneError
@@ -188,13 +189,18 @@ def _ffn_targets(ffn: nn.Module, prefix: str, index: int) -> list[Target]:
     return found
 
 
+def shape_of(param: torch.Tensor) -> torch.Size:
+    """A parameter's full shape, also when DeepSpeed ZeRO-3 holds only a partition of it (`ds_shape`)."""
+    return getattr(param, "ds_shape", None) or param.shape
+
+
 def fused_expert_weights(experts: nn.Module) -> list[tuple[str, int]]:
     """(name, number of weights) of an experts module's fused 3D weights, float or stored quantized
     (a quantized module lists them in `quantized_shapes` instead of its parameters)."""
     fused = [
-        (pname, p.numel())
+        (pname, math.prod(shape_of(p)))
         for pname, p in experts.named_parameters(recurse=False)
-        if pname in EXPERT_PARAM_NAMES and p.ndim == 3
+        if pname in EXPERT_PARAM_NAMES and len(shape_of(p)) == 3
     ]
     quantized = getattr(experts, "quantized_shapes", None) or {}
     fused += [(n, math.prod(getattr(experts, n).shape)) for n in quantized if n not in dict(fused)]

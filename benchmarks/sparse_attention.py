@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from finetune.modeling import preset_config  # noqa: E402
 from finetune.modeling.modeling_moetune import MoetuneAttention, MoetuneRotaryEmbedding  # noqa: E402
-from finetune.modeling.sparse_attention import HierarchicalSparseAttention, _Layout  # noqa: E402
+from finetune.modeling.sparse_attention import HierarchicalSparseAttention  # noqa: E402
+from finetune.modeling.sparse_attention_kernels import Layout  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPE = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=8, head_dim=64)
@@ -86,7 +87,7 @@ def build(level: str, kind: str, length: int, dtype: torch.dtype):
         def forward() -> torch.Tensor:
             if kind == "dense":
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            layout = _Layout.build(None, position_ids, 1, 0, length, q.device)
+            layout = Layout.build(None, position_ids, 1, 0, length, q.device)
             return module.attend(q, k, v, gate_logits, layout)
 
     # the gradient arriving from above, allocated up front like the rest of a network's activations

@@ -140,7 +140,7 @@ def expert_call_sites(model: nn.Module) -> list[tuple[int, nn.Module, int]]:
     That module is the experts module itself, or the outermost PEFT ParamWrapper around it (the
     one that receives `(hidden_states, top_k_index, top_k_weights)`).
     """
-    from adapters.targets import fused_expert_weights
+    from adapters.targets import fused_expert_weights, shape_of
 
     sites, inside = [], set()
     for name, module in model.named_modules():
@@ -155,7 +155,8 @@ def expert_call_sites(model: nn.Module) -> list[tuple[int, nn.Module, int]]:
             continue
         inside.update(id(m) for m in chain)
         match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
-        sites.append((int(match[1]) if match else len(sites), module, getattr(base, fused[0][0]).shape[0]))
+        experts = shape_of(getattr(base, fused[0][0]))[0]
+        sites.append((int(match[1]) if match else len(sites), module, experts))
     return sites
 
 

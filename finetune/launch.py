@@ -1,16 +1,17 @@
 """Launching a run on several processes: `accelerate launch` of `python -m finetune.train`.
 
-`moetune train R.yaml --num-processes N` resolves the recipe once (overrides applied, every key
-checked), checks the run folder (`--resume` / `--overwrite`), writes the resolved recipe to
-RUN/recipe.yaml, and starts N processes of
+`moetune train R.yaml --num-processes N --distributed ddp|fsdp|zero3` resolves the recipe once
+(overrides applied, every key checked), checks the run folder (`--resume` / `--overwrite`), writes
+the resolved recipe to RUN/recipe.yaml, and starts N processes of
 
-    accelerate launch --num_processes N ... -m finetune.train RUN/recipe.yaml --output RUN
+    accelerate launch --config_file recipes/accelerate/ENGINE.yaml --num_processes N ...
+        -m finetune.train RUN/recipe.yaml --output RUN
 
 each of which trains its share; the main one writes the run's files and the launching process
-reads the result back from RUN/metrics.json. `accelerate launch --config_file
-recipes/accelerate/ddp.yaml -m finetune.train R.yaml` (or `... cli.py train R.yaml`) is the same
-run started by hand. Multi-node settings (`--num_machines`, `--machine_rank`, `--main_process_ip`)
-are more arguments of `launch_command`.
+reads the result back from RUN/metrics.json. The same `accelerate launch` typed by hand (with
+`cli.py train R.yaml` or `-m finetune.train R.yaml`) is the same run. On several machines each one
+runs the same command with its own `--machine-rank` (`Machines`); N counts the processes of all of
+them, as in `accelerate launch`, and the run folder must be on a file system they share.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune import checkpoint as ckpt
 from finetune.accelerator import has_accelerator
 from finetune.errors import MoetuneError
+from finetune.recipe.files import RECIPES_DIR
 
 if TYPE_CHECKING:
     from finetune.recipe import Recipe
@@ -35,6 +38,52 @@ if TYPE_CHECKING:
 
 TRAIN_MODULE = "finetune.train"  # the training recipe's own entry point: `python -m finetune.train`
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where `finetune` is imported from
+# `--distributed NAME`: the bundled launch config of each engine (recipes/accelerate/).
+ENGINES = {"ddp": "ddp.yaml", "fsdp": "fsdp.yaml", "zero3": "deepspeed-zero3.yaml"}
+
+
+@dataclass(frozen=True)
+class Machines:
+    """Where the launched processes run: this machine alone (the default), or one of several.
+
+    Every machine runs the same command with its own `machine_rank`; they meet at
+    `main_process_ip:main_process_port` (machine 0's address), which all of them must be given.
+    """
+
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int | None = None
+
+    def check(self, num_processes: int) -> None:
+        """Refuse settings `accelerate launch` would misread or wait on forever."""
+        if self.num_machines < 1:
+            raise MoetuneError(f"--num-machines must be >= 1, got {self.num_machines}")
+        if not 0 <= self.machine_rank < self.num_machines:
+            raise MoetuneError(
+                f"--machine-rank {self.machine_rank} is not one of 0..{self.num_machines - 1} "
+                f"(--num-machines {self.num_machines})"
+            )
+        if num_processes % self.num_machines:
+            raise MoetuneError(
+                f"--num-processes {num_processes} is not a multiple of --num-machines {self.num_machines}; "
+                "it counts the processes of all machines together"
+            )
+        if self.num_machines > 1 and (self.main_process_ip is None or self.main_process_port is None):
+            raise MoetuneError(
+                f"--num-machines {self.num_machines} needs --main-process-ip and --main-process-port "
+                "(machine 0's address and a free port on it, the same on every machine)"
+            )
+
+
+ONE_MACHINE = Machines()
+
+
+def engine_config(distributed: str) -> Path:
+    """The bundled Accelerate / DeepSpeed launch config of `--distributed NAME`."""
+    if distributed not in ENGINES:
+        raise MoetuneError(f"--distributed {distributed!r} is not one of {', '.join(ENGINES)}")
+    return RECIPES_DIR / "accelerate" / ENGINES[distributed]
 
 
 def inside_distributed_launch() -> bool:
@@ -47,11 +96,14 @@ def launch_run(
     run_dir: Path,
     *,
     num_processes: int,
+    distributed: str = "ddp",
+    machines: Machines = ONE_MACHINE,
     resume: bool = False,
     overwrite: bool = False,
     debug: bool = False,
 ) -> TrainResult:
-    """Train the resolved `recipe` into `run_dir` on `num_processes` local processes; its result.
+    """Train the resolved `recipe` into `run_dir` on `num_processes` processes with the `distributed`
+    engine (ENGINES); its result.
 
     The run folder is checked here, so a refused start launches nothing; the recipe's notes are
     said here, once (the launched processes read the resolved file, which leaves nothing implicit).
@@ -71,8 +123,13 @@ def launch_run(
     recipe_file = save_recipe(recipe, run_dir / "recipe.yaml")
     args = [str(recipe_file), "--output", str(run_dir), "--no-summary"]
     args += ["--resume"] * resume + ["--overwrite"] * overwrite + ["--debug"] * debug
-    env = launch_env(num_processes)
-    rc, err = launch_on_a_free_port(lambda port: launch_command(num_processes, port, args), env=env)
+    env = launch_env(num_processes // machines.num_machines, distributed)
+    fixed = machines.main_process_port  # several machines: all of them were given the same port
+
+    def command(port: int) -> list[str]:
+        return launch_command(num_processes, fixed or port, args, distributed=distributed, machines=machines)
+
+    rc, err = launch_on_a_free_port(command, env=env, attempts=1 if fixed else 3)
     if rc != 0 and ckpt.RESUME_HINT in err:  # they stopped on Ctrl-C and saved a checkpoint
         raise ckpt.TrainingInterrupted(
             f"training on {num_processes} processes was interrupted (see above); {ckpt.RESUME_HINT}",
@@ -85,31 +142,45 @@ def launch_run(
     return TrainResult.read(run_dir)
 
 
-def launch_command(num_processes: int, port: int, args: Sequence[str]) -> list[str]:
-    """`accelerate launch` of `python -m finetune.train ARGS` on `num_processes` local processes."""
-    # One launcher option and its value a line (fmt: skip), then the module and its arguments.
+def launch_command(
+    num_processes: int,
+    port: int,
+    args: Sequence[str],
+    *,
+    distributed: str = "ddp",
+    machines: Machines = ONE_MACHINE,
+) -> list[str]:
+    """`accelerate launch` of `python -m finetune.train ARGS` with the bundled config of `distributed`;
+    `num_processes` counts the processes of all machines."""
+    # One launcher option and its value a line (fmt: skip), then the module and its arguments. The
+    # recipe's train.mixed_precision decides the precision, not the launcher.
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(engine_config(distributed)),
         "--num_processes", str(num_processes),
-        "--num_machines", "1",
+        "--num_machines", str(machines.num_machines),
+        "--machine_rank", str(machines.machine_rank),
+        "--main_process_port", str(port),
         "--mixed_precision", "no",
         "--dynamo_backend", "no",
-        "--main_process_port", str(port),
-        "--multi_gpu",
-        "-m", TRAIN_MODULE,
     ]  # fmt: skip
-    return cmd + list(args)
+    if machines.main_process_ip is not None:
+        cmd += ["--main_process_ip", machines.main_process_ip]
+    return cmd + ["-m", TRAIN_MODULE, *args]
 
 
-def launch_env(num_processes: int) -> dict[str, str]:
+def launch_env(local_processes: int, distributed: str = "ddp") -> dict[str, str]:
     """The launched processes' environment: this one's, the same `finetune` on their path, and CPU
     processes (one thread share each) when there is no GPU."""
     env = dict(os.environ)
     # The processes import the same `finetune` as this one, from whatever folder they start in.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     if not has_accelerator():
-        env["ACCELERATE_USE_CPU"] = "true"
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+        if distributed == "zero3":  # DeepSpeed's own CPU accelerator (gloo: finetune/accelerator.py)
+            env.setdefault("DS_ACCELERATOR", "cpu")
+        else:
+            env["ACCELERATE_USE_CPU"] = "true"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_processes)))
     return env
 
 

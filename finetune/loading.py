@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from adapters.output_folder import atomic_output_folder
 from finetune.errors import MoetuneError
 from finetune.modeling import PRESETS, preset_config
 from finetune.modeling.presets import META_ONLY_ON_CPU
@@ -386,29 +386,23 @@ def init_model(
 
     from finetune.tokenizer import build_tokenizer
 
-    tmp = output.with_name(output.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a run that stopped half-way: never a finished folder
-    if quantize:
-        from finetune.quantization.checkpoint import init_quantized_preset
+    with atomic_output_folder(output) as tmp:  # a run stopped half-way leaves no finished-looking folder
+        if quantize:
+            from finetune.quantization.checkpoint import init_quantized_preset
 
-        tmp.mkdir(parents=True, exist_ok=True)
-        dtype = torch.bfloat16 if name in META_ONLY_ON_CPU else torch.float32
-        init_quantized_preset(config, tmp, quantize, dtype=dtype, seed=seed)
-    else:
-        with seeded_init(seed):
-            model = AutoModelForCausalLM.from_config(config)
-        model.save_pretrained(tmp)
-    tokenizer = build_tokenizer(config.vocab_size)
-    if modalities:
-        from finetune.modeling.multimodal import build_processor
+            dtype = torch.bfloat16 if name in META_ONLY_ON_CPU else torch.float32
+            init_quantized_preset(config, tmp, quantize, dtype=dtype, seed=seed)
+        else:
+            with seeded_init(seed):
+                model = AutoModelForCausalLM.from_config(config)
+            model.save_pretrained(tmp)
+        tokenizer = build_tokenizer(config.vocab_size)
+        if modalities:
+            from finetune.modeling.multimodal import build_processor
 
-        build_processor(config, tokenizer).save_pretrained(tmp)
-    else:
-        tokenizer.save_pretrained(tmp)
-    if output.exists():
-        output.rmdir()  # empty (checked above)
-    os.replace(tmp, output)
+            build_processor(config, tokenizer).save_pretrained(tmp)
+        else:
+            tokenizer.save_pretrained(tmp)
     experts = f" (routed experts {quantize})" if quantize else ""
     return WrittenModel(output, f"a random-initialised '{preset}' model{experts} and its tokenizer")
 
@@ -428,7 +422,7 @@ def quantize_model(
     safetensors, config.json with `quantization_config`, and the tokenizer, and loads with
     `load_model(output)` or, after `import finetune`, `AutoModelForCausalLM.from_pretrained(output)`.
     """
-    from finetune.quantization.checkpoint import quantize_checkpoint
+    from finetune.quantization.checkpoint import save_quantized
 
     method = check_quantize(method)
     if method is None:
@@ -443,13 +437,7 @@ def quantize_model(
             f"{spec!r} has no weights to quantize; create it quantized with "
             f"`moetune init-model --preset {_preset_name(str(spec))} --quantize {method} --output DIR`"
         )
-    tmp = output.with_name(output.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    quantize_checkpoint(
-        spec, method, tmp, dtype=dtype, max_shard_size=max_shard_size, trust_remote_code=trust_remote_code
-    )
-    if output.exists():
-        output.rmdir()  # empty (checked above)
-    os.replace(tmp, output)
+    with atomic_output_folder(output) as tmp:
+        model, tokenizer = load_model(spec, quantize=method, dtype=dtype, trust_remote_code=trust_remote_code)
+        save_quantized(model, tokenizer, tmp, max_shard_size=max_shard_size)
     return WrittenModel(output, f"{spec} with its routed experts stored {method}")

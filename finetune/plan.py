@@ -18,6 +18,7 @@ from finetune.errors import MoetuneError
 from finetune.loading import build_empty_model, load_config, parse_dtype
 
 GIB = 1024**3
+STRATEGIES = ("auto", "ddp", "fsdp", "zero3")
 
 
 @dataclass
@@ -26,7 +27,7 @@ class MemoryPlan:
 
     model: str
     gpus: int
-    strategy: str  # "ddp" (weights replicated) or "fsdp" (weights sharded across GPUs)
+    strategy: str  # "ddp" (weights replicated), "fsdp" or "zero3" (weights and LoRA states partitioned)
     quantize: str | None  # routed experts stored int8 / nf4, or None (all weights in the dtype)
     params_total: int
     params_trainable: int
@@ -44,6 +45,8 @@ class MemoryPlan:
     targets: tuple[str, ...] = ("attention", "experts")
     gradient_checkpointing: bool = True
     optimizer: str = "AdamW on the LoRA parameters: fp32 moments and master copy"
+    # zero3: each process loads the whole base before DeepSpeed partitions it (host memory, once)
+    load_peak_gib: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON of `moetune plan --json`."""
@@ -60,6 +63,12 @@ class MemoryPlan:
             f"  LoRA + grads + AdamW       {self.adapter_and_optimizer_gib:8.2f} GiB",
             f"  activations (estimate)     {self.activations_gib:8.2f} GiB",
             f"  total per GPU              {self.total_gib:8.2f} GiB",
+        ]
+        if self.load_peak_gib is not None:
+            lines.append(
+                f"  whole base at load (host)  {self.load_peak_gib:8.2f} GiB per process, before partitioning"
+            )
+        lines += [
             "assumptions:",
             f"  dtype                      {self.dtype} weights and activations",
             f"  batch x sequence           {self.batch_size} x {self.seq_len} tokens per GPU",
@@ -107,11 +116,15 @@ def plan_memory(
     seq_len: int = 4096,
     gradient_checkpointing: bool = True,
     quantize: str | None = None,
+    strategy: str = "auto",
 ) -> MemoryPlan:
-    """Per-GPU memory for LoRA training of `spec` on `gpus` GPUs; FSDP when DDP does not fit.
+    """Per-GPU memory for LoRA training of `spec` on `gpus` GPUs; `strategy` "auto" plans FSDP when
+    DDP does not fit, or names one of ddp / fsdp / zero3.
 
     `quantize` ("int8" / "nf4"; a folder saved quantized uses its own) counts the routed experts in
-    that storage format (codes + scales) and the rest of the weights in `dtype`.
+    that storage format (codes + scales) and the rest of the weights in `dtype`. ZeRO-3 partitions
+    parameters, the LoRA weights, their gradients and AdamW states over the processes; quantized
+    experts are buffers, which it keeps whole on every process.
     """
     from finetune.loading import check_quantize
     from finetune.quantization.loading import quantization_of
@@ -119,6 +132,8 @@ def plan_memory(
 
     if gpus < 1:
         raise MoetuneError(f"--gpus must be >= 1 (got {gpus})")
+    if strategy not in STRATEGIES:
+        raise MoetuneError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
     torch_dtype = parse_dtype(dtype)
     if not isinstance(torch_dtype, torch.dtype):
         raise MoetuneError(f"plan needs a concrete --dtype (float32, bfloat16, float16), not {dtype!r}")
@@ -127,21 +142,27 @@ def plan_memory(
     method = check_quantize(quantize) or quantization_of(config)[1]
     model = build_empty_model(config)
     total = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(weight_bytes_by_group(model, bytes_per, method).values())
+    by_group = weight_bytes_by_group(model, bytes_per, method)
+    weight_bytes = sum(by_group.values())
+    whole_bytes = by_group.get("experts", 0) if method else 0  # quantized experts: buffers, never partitioned
     trainable = _trainable_after_lora(model, {"targets": list(targets), "r": r, "alpha": 2 * r})
     # LoRA weights + grads in the training dtype, AdamW moments and an fp32 master copy.
     adapter_bytes = trainable * (2 * bytes_per + 12)
     activations = _activation_bytes(config, batch_size, seq_len, bytes_per, gradient_checkpointing)
 
-    def per_gpu(strategy: str) -> tuple[float, float]:
+    def per_gpu(strategy: str) -> tuple[float, float, float]:
+        """(base weights, LoRA + grads + AdamW, total) per GPU."""
+        if strategy == "zero3":
+            weights = whole_bytes + (weight_bytes - whole_bytes) / gpus
+            return weights, adapter_bytes / gpus, weights + adapter_bytes / gpus + activations
         weights = weight_bytes / (gpus if strategy == "fsdp" else 1)
-        return weights, weights + adapter_bytes + activations
+        return weights, adapter_bytes, weights + adapter_bytes + activations
 
-    strategy = "ddp"
-    weights, needed = per_gpu("ddp")
-    if needed > gpu_memory_gib * GIB and gpus > 1:
-        strategy = "fsdp"
-        weights, needed = per_gpu("fsdp")
+    if strategy == "auto":
+        strategy = "ddp"
+        if per_gpu("ddp")[2] > gpu_memory_gib * GIB and gpus > 1:
+            strategy = "fsdp"
+    weights, adapter_share, needed = per_gpu(strategy)
     return MemoryPlan(
         model=str(spec),
         gpus=gpus,
@@ -150,7 +171,7 @@ def plan_memory(
         params_total=total,
         params_trainable=trainable,
         weights_gib=weights / GIB,
-        adapter_and_optimizer_gib=adapter_bytes / GIB,
+        adapter_and_optimizer_gib=adapter_share / GIB,
         activations_gib=activations / GIB,
         total_gib=needed / GIB,
         gpu_memory_gib=gpu_memory_gib,
@@ -161,4 +182,5 @@ def plan_memory(
         r=r,
         targets=tuple(targets),
         gradient_checkpointing=gradient_checkpointing,
+        load_peak_gib=weight_bytes / GIB if strategy == "zero3" else None,
     )

@@ -53,6 +53,9 @@ class StepResult:
     aux_loss: float
     grad_norm: float
     tokens: int  # input tokens
+    metrics: dict[str, float] = dataclasses.field(
+        default_factory=dict
+    )  # train/rewards/* of a preference step
 
 
 class LogWindow:
@@ -74,6 +77,9 @@ class LogWindow:
             "train/grad_norm": sum(r.grad_norm for r in self.rows) / len(self.rows),
             "train/tokens_per_second": sum(r.tokens for r in self.rows) / max(self.seconds, 1e-9),
         }
+        measured = [r.metrics for r in self.rows if r.metrics]
+        for key in measured[0] if measured else ():
+            out[key] = sum(m[key] for m in measured) / len(measured)
         self.rows, self.seconds = [], 0.0
         return out
 
@@ -119,10 +125,13 @@ def eval_line(result: dict[str, float]) -> str:
         ppl = result.get("eval/perplexity")
         extra = f" (perplexity {ppl:.2f})" if ppl is not None and math.isfinite(ppl) else ""
         parts.append(f"eval loss {result['eval/loss']:.4f}{extra}")
-    tasks = {
-        k: v for k, v in result.items() if k.startswith("eval/") and k not in ("eval/loss", "eval/perplexity")
-    }
+    not_tasks = ("eval/loss", "eval/perplexity", "eval/preference_loss", "eval/rewards/")
+    tasks = {k: v for k, v in result.items() if k.startswith("eval/") and not k.startswith(not_tasks)}
     parts += [f"{name.removeprefix('eval/')} {value:.4f}" for name, value in tasks.items()]
+    if "eval/rewards/accuracies" in result:  # a preference run's held-out pairs
+        parts.append(
+            f"reward accuracy {result['eval/rewards/accuracies']:.3f}, margin {result['eval/rewards/margins']:.3f}"
+        )
     if "retain/loss" in result:
         parts.append(f"retain loss {result['retain/loss']:.4f}")
     return "; ".join(parts)
@@ -131,6 +140,16 @@ def eval_line(result: dict[str, float]) -> str:
 def metric_key(logged: str) -> str:
     """metrics.json's stem of a logged name: eval/exact_match -> eval_exact_match, retain/loss -> retain_loss."""
     return logged.replace("/", "_")
+
+
+def reward_row(step: int, result: dict[str, float]) -> list[float]:
+    """[step, reward accuracy, reward margin, preference loss] of a preference run's evaluation."""
+    return [
+        step,
+        result["eval/rewards/accuracies"],
+        result["eval/rewards/margins"],
+        result["eval/preference_loss"],
+    ]
 
 
 def tracker_config(recipe: Recipe) -> dict[str, Any]:
@@ -169,6 +188,12 @@ class RunMetrics:
     # eval.metrics and the retain loss: {eval_exact_match_before: .., eval_exact_match_after: ..,
     # retain_loss_before: .., ...}; written as top-level keys of metrics.json
     task_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    # preference runs (train.method dpo / orpo / simpo), on the held-out pairs; eval_loss_* is then the
+    # SFT loss of their chosen answers
+    reward_accuracy_before: float | None = None
+    reward_accuracy_after: float | None = None
+    reward_margin_before: float | None = None
+    reward_margin_after: float | None = None
 
     @classmethod
     def of_run(
@@ -190,6 +215,7 @@ class RunMetrics:
                 task_metrics[f"{metric_key(name)}_before"] = state.eval_metrics_before[name]
             if state.eval_metrics.get(name):
                 task_metrics[f"{metric_key(name)}_after"] = state.eval_metrics[name][-1][1]
+        rewards_before, rewards_after = state.eval_rewards_before, (state.eval_rewards or [None])[-1]
         return cls(
             steps=state.step,
             train_loss=sum(tail) / len(tail) if tail else None,
@@ -207,6 +233,10 @@ class RunMetrics:
             num_processes=num_processes,
             mixed_precision=recipe.train.mixed_precision,
             task_metrics=task_metrics,
+            reward_accuracy_before=rewards_before[1] if rewards_before else None,
+            reward_accuracy_after=rewards_after[1] if rewards_after else None,
+            reward_margin_before=rewards_before[2] if rewards_before else None,
+            reward_margin_after=rewards_after[2] if rewards_after else None,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -231,8 +261,11 @@ class RunMetrics:
 
 
 def write_history(run_dir: Path, state: RunState) -> None:
-    """history.json: train loss per step, eval loss per eval, skipped steps (the plots' data)."""
+    """history.json: train loss per step, eval loss per eval, skipped steps, task metrics (the plots' data);
+    the held-out reward metrics of a preference run."""
     history = {k: getattr(state, k) for k in ("train_loss", "eval_loss", "skipped_steps", "eval_metrics")}
+    if state.eval_rewards:  # preference runs: [step, reward accuracy, reward margin, preference loss]
+        history["eval_rewards"] = [state.eval_rewards_before, *state.eval_rewards]
     ckpt.write_json_atomic(run_dir / "history.json", history)
 
 
@@ -306,8 +339,9 @@ class TrainResult:
         elif m.eval_loss_before is not None and m.eval_loss_after is not None:
             change = 100.0 * (1.0 - m.perplexity_after / m.perplexity_before)
             trend = f"{change:.1f}% lower" if change >= 0 else f"{-change:.1f}% HIGHER"
+            chosen = " (chosen answers)" if m.reward_accuracy_before is not None else ""
             lines.append(
-                f"held-out eval loss {m.eval_loss_before:.4f} -> {m.eval_loss_after:.4f}; perplexity "
+                f"held-out eval loss{chosen} {m.eval_loss_before:.4f} -> {m.eval_loss_after:.4f}; perplexity "
                 f"{m.perplexity_before:.2f} -> {m.perplexity_after:.2f} ({trend})"
             )
         for stem, before, after in m.before_after():
@@ -317,6 +351,11 @@ class TrainResult:
                 lines.append(f"retain loss (data.retain) {before:.4f} -> {after:.4f} ({after - before:+.4f})")
             else:
                 lines.append(f"eval {stem.removeprefix('eval_')} {before:.4f} -> {after:.4f}")
+        if m.reward_accuracy_before is not None and m.reward_accuracy_after is not None:
+            lines.append(
+                f"held-out reward accuracy {m.reward_accuracy_before:.3f} -> {m.reward_accuracy_after:.3f}; "
+                f"reward margin {m.reward_margin_before:.3f} -> {m.reward_margin_after:.3f}"
+            )
         if m.skipped_steps:
             lines.append(f"skipped steps (non-finite): {m.skipped_steps}")
         lines.append(f"trainable parameters: {m.trainable_params:,} of {m.total_params:,}")

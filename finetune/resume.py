@@ -49,6 +49,9 @@ class RunState:
     eval_metrics: dict[str, list[list[float]]] = field(default_factory=dict)
     eval_metrics_before: dict[str, float] = field(default_factory=dict)  # their values before the first step
     expert_load_before: list[list[float]] | None = None  # (MoE layers, experts) shares before the first step
+    # preference runs: [step, held-out reward accuracy, reward margin, preference loss] before and per eval
+    eval_rewards_before: list[float] | None = None
+    eval_rewards: list[list[float]] = field(default_factory=list)
     fingerprint: dict[str, str] = field(default_factory=dict)  # see `fingerprint`
 
     def as_dict(self) -> dict[str, Any]:
@@ -72,6 +75,8 @@ def fingerprint(recipe: Recipe) -> dict[str, str]:
         "train.batch_size": t.batch_size,
         "train.grad_accum": t.grad_accum,
     }
+    if t.method != "sft":  # only then: checkpoints of SFT runs keep their fingerprint
+        keys |= {"train.method": t.method, "train.preference": t.preference}
     return {k: repr(v) for k, v in keys.items()}
 
 

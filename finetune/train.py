@@ -36,17 +36,27 @@ import torch
 
 from finetune import checkpoint as ckpt
 from finetune import reporting
-from finetune.accelerator import TRACKER_PROJECT, as_float, check_engine, end_training, make_accelerator
+from finetune.accelerator import (
+    TRACKER_PROJECT,
+    as_float,
+    check_engine,
+    end_training,
+    make_accelerator,
+    prepare_scheduler,
+    whole_model_building,
+)
 from finetune.errors import MoetuneError
 from finetune.evaluate import expert_load_shares
-from finetune.launch import inside_distributed_launch, launch_run
-from finetune.losses import StepLoss, count_label_tokens, forward_loss
+from finetune.launch import ONE_MACHINE, Machines, engine_config, inside_distributed_launch, launch_run
+from finetune.losses import StepLoss, count_label_tokens, count_pairs, forward_loss, preference_forward
+from finetune.preference import chosen_half, evaluate_preference, make_objective
 from finetune.recipe import Recipe, TrainSection, esft_profile, load_recipe, save_recipe
 from finetune.reporting import ExpertLoad, LogWindow, RunMetrics, StepResult, TrainResult
 from finetune.resume import EpochSampler, RunState, check_run_folder, fingerprint, step_seed
 
-# Logged at every eval but kept in the run state elsewhere (eval_loss) or derived (perplexity).
-NOT_TRACKED = ("eval/loss", "eval/perplexity")
+# Logged at every eval but kept in the run state elsewhere (eval_loss; a preference run's eval_rewards)
+# or derived (perplexity): name prefixes.
+NOT_TRACKED = ("eval/loss", "eval/perplexity", "eval/preference_loss", "eval/rewards/")
 
 
 def launch_training(
@@ -57,6 +67,8 @@ def launch_training(
     resume: bool = False,
     overwrite: bool = False,
     num_processes: int = 1,
+    distributed: str = "ddp",
+    machines: Machines = ONE_MACHINE,
     debug: bool = False,
 ) -> TrainResult | None:
     """Train the LoRA adapter a recipe describes; returns the run's result (`str()` is its summary).
@@ -64,10 +76,17 @@ def launch_training(
     `recipe` is a YAML path, a bundled recipe name or a `Recipe`; `overrides` are `section.key=value`.
     A run folder that already holds checkpoints or an adapter needs `resume` (continue it) or
     `overwrite` (replace it). Inside a launch of several processes, the ones other than the main
-    process return None.
+    process return None. `distributed` names the engine of a launch of several processes (ddp, fsdp,
+    zero3: the bundled configs in recipes/accelerate/); `machines` spreads them over several machines.
     """
     if num_processes < 1:
         raise MoetuneError(f"--num-processes must be >= 1, got {num_processes}")
+    engine_config(distributed)  # a known engine, or the error that lists them
+    machines.check(num_processes)
+    if num_processes == 1 and distributed != "ddp":
+        raise MoetuneError(
+            f"--distributed {distributed} needs --num-processes 2 or more (1 process trains alone)"
+        )
     if resume and overwrite:
         raise MoetuneError(
             "--resume and --overwrite both given; --resume continues a run, --overwrite replaces it"
@@ -80,7 +99,14 @@ def launch_training(
     run_dir = Path(output_dir or recipe.output.dir).expanduser()
     if num_processes > 1 and not inside_distributed_launch():
         return launch_run(
-            recipe, run_dir, num_processes=num_processes, resume=resume, overwrite=overwrite, debug=debug
+            recipe,
+            run_dir,
+            num_processes=num_processes,
+            distributed=distributed,
+            machines=machines,
+            resume=resume,
+            overwrite=overwrite,
+            debug=debug,
         )
     run = TrainingRun(recipe, run_dir, resume=resume, overwrite=overwrite)
     try:
@@ -119,9 +145,10 @@ class TrainingRun:
         for line in r.notes:  # defaults relied on, sample data found in the installation
             self.say(line)
         set_seed(r.train.seed)  # the same on every process, so randomly initialised parts agree
-        base = self.setup_model()
-        train_ds, collate = self.setup_data()
-        self.setup_adapter(base, train_ds)
+        with whole_model_building(acc):  # ZeRO-3: built whole here, partitioned by prepare
+            base = self.setup_model()
+            train_ds, collate = self.setup_data()
+            self.setup_adapter(base, train_ds)
         self.setup_optimizer(train_ds, collate)
         self.setup_run_folder()
         acc.init_trackers(TRACKER_PROJECT, config=reporting.tracker_config(r))
@@ -147,6 +174,8 @@ class TrainingRun:
         self.base_config = model.config
         self.routes = getattr(model.config, "output_router_logits", None) is not None  # returns aux loss
         self.aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+        # train.method dpo / orpo / simpo: per-pair losses (finetune/losses.py); None for sft
+        self.objective = make_objective(self.recipe.train.method, self.recipe.train.preference)
         return model
 
     def setup_data(self) -> tuple[Any, Callable[[list[dict]], dict]]:
@@ -159,6 +188,15 @@ class TrainingRun:
         collate = make_collator(d, self.tokenizer)
         retain_ds = build_retain(d, self.tokenizer, seed=t.seed)
         self.evaluation = RunEvaluation(self.recipe, self.tokenizer, eval_ds, collate, retain_ds)
+        if self.objective is not None:
+            if "chosen_ids" not in train_ds.column_names:
+                raise MoetuneError(
+                    f"train.method {t.method} needs data.format: preference (prompt / chosen / rejected "
+                    f"records); data.train was read as {d.format or 'another format'}"
+                )
+            # Held-out pairs for the reward metrics; eval/loss is the SFT loss on their chosen answers.
+            self.pair_batches = self.evaluation.loss_batches
+            self.evaluation.use_loss_batches([chosen_half(b) for b in self.pair_batches])
         return train_ds, collate
 
     def setup_adapter(self, model: torch.nn.Module, train_ds: Any) -> None:
@@ -200,7 +238,9 @@ class TrainingRun:
         set_experts_backend(self.model, self.recipe.model.experts_backend)  # on its device: "grouped" checks
         self.steps_per_epoch = math.ceil(len(self.train_dl) / t.grad_accum)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
-        self.scheduler = acc.prepare(make_scheduler(t, optimizer, self.total_steps))
+        self.scheduler = prepare_scheduler(acc, make_scheduler(t, optimizer, self.total_steps))
+        if self.objective is not None:  # DPO's reference: this model, its adapter disabled
+            self.objective.reference_model = acc.unwrap_model(self.model)
         # Checkpoints keep only the trainable weights: the base comes back from MODEL on resume.
         acc.register_save_state_pre_hook(ckpt.trainable_state_filter(acc.unwrap_model(self.model)))
         self.checkpoint_bytes = ckpt.estimate_checkpoint_bytes(
@@ -229,8 +269,12 @@ class TrainingRun:
         if self.state.step == 0 and self.evaluation.active:
             before = self.evaluate()
             self.state.eval_loss_before = before.get("eval/loss")
-            self.state.eval_metrics_before = {k: v for k, v in before.items() if k not in NOT_TRACKED}
+            self.state.eval_metrics_before = {
+                k: v for k, v in before.items() if not k.startswith(NOT_TRACKED)
+            }
             self.state.expert_load_before = self.expert_load()
+            if self.objective is not None:
+                self.state.eval_rewards_before = reporting.reward_row(0, before)
             self.accelerator.log(before, step=0)
         self.progress = tqdm(
             total=self.total_steps,
@@ -295,9 +339,13 @@ class TrainingRun:
                     self.stop_on_interrupt(step, signum)
 
     def train_step(self, micro_batches: list[dict], step: int, load: ExpertLoad) -> StepResult:
-        """One optimizer step over `micro_batches`; the loss is normalised by the global token count."""
+        """One optimizer step over `micro_batches`; the loss is normalised by the global count of label
+        tokens (SFT) or of pairs (a preference objective)."""
         acc, t = self.accelerator, self.recipe.train
-        local = sum(count_label_tokens(b["labels"]) for b in micro_batches if "labels" in b)
+        if self.objective is not None:  # the unit of a preference loss is the pair
+            local = sum(count_pairs(b) for b in micro_batches)
+        else:
+            local = sum(count_label_tokens(b["labels"]) for b in micro_batches if "labels" in b)
         step_loss = StepLoss(
             label_tokens=int(acc.reduce(torch.tensor(local, device=acc.device), "sum").item()),
             micro_batches=len(micro_batches),
@@ -310,7 +358,10 @@ class TrainingRun:
             last = i == len(micro_batches) - 1
             # Gradients are all-reduced once, at the end.
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                out = forward_loss(self.model, batch, routes=self.routes)
+                if self.objective is not None:
+                    out = preference_forward(self.model, batch, self.objective, routes=self.routes)
+                else:
+                    out = forward_loss(self.model, batch, routes=self.routes)
                 acc.backward(step_loss.term(out))
             seen += reporting.input_token_count(batch)
             load.add(out.router_logits, batch, top_k=getattr(self.base_config, "num_experts_per_tok", None))
@@ -330,7 +381,8 @@ class TrainingRun:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.train_loss.append([step, train_loss])
-        return StepResult(loss=train_loss, aux_loss=aux, grad_norm=grad_norm, tokens=tokens)
+        metrics = step_loss.metrics(acc)  # rewards/* of a preference step
+        return StepResult(loss=train_loss, aux_loss=aux, grad_norm=grad_norm, tokens=tokens, metrics=metrics)
 
     def skip_or_stop(self, step: int, what: str) -> None:
         """A non-finite loss or gradient: stop naming the step (nothing saved), or skip the update."""
@@ -366,8 +418,13 @@ class TrainingRun:
     # ------------------------------------------------------------------ eval
 
     def evaluate(self) -> dict[str, float]:
-        """eval/loss, eval/perplexity, eval/<metric> and retain/loss, as the recipe asks (logged names)."""
-        return self.evaluation.measure(self.accelerator, self.model)
+        """eval/loss, eval/perplexity, eval/<metric> and retain/loss, as the recipe asks (logged names); with
+        a preference objective, eval/preference_loss and eval/rewards/* of the held-out pairs too."""
+        result = self.evaluation.measure(self.accelerator, self.model)
+        if self.objective is not None:
+            pairs = evaluate_preference(self.accelerator, self.model, self.pair_batches, self.objective)
+            result |= {"eval/preference_loss" if k == "loss" else f"eval/{k}": v for k, v in pairs.items()}
+        return result
 
     def expert_load(self) -> list[list[float]] | None:
         """Share of routed tokens per expert per MoE layer on the eval batches (None for dense models)."""
@@ -381,8 +438,10 @@ class TrainingRun:
         if "eval/loss" in result:
             self.state.eval_loss.append([step, result["eval/loss"]])
         for name, value in result.items():
-            if name not in NOT_TRACKED:
+            if not name.startswith(NOT_TRACKED):
                 self.state.eval_metrics.setdefault(name, []).append([step, value])
+        if self.objective is not None:
+            self.state.eval_rewards.append(reporting.reward_row(step, result))
         self.accelerator.log(result, step=step)
         self.say(f"step {step}: {reporting.eval_line(result)}")
 

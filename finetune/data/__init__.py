@@ -38,6 +38,7 @@ from finetune.data.formats import (
     text_tokenizer,
 )
 from finetune.data.packing import Packer
+from finetune.data.preference import PreferenceCollator, is_conversational, tokenize_preference
 from finetune.data.sources import load_source, quiet_datasets
 from finetune.errors import MoetuneError
 from finetune.recipe import DataSection
@@ -164,7 +165,10 @@ def _prepare(data: DataSection, tokenizer: Any, *, seed: int, what: str) -> Prep
     data, note = layout_for(data, raw_train.column_names, f"{what} ({_label(data.train)})")
     if note:
         logger.warning("%s", note)
-    template = resolve_chat_template(tokenizer, data.chat_template) if data.format == "chat" else None
+    chat = data.format == "chat" or (
+        data.format == "preference" and len(raw_train) and is_conversational(raw_train[0], data.prompt_field)
+    )
+    template = resolve_chat_template(tokenizer, data.chat_template) if chat else None
     train_stats = SplitStats(what, _label(data.train))
     train = _tokenize(raw_train, data, tokenizer, template, train_stats)
     eval_stats = eval_set = None
@@ -186,6 +190,8 @@ def make_collator(data: DataSection, tokenizer: Any) -> Callable[[list[dict[str,
     if data.format == "multimodal":
         return _multimodal("make_multimodal_collator")(data, tokenizer)
     pad_id = pad_id_of(tokenizer)
+    if data.format == "preference":
+        return PreferenceCollator(pad_id, data.pad_to_multiple_of)
     if data.packing:
         return PackedCollator(pad_id, data.pad_to_multiple_of)
     return PaddingCollator(pad_id, data.pad_to_multiple_of)
@@ -279,6 +285,17 @@ def _tokenize(
     stats.records = len(raw)
     if len(raw) == 0:
         raise MoetuneError(f"{stats.what} ({stats.source}): no records")
+    if data.format == "preference":  # pairs, not (input_ids, labels): finetune.data.preference
+        pairs = tokenize_preference(
+            raw,
+            data,
+            tokenizer,
+            template,
+            stats,
+            lambda index, bad, record: _bad_record(stats, data, index, bad, record),
+            _fingerprint(raw, data, tokenizer, template),
+        )
+        return _checked_nonempty(pairs, stats)
     split_long = data.packing and data.format == "text"  # text flows across rows; other formats stay whole
     packer = Packer(data.max_length, split_long=split_long) if data.packing else None
     specials = set(text_tokenizer(tokenizer).all_special_ids)
@@ -353,6 +370,11 @@ def _tokenize(
             f"{stats.what} ({stats.source}): every example is longer than data.max_length={data.max_length} "
             f"tokens (the shortest has {stats.shortest}); raise data.max_length{hint}"
         )
+    return _checked_nonempty(examples, stats)
+
+
+def _checked_nonempty(examples: datasets.Dataset, stats: SplitStats) -> datasets.Dataset:
+    """`examples`, counted in `stats`; none left is an error that says why."""
     if len(examples) == 0:
         reasons = [
             f"{n} {why}"

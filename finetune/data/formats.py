@@ -256,6 +256,8 @@ def chat_examples(
 def formats_fitting(fields: Collection[str], data: Any) -> list[str]:
     """The formats whose fields are all among `fields` (with the recipe's field names)."""
     fits = []
+    if {data.prompt_field, "chosen", "rejected"} <= set(fields):
+        return ["preference"]  # its prompt field would fit nothing else without a response
     if data.messages_field in fields:
         fits.append("chat")
     if {data.prompt_field, data.response_field} <= set(fields) or {"instruction", "output"} <= set(fields):
@@ -270,6 +272,7 @@ def _needs(fmt: str, data: Any) -> str:
         "chat": f"'{data.messages_field}'",
         "instruction": f"'{data.prompt_field}' + '{data.response_field}' (or Alpaca's 'instruction' + 'output')",
         "text": f"'{data.text_field}'",
+        "preference": f"'{data.prompt_field}' + 'chosen' + 'rejected'",
     }[fmt]
 
 
@@ -291,7 +294,9 @@ def layout_for(data: Any, fields: Collection[str], where: str) -> tuple[Any, str
                 raise MoetuneError(
                     f"{where}: the records have media fields ({present}); set data.format: multimodal"
                 )
-            needs = "; ".join(f"{f} needs {_needs(f, data)}" for f in ("chat", "instruction", "text"))
+            needs = "; ".join(
+                f"{f} needs {_needs(f, data)}" for f in ("chat", "instruction", "text", "preference")
+            )
             what = f"fit several formats ({', '.join(fits)})" if fits else "fit no format"
             raise MoetuneError(
                 f"{where}: cannot infer data.format: the records' fields ({present}) {what} ({needs}); "
@@ -309,6 +314,7 @@ def layout_for(data: Any, fields: Collection[str], where: str) -> tuple[Any, str
         "text": [data.text_field],
         "chat": [data.messages_field],
         "instruction": [data.prompt_field, data.response_field],
+        "preference": [data.prompt_field, "chosen", "rejected"],
     }.get(fmt, [])
     absent = [name for name in required if name not in fields]
     if absent:

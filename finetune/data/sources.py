@@ -3,6 +3,8 @@
 A source string is, in this order of precedence:
 - `stdlib:python`: this Python's standard library .py files, one document per file (the quickstart's
   code corpus, built at run time; see `finetune.tokenizer.stdlib_source_files`);
+- `synthetic:KIND[:N[:SEED]]`: text records generated at run time (`finetune.data.synthetic_text`;
+  the multimodal kinds are `finetune.data.synthetic_mm`'s);
 - an existing file: `.jsonl` / `.json` / `.csv` / `.parquet` through the `datasets` loaders; any other
   extension is one text document per file;
 - an existing folder: a dataset written by `save_to_disk` (`load_from_disk`), else every non-hidden
@@ -81,6 +83,15 @@ def _load_one(spec: str, *, what: str, skip_malformed: bool = False) -> datasets
         return stdlib_documents()
     if spec.startswith("stdlib:"):
         raise MoetuneError(f"{what}: unknown special source '{spec}'; the only one is '{STDLIB}'")
+    if spec.startswith(
+        "synthetic:"
+    ):  # text generated at run time (multimodal kinds: finetune.data.synthetic_mm)
+        from finetune.data.synthetic_text import synthetic_records
+
+        try:
+            return synthetic_records(spec, what=what)
+        except ValueError as err:
+            raise MoetuneError(f"{what}: {err}") from err
     spec = os.path.expanduser(spec)  # `--set data.train=~/corpus`: the shell leaves that ~ alone
     path, split = _split_suffix(spec)
     if path.is_file():

@@ -46,6 +46,11 @@ class RunEvaluation:
             self.metric_batches = eval_batches(eval_set, collate, e.batch_size or t.batch_size, None)
         self.retain_batches = eval_batches(retain_set, collate, t.batch_size, t.eval_batches)
 
+    def use_loss_batches(self, batches: list[dict[str, Any]]) -> None:
+        """Measure the loss on other batches (a preference run: the chosen halves of its held-out pairs)."""
+        self.loss_batches = batches
+        self.lm = any("labels" in b for b in batches)
+
     @property
     def active(self) -> bool:
         """True when there is anything to measure (held-out or retain data)."""

@@ -1,7 +1,7 @@
 """Write checkpoints with quantized experts: `moetune quantize` and `init-model --quantize`.
 
-`quantize_checkpoint` loads a float model with its experts quantized on load (shard by shard, see
-finetune.quantization.loading) and saves it: safetensors with `<weight>_qweight` / `<weight>_qscale`
+`save_quantized` writes a model that `finetune.loading.load_model(spec, quantize=...)` loaded with its
+experts quantized on load (shard by shard, see finetune.quantization.loading): safetensors with `<weight>_qweight` / `<weight>_qscale`
 tensors and `quantization_config` in config.json, which `from_pretrained` reads back after
 `import finetune`.
 
@@ -196,19 +196,8 @@ def init_quantized_preset(
         model.generation_config.save_pretrained(output)
 
 
-def quantize_checkpoint(
-    spec: str,
-    method: str,
-    output: Path,
-    *,
-    dtype: str | None = None,
-    max_shard_size: str | int | None = None,
-    trust_remote_code: bool = False,
-) -> Path:
-    """MODEL (a float folder, hub id or preset) -> `output` with its routed experts quantized."""
-    from finetune.loading import load_model
-
-    model, tokenizer = load_model(spec, quantize=method, dtype=dtype, trust_remote_code=trust_remote_code)
+def save_quantized(model, tokenizer, output: Path, *, max_shard_size: str | int | None = None) -> Path:
+    """Write a model loaded with quantized experts (`load_model(spec, quantize=...)`) and its tokenizer."""
     model.save_pretrained(output, max_shard_size=parse_size(max_shard_size))
     if tokenizer is not None:
         tokenizer.save_pretrained(output)

@@ -38,7 +38,7 @@ from finetune.quantization.formats import (
 
 WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
 CODES, SCALES = "_qweight", "_qscale"
-QUANTIZE_CHUNK_BYTES = 32 * 2**20  # fp32 working set while quantizing a stack (transients ~4x)
+QUANTIZE_CHUNK_BYTES = 8 * 2**20  # fp32 working set while quantizing a stack (transients ~4x)
 
 
 class QuantizedExpertsMixin:
@@ -222,8 +222,15 @@ def quantize_weight(
     logical = weight.transpose(1, 2) if getattr(module, "is_transposed", False) else weight
     per_expert = 4 * logical[0].numel()
     step = max(1, QUANTIZE_CHUNK_BYTES // per_expert)
-    parts = [quantize(logical[i : i + step], method) for i in range(0, logical.shape[0], step)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    codes = scales = None
+    for first in range(0, logical.shape[0], step):
+        part_codes, part_scales = quantize(logical[first : first + step], method)
+        if codes is None:  # written in place chunk by chunk: never the chunks and their concatenation at once
+            codes = part_codes.new_empty(logical.shape[0], *part_codes.shape[1:])
+            scales = part_scales.new_empty(logical.shape[0], *part_scales.shape[1:])
+        codes[first : first + step] = part_codes
+        scales[first : first + step] = part_scales
+    return codes, scales
 
 
 def quantize_experts_(module: nn.Module, method: str) -> nn.Module:

@@ -113,11 +113,12 @@ class DataSection:
         "hold out this share of data.train (by record, seeded with train.seed) instead of data.eval",
         default=None,
     )
-    format: Literal["text", "instruction", "chat", "multimodal"] | None = _doc(
+    format: Literal["text", "instruction", "chat", "multimodal", "preference"] | None = _doc(
         "text: loss on every token; instruction: loss on the response only; chat: loss on assistant "
-        "turns only; multimodal: records with image / audio (finetune.data.multimodal); null = inferred "
+        "turns only; multimodal: records with image / audio (finetune.data.multimodal); preference: "
+        "prompt + chosen + rejected records for train.method dpo / orpo / simpo; null = inferred "
         "from the records' fields (messages -> chat, prompt + response or Alpaca's instruction + output -> "
-        "instruction, text -> text; the choice is printed)",
+        "instruction, text -> text, prompt + chosen + rejected -> preference; the choice is printed)",
         default=None,
     )
     max_length: int = _doc(
@@ -214,6 +215,17 @@ class TrainSection:
     )
     eval_batches: int | None = _doc(
         "evaluate on at most this many batches; null = the whole eval set", default=None
+    )
+    method: Literal["sft", "dpo", "orpo", "simpo"] = _doc(
+        "the objective: sft (next-token loss on the labels), or a preference objective on "
+        "data.format: preference records: dpo (reference = the base, i.e. the adapter disabled), orpo, simpo",
+        default="sft",
+    )
+    preference: dict[str, Any] | None = _doc(
+        "settings of train.method dpo (beta 0.1, loss_type sigmoid | hinge | ipo | robust, label_smoothing 0), "
+        "orpo (lambda 0.1) or simpo (beta 2.0, gamma 0.5, label_smoothing 0); e.g. {beta: 0.2}; "
+        "null = those defaults",
+        default=None,
     )
 
 

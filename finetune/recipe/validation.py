@@ -347,6 +347,12 @@ def _check_conflicts(recipe: Recipe, where: str, problems: _Problems) -> None:
             f"{where}: model.modalities applies to preset:NAME models only; {m.name} has its encoders "
             "already (or none): remove model.modalities"
         )
+    from finetune.preference import preference_problems
+
+    for line in preference_problems(t.method, t.preference, d.format):
+        problems.add(f"{where}: {line}")
+    if d.format == "preference" and d.packing:
+        problems.add(f"{where}: data.packing is not supported with data.format: preference; remove it")
     if d.format == "multimodal":
         _check_multimodal(d, where, problems)
     elif d.multimodal is not None:

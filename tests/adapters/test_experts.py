@@ -8,7 +8,6 @@ path through transformers' grouped_mm experts implementation.
 
 from __future__ import annotations
 
-import itertools
 import warnings
 
 import pytest
@@ -17,8 +16,16 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from adapters.expert_fast_path import fast_path_modules, install_fast_path, remove_fast_path
-from adapters.experts import ExpertLora, forced_backend, routed_experts_forward
-from tests.helpers.models import reference_experts_forward, synthetic_experts
+from adapters.experts import forced_backend, routed_experts_forward
+from tests.helpers.models import (
+    EXPERT_LAYOUT_IDS,
+    EXPERT_LAYOUTS,
+    expert_lora,
+    expert_routing,
+    experts_output_and_grads,
+    reference_experts_forward,
+    synthetic_experts,
+)
 
 E, H, INTER, R = 6, 12, 8, 4  # 16-byte rows in fp32: the grouped backend runs
 
@@ -34,47 +41,21 @@ def backend(request):
         yield request.param
 
 
-LAYOUTS = list(itertools.product([True, False], [False, True], [False, True]))
-LAYOUT_IDS = [
-    f"{'gated' if g else 'ungated'}-{'T' if t else 'oi'}-{'bias' if b else 'nobias'}" for g, t, b in LAYOUTS
-]
-
-
-def _routing(n: int, k: int = 2, skip: tuple[int, ...] = (4,)):
-    """Top-k routing over E experts that never picks the experts in `skip` (they get no tokens)."""
-    logits = torch.randn(n, E)
-    logits[:, list(skip)] = -1e9
-    probs = logits.softmax(-1)
-    weights, index = probs.topk(k, dim=-1)
-    return index, weights
-
-
-def _lora(experts, mask=None, scale=0.3):
-    up = "gate_up_proj" if experts.has_gate else "up_proj"
-    out = {}
-    for name in (up, "down_proj"):
-        w = getattr(experts, name)
-        d_in, d_out = (w.shape[1], w.shape[2]) if experts.is_transposed else (w.shape[2], w.shape[1])
-        a = (scale * torch.randn(E, R, d_in)).requires_grad_()
-        b = (scale * torch.randn(E, d_out, R)).requires_grad_()
-        out[name] = ExpertLora(a, b, 2.0, mask)
-    return out
-
-
-@pytest.mark.parametrize(("has_gate", "transposed", "has_bias"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(("has_gate", "transposed", "has_bias"), EXPERT_LAYOUTS, ids=EXPERT_LAYOUT_IDS)
 def test_values_and_gradients_match_explicit_reference(has_gate, transposed, has_bias, backend):
     experts = make_experts(has_gate, transposed, has_bias).requires_grad_(False)
-    lora = _lora(experts)
-    index, weights = _routing(9)
+    lora = expert_lora(experts, R)
+    index, weights = expert_routing(9, E)
     weights.requires_grad_()
     x = torch.randn(9, H, requires_grad=True)
     probe = torch.randn(9, H)
-    leaves = [x, weights] + [t for f in lora.values() for t in (f.lora_a, f.lora_b)]
 
-    fast = routed_experts_forward(experts, x, index, weights, lora)
-    fast_grads = torch.autograd.grad((fast * probe).sum(), leaves)
-    ref = reference_experts_forward(experts, x, index, weights, lora)
-    ref_grads = torch.autograd.grad((ref * probe).sum(), leaves)
+    fast, fast_grads = experts_output_and_grads(
+        routed_experts_forward, experts, x, index, weights, lora, probe
+    )
+    ref, ref_grads = experts_output_and_grads(
+        reference_experts_forward, experts, x, index, weights, lora, probe
+    )
 
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(fast_grads, ref_grads):
@@ -86,13 +67,13 @@ def test_values_and_gradients_match_explicit_reference(has_gate, transposed, has
 def test_masked_experts_get_no_delta_and_no_gradient(backend):
     experts = make_experts(True, False, False).requires_grad_(False)
     mask = [True, False, True, True, False, True]
-    lora = _lora(experts, mask=mask)
+    lora = expert_lora(experts, R, mask=mask)
     if backend == "grouped":  # grouped GEMMs rely on the zero factors an ESFT selection writes
         with torch.no_grad():
             for f in lora.values():
                 f.lora_a[[1, 4]] = 0
                 f.lora_b[[1, 4]] = 0
-    index, weights = _routing(16, skip=())
+    index, weights = expert_routing(16, E, skip=())
     x = torch.randn(16, H, requires_grad=True)
     fast = routed_experts_forward(experts, x, index, weights, lora)
     ref = reference_experts_forward(experts, x, index, weights, lora)
@@ -105,8 +86,8 @@ def test_masked_experts_get_no_delta_and_no_gradient(backend):
 
 def test_base_experts_keep_no_gradient_and_weights_get_one():
     experts = make_experts(True, False, True)  # requires_grad left on: the fast path must not use it
-    lora = _lora(experts)
-    index, weights = _routing(8)
+    lora = expert_lora(experts, R)
+    index, weights = expert_routing(8, E)
     weights.requires_grad_()
     x = torch.randn(8, H, requires_grad=True)
     routed_experts_forward(experts, x, index, weights, lora).square().sum().backward()
@@ -117,8 +98,8 @@ def test_base_experts_keep_no_gradient_and_weights_get_one():
 
 def test_bf16_tracks_fp32(backend):
     experts = make_experts(True, False, False).requires_grad_(False)
-    lora = _lora(experts)
-    index, weights = _routing(32, skip=())
+    lora = expert_lora(experts, R)
+    index, weights = expert_routing(32, E, skip=())
     x = torch.randn(32, H)
     want = routed_experts_forward(experts, x, index, weights, lora)
     experts_bf16 = experts.to(torch.bfloat16)
@@ -162,14 +143,14 @@ def _peft_tiny(experts, params, which="lora_"):
     return peft_model
 
 
-@pytest.mark.parametrize(("has_gate", "transposed", "has_bias"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(("has_gate", "transposed", "has_bias"), EXPERT_LAYOUTS, ids=EXPERT_LAYOUT_IDS)
 def test_fast_path_matches_peft_param_wrapper(has_gate, transposed, has_bias, backend):
     """PEFT's ParamWrapper (W + s·B·A through transformers' grouped_mm) is the semantic reference."""
     up = "gate_up_proj" if has_gate else "up_proj"
     peft_model = _peft_tiny(
         make_experts(has_gate, transposed, has_bias), [f"experts.{up}", "experts.down_proj"]
     )
-    index, weights = _routing(10)
+    index, weights = expert_routing(10, E)
     x = torch.randn(10, H, requires_grad=True)
     probe = torch.randn(10, H)
     lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
@@ -195,7 +176,7 @@ def test_fast_path_falls_back_when_adapters_disabled():
     )
     model = peft_model.base_model.model
     install_fast_path(peft_model)
-    index, weights = _routing(6)
+    index, weights = expert_routing(6, E)
     x = torch.randn(6, H)
     with torch.no_grad():
         adapted = peft_model.base_model.model(x, index, weights)
@@ -213,8 +194,8 @@ def test_forced_backend_picks_the_path_and_ends_with_its_block(monkeypatch):
     real = F.grouped_mm
     monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     experts = make_experts(True, False, False).requires_grad_(False)
-    lora = _lora(experts)
-    index, weights = _routing(5)
+    lora = expert_lora(experts, R)
+    index, weights = expert_routing(5, E)
     x = torch.randn(5, H)
 
     def grouped_calls() -> int:

@@ -152,3 +152,16 @@ def test_saved_folder_refuses_other_modalities(tmp_path):
     init_model("tiny", tmp_path / "m")
     with pytest.raises(MoetuneError, match="modalities"):
         load_model(str(tmp_path / "m"), modalities=["image"])
+
+
+def test_init_model_that_fails_half_way_leaves_no_folder(tmp_path, monkeypatch):
+    """The weights are written, then the tokenizer fails: neither OUTPUT nor a temporary folder remains."""
+    from transformers import PreTrainedTokenizerFast
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        init_model("tiny", tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []

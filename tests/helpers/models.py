@@ -182,3 +182,44 @@ def reference_experts_forward(experts, hidden_states, top_k_index, top_k_weights
                 y = y + experts.down_proj_bias[e]
             out[t] = out[t] + top_k_weights[t, j] * y
     return out.to(hidden_states.dtype)
+
+
+# ----------------------------------------------------------------------------- routed experts: inputs
+
+
+# (has_gate, transposed, has_bias) of every synthetic experts layout, and their test ids
+EXPERT_LAYOUTS = [(g, t, b) for g in (True, False) for t in (False, True) for b in (False, True)]
+EXPERT_LAYOUT_IDS = [
+    f"{'gated' if g else 'ungated'}-{'T' if t else 'oi'}-{'bias' if b else 'nobias'}"
+    for g, t, b in EXPERT_LAYOUTS
+]
+
+
+def expert_routing(n: int, num_experts: int, k: int = 2, skip: tuple[int, ...] = (4,)):
+    """Top-k routing of n tokens over `num_experts` that never picks the experts in `skip` (no tokens)."""
+    logits = torch.randn(n, num_experts)
+    logits[:, list(skip)] = -1e9
+    weights, index = logits.softmax(-1).topk(k, dim=-1)
+    return index, weights
+
+
+def expert_lora(experts, rank: int, mask=None, scale: float = 0.3) -> dict:
+    """Random LoRA factors (leaves that require grad, scaling 2) for both projections of `experts`."""
+    from adapters.experts import ExpertLora
+
+    out = {}
+    for name in ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj"):
+        num, first, second = getattr(experts, name).shape
+        d_in, d_out = (first, second) if experts.is_transposed else (second, first)
+        a = (scale * torch.randn(num, rank, d_in)).requires_grad_()
+        b = (scale * torch.randn(num, d_out, rank)).requires_grad_()
+        out[name] = ExpertLora(a, b, 2.0, mask)
+    return out
+
+
+def experts_output_and_grads(forward, experts, x, index, weights, lora, probe):
+    """`forward(experts, x, index, weights, lora)` and the gradients of <output, probe> for x, the
+    routing weights and every LoRA factor (in that order)."""
+    leaves = [x, weights] + [t for f in lora.values() for t in (f.lora_a, f.lora_b)]
+    out = forward(experts, x, index, weights, lora)
+    return out, torch.autograd.grad((out * probe).sum(), leaves)

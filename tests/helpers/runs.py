@@ -48,6 +48,12 @@ SHORT = [
 ]  # fmt: skip
 
 
+def jsonl(path: Path, records) -> Path:
+    """Write records (dicts, or strings written as they are: malformed lines) one per line."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
 def write_corpus(path: Path, n: int = 96, seed: int = 0) -> Path:
     """A jsonl of code-like lines with structure (so loss can fall quickly)."""
     rng = random.Random(seed)

@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 import types
-from pathlib import Path
 
 import datasets
 import pytest
@@ -16,17 +15,8 @@ from finetune.data import build_datasets, load_source, make_collator, make_sampl
 from finetune.data.formats import IGNORE_INDEX
 from finetune.errors import MoetuneError
 from finetune.recipe import DataSection
+from tests.helpers.runs import jsonl
 from tests.helpers.tokenizers import tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-def jsonl(path: Path, records) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
 
 
 def texts(n: int, words: int = 3):
@@ -202,7 +192,7 @@ def test_instruction_whose_prompt_fills_max_length_is_dropped_and_reported(tmp_p
         ([{"messages": [{"role": "user", "content": "x"}]}], {"format": "chat"}, "record 1: field 'messages' has no assistant message"),
         ([{"messages": "hi"}], {"format": "chat"}, "field 'messages' must be a non-empty list"),
         ([{"body": "a", "text": None}, {"body": "b"}], {"on_bad_record": "skip"}, "data.train ({path}): no examples left after filtering (2 bad record(s) skipped; first: record 1: missing field 'text'"),
-        ([{"body": "a"}, {"body": "b"}], {}, "data.train ({path}): cannot infer data.format: the records' fields (body) fit no format (chat needs 'messages'; instruction needs 'prompt' + 'response' (or Alpaca's 'instruction' + 'output'); text needs 'text'); set data.format"),
+        ([{"body": "a"}, {"body": "b"}], {}, "data.train ({path}): cannot infer data.format: the records' fields (body) fit no format (chat needs 'messages'; instruction needs 'prompt' + 'response' (or Alpaca's 'instruction' + 'output'); text needs 'text'; preference needs 'prompt' + 'chosen' + 'rejected'); set data.format"),
         ([{"text": ""}, {"text": ""}], {}, "no examples left after filtering (2 empty document(s))"),
         ([{"text": "fox " * 50}, {"text": "fox " * 60}], {"max_length": 8}, "every example is longer than data.max_length=8 tokens (the shortest has"),
         ([{"prompt": "fox " * 50, "response": "b"}], {"format": "instruction", "max_length": 8}, "every example is longer than data.max_length=8"),

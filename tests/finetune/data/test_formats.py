@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import pytest
 
@@ -12,19 +10,9 @@ from finetune.data import prepare_datasets
 from finetune.data.formats import IGNORE_INDEX
 from finetune.errors import MoetuneError
 from finetune.recipe import DataSection
-from tests.helpers.tokenizers import tiny_tokenizer
+from tests.helpers.runs import jsonl
 
 CONVERSATION = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-def jsonl(path: Path, records) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
 
 
 def prompt_and_answer(tok, row) -> tuple[str, str]:

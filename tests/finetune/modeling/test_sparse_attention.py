@@ -255,7 +255,7 @@ def test_lora_reaches_the_projections_and_the_gate():
 
 def test_general_path_equals_the_fused_fast_path():
     """Other devices (and padded / packed / cached input) take the general path: same numbers, same grads."""
-    from finetune.modeling.sparse_attention import _Layout
+    from finetune.modeling.sparse_attention_kernels import Layout
 
     config = sparse_config()
     module = attention(config)
@@ -263,7 +263,7 @@ def test_general_path_equals_the_fused_fast_path():
     gate_logits = torch.randn(2, 29, 2, requires_grad=True)
     results = []
     for regular in (True, False):
-        layout = _Layout.build(None, None, 2, 0, 29, q.device)
+        layout = Layout.build(None, None, 2, 0, 29, q.device)
         assert layout.regular
         layout.regular = regular
         out = module.attend(q, k, v, gate_logits, layout)
@@ -276,16 +276,16 @@ def test_general_path_equals_the_fused_fast_path():
 @pytest.mark.parametrize("layout", ["one document", "left padded", "packed"])
 def test_local_backward_in_row_chunks_matches_the_definition(monkeypatch, layout):
     """The local backward recomputes its probabilities a chunk of rows at a time: tiny chunks, same grads."""
-    from finetune.modeling import sparse_attention
+    from finetune.modeling import sparse_attention_kernels
 
-    monkeypatch.setattr(sparse_attention, "_LOCAL_CHUNK", 1)  # chunks of `local_window` rows
-    monkeypatch.setattr(sparse_attention, "_LOCAL_SHARE", 1 << 30)
+    monkeypatch.setattr(sparse_attention_kernels, "LOCAL_CHUNK", 1)  # chunks of `local_window` rows
+    monkeypatch.setattr(sparse_attention_kernels, "LOCAL_SHARE", 1 << 30)
     assert_gradients_match_the_definition(sparse_config(num_key_value_heads=2, local_window=3), layout)
 
 
 def test_local_window_chunks_with_cached_keys_match_one_chunk(monkeypatch):
     """Keys reaching back before the queries (a cache): chunked and whole-sequence backward agree."""
-    from finetune.modeling import sparse_attention
+    from finetune.modeling import sparse_attention_kernels
 
     base, length, window = 3, 17, 4
     q = torch.randn(2, 2, 2, length, 8, requires_grad=True)
@@ -293,10 +293,10 @@ def test_local_window_chunks_with_cached_keys_match_one_chunk(monkeypatch):
     steps = torch.arange(base, base + length)[:, None] - torch.arange(window)
     allowed = (steps >= 0).expand(2, 1, 1, length, window)
     results = []
-    monkeypatch.setattr(sparse_attention, "_LOCAL_SHARE", 1 << 30)
+    monkeypatch.setattr(sparse_attention_kernels, "LOCAL_SHARE", 1 << 30)
     for chunk in (1 << 30, 1):
-        monkeypatch.setattr(sparse_attention, "_LOCAL_CHUNK", chunk)
-        out = sparse_attention._LocalWindow.apply(q, k, v, allowed, base, 0.3)
+        monkeypatch.setattr(sparse_attention_kernels, "LOCAL_CHUNK", chunk)
+        out = sparse_attention_kernels.LocalWindow.apply(q, k, v, allowed, base, 0.3)
         results.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
     for whole, chunked in zip(*results):
         torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)

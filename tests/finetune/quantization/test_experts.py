@@ -4,8 +4,6 @@ a quantized base is a plain PEFT adapter of the float base."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from peft import PeftModel
@@ -17,16 +15,23 @@ from adapters.expert_fast_path import set_experts_backend
 from adapters.experts import ExpertLora, forced_backend, routed_experts_forward
 from finetune.quantization import quantize_model_experts_
 from finetune.quantization.experts import CODES, SCALES, dequantized_copy, quantize_experts_
-from tests.helpers.models import FAMILIES, build, random_batch, reference_experts_forward, synthetic_experts
+from tests.helpers.models import (
+    EXPERT_LAYOUT_IDS,
+    EXPERT_LAYOUTS,
+    FAMILIES,
+    build,
+    expert_lora,
+    expert_routing,
+    experts_output_and_grads,
+    random_batch,
+    reference_experts_forward,
+    synthetic_experts,
+)
 
 # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` in PeftModel.__init__.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 E, H, INTER, R = 6, 12, 8, 3  # 16 x 12 and 12 x 8 experts: NF4 blocks end mid-row and mid-expert
-LAYOUTS = list(itertools.product([True, False], [False, True], [False, True]))
-LAYOUT_IDS = [
-    f"{'gated' if g else 'ungated'}-{'T' if t else 'oi'}-{'bias' if b else 'nobias'}" for g, t, b in LAYOUTS
-]
 METHODS = ["int8", "nf4"]
 
 
@@ -35,26 +40,6 @@ def _quantized_pair(has_gate, transposed, has_bias, method):
     experts = synthetic_experts(has_gate, transposed, has_bias, num_experts=E, hidden=H, width=INTER)
     quantize_experts_(experts.requires_grad_(False), method)
     return experts, dequantized_copy(experts)
-
-
-def _routing(n, skip=(4,)):
-    logits = torch.randn(n, E)
-    logits[:, list(skip)] = -1e9
-    weights, index = logits.softmax(-1).topk(2, dim=-1)
-    return index, weights
-
-
-def _lora(experts):
-    out = {}
-    for name in ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj"):
-        num, first, second = getattr(experts, name).shape
-        d_in, d_out = (first, second) if experts.is_transposed else (second, first)
-        out[name] = ExpertLora(
-            (0.3 * torch.randn(E, R, d_in)).requires_grad_(),
-            (0.3 * torch.randn(E, d_out, R)).requires_grad_(),
-            2.0,
-        )
-    return out
 
 
 @pytest.fixture(params=["loop", "grouped"])
@@ -66,22 +51,24 @@ def backend(request):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize(("has_gate", "transposed", "has_bias"), LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(("has_gate", "transposed", "has_bias"), EXPERT_LAYOUTS, ids=EXPERT_LAYOUT_IDS)
 def test_routed_lora_on_quantized_weights_equals_the_dequantized_computation(
     has_gate, transposed, has_bias, method, backend
 ):
     quantized, plain = _quantized_pair(has_gate, transposed, has_bias, method)
-    lora = _lora(plain)
-    index, weights = _routing(9)
+    lora = expert_lora(plain, R)
+    index, weights = expert_routing(9, E)
     weights.requires_grad_()
     x = torch.randn(9, H, requires_grad=True)
     probe = torch.randn(9, H)
-    leaves = [x, weights] + [t for f in lora.values() for t in (f.lora_a, f.lora_b)]
 
-    got = routed_experts_forward(quantized, x, index, weights, lora)
-    got_grads = torch.autograd.grad((got * probe).sum(), leaves)
-    want = reference_experts_forward(plain, x, index, weights, lora)  # dense W + s·B·A per token
-    want_grads = torch.autograd.grad((want * probe).sum(), leaves)
+    got, got_grads = experts_output_and_grads(
+        routed_experts_forward, quantized, x, index, weights, lora, probe
+    )
+    # the reference: dense W + s·B·A per token on the dequantized float module
+    want, want_grads = experts_output_and_grads(
+        reference_experts_forward, plain, x, index, weights, lora, probe
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
@@ -101,8 +88,8 @@ def test_only_hit_experts_are_dequantized_once_forward_and_once_backward(monkeyp
         "dequantize_expert",
         lambda self, name, e: calls.append((name, e)) or original(self, name, e),
     )
-    lora = _lora(quantized)
-    index, weights = _routing(16, skip=(1, 4))
+    lora = expert_lora(quantized, R)
+    index, weights = expert_routing(16, E, skip=(1, 4))
     x = torch.randn(16, H, requires_grad=True)
     out = routed_experts_forward(quantized, x, index, weights, lora)
     hit = sorted(set(index.view(-1).tolist()))
@@ -298,9 +285,9 @@ def test_cuda_chunked_grouped_path_equals_the_loop(method):
         n: ExpertLora(
             f.lora_a.detach().cuda().requires_grad_(), f.lora_b.detach().cuda().requires_grad_(), 2.0
         )
-        for n, f in _lora(quantized).items()
+        for n, f in expert_lora(quantized, R).items()
     }
-    index, weights = (t.cuda() for t in _routing(64))
+    index, weights = (t.cuda() for t in expert_routing(64, E))
     x = torch.randn(64, H, device="cuda", dtype=torch.bfloat16)
     results = []
     for backend in ("auto", "loop"):
@@ -311,3 +298,18 @@ def test_cuda_chunked_grouped_path_equals_the_loop(method):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=2e-2, atol=2e-2)
     for got, want in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_quantizing_a_stack_in_chunks_equals_quantizing_it_whole(method, monkeypatch):
+    """quantize_weight works through a stack a few experts at a time (bounded fp32 working set) and
+    writes each chunk in place; the codes and scales equal one call on the whole stack."""
+    from finetune.quantization import experts as quantized_experts
+    from finetune.quantization.formats import quantize
+
+    module = synthetic_experts(True, True, False, num_experts=E, hidden=H, width=INTER)
+    weight = module.gate_up_proj.detach()  # (E, in, out): transposed storage
+    whole = quantize(weight.transpose(1, 2), method)
+    monkeypatch.setattr(quantized_experts, "QUANTIZE_CHUNK_BYTES", 4 * 2 * INTER * H * 2)  # 2 experts a chunk
+    codes, scales = quantized_experts.quantize_weight(module, weight, method)
+    assert torch.equal(codes, whole[0]) and torch.equal(scales, whole[1])
