@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from finetune.data.synthetic_spec import parse_synthetic_spec
+
 GENERATOR_VERSION = 3
 
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 200), "yellow": (235, 200, 30)}
@@ -192,16 +194,8 @@ DEFAULT_SEEDS = {"train": 0, "eval": 1}
 
 
 def parse_spec(spec: str) -> tuple[str, int | None, int | None]:
-    """`synthetic:KIND[:N[:SEED]]` -> (KIND, N or None, SEED or None)."""
-    parts = spec.split(":")
-    if parts[0] != "synthetic" or len(parts) not in (2, 3, 4) or parts[1] not in KINDS:
-        raise ValueError(f"'{spec}': write synthetic:KIND[:N[:SEED]] with KIND one of {', '.join(KINDS)}")
-    numbers = parts[2:]
-    if not all(x.isdigit() for x in numbers) or (numbers and int(numbers[0]) < 1):
-        raise ValueError(f"'{spec}': N must be a positive integer and SEED a non-negative integer")
-    n = int(numbers[0]) if numbers else None
-    seed = int(numbers[1]) if len(numbers) > 1 else None
-    return parts[1], n, seed
+    """`synthetic:KIND[:N[:SEED]]` -> (KIND, N or None, SEED or None) for this module's KINDS."""
+    return parse_synthetic_spec(spec, KINDS)
 
 
 def materialize(spec: str, *, what: str = "data.train", cache_dir: str | os.PathLike | None = None) -> Path:

@@ -16,6 +16,8 @@ import random
 
 import datasets
 
+from finetune.data.synthetic_spec import parse_synthetic_spec
+
 KINDS = ("case-preference",)
 DEFAULT_SIZES = {"train": 1000, "eval": 200}
 DEFAULT_SEEDS = {"train": 0, "eval": 1}
@@ -26,14 +28,8 @@ WORDS = (
 
 
 def parse_spec(spec: str) -> tuple[str, int | None, int | None]:
-    """`synthetic:KIND[:N[:SEED]]` -> (KIND, N or None, SEED or None); ValueError says the form."""
-    parts = spec.split(":")
-    if parts[0] != "synthetic" or len(parts) not in (2, 3, 4) or parts[1] not in KINDS:
-        raise ValueError(f"'{spec}': write synthetic:KIND[:N[:SEED]] with KIND one of {', '.join(KINDS)}")
-    numbers = parts[2:]
-    if not all(x.isdigit() for x in numbers) or (numbers and int(numbers[0]) < 1):
-        raise ValueError(f"'{spec}': N must be a positive integer and SEED a non-negative integer")
-    return parts[1], int(numbers[0]) if numbers else None, int(numbers[1]) if len(numbers) > 1 else None
+    """`synthetic:KIND[:N[:SEED]]` -> (KIND, N or None, SEED or None) for this module's KINDS."""
+    return parse_synthetic_spec(spec, KINDS)
 
 
 def case_preference(n: int, seed: int) -> list[dict[str, str]]:
