@@ -4,9 +4,12 @@ Registered with transformers' quantizer registry under the method name `moetune_
 after `import finetune`:
 
 - `AutoModelForCausalLM.from_pretrained(folder, quantization_config=ExpertsQuantizationConfig("nf4"))`
-  quantizes the routed experts while loading a float checkpoint: transformers materialises one
-  parameter at a time (after its own per-expert -> fused conversion) and hands each expert stack to
-  `QuantizeExperts`, so the float stack of one layer is the largest transient;
+  quantizes the routed experts while loading a float checkpoint. Where the checkpoint stores one
+  tensor per expert (Qwen3-MoE, Mixtral, DeepSeek-V3, OLMoE, ...), transformers' converter would read
+  all of a layer's experts and stack them (about 3x the float stack of one projection at once) before
+  a quantizer sees them; `PerExpertQuantizingConverter` instead reads, converts and quantizes one
+  expert at a time into the preallocated codes. A checkpoint that already stores the fused stack
+  (GPT-OSS, the built-in model) hands that stack to `QuantizeExperts`;
 - `AutoModelForCausalLM.from_pretrained(quantized_folder)` reads a folder written by
   `save_pretrained` of such a model (`quantization_config` in config.json; the codes and scales are
   plain safetensors tensors named `<weight>_qweight` / `<weight>_qscale`).
@@ -17,10 +20,16 @@ MLPs stay in the load dtype (they are a few percent of an MoE's weights).
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
 
 import torch
-from transformers.core_model_loading import ConversionOps
+from transformers.core_model_loading import (
+    Concatenate,
+    ConversionOps,
+    MergeModulelist,
+    WeightConverter,
+)
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -63,13 +72,85 @@ class QuantizeExperts(ConversionOps):
         value = value[0] if isinstance(value, list) else value
         module, name = get_module_from_name(model, full_layer_name)
         codes, scales = quantize_weight(module, value, self.quantizer.quantization_config.method)
-        set_quantized_weight_(module, name, codes, scales)
-        prefix = full_layer_name.rpartition(".")[0]
-        if missing_keys is not None:
-            for key in (full_layer_name, f"{prefix}.{name}{CODES}", f"{prefix}.{name}{SCALES}"):
-                missing_keys.discard(key)
-        module._is_hf_initialized = True
+        _install(module, name, codes, scales, full_layer_name, missing_keys)
         return {}
+
+
+def _install(module, name: str, codes, scales, full_layer_name: str, missing_keys: set | None) -> None:
+    set_quantized_weight_(module, name, codes, scales)
+    prefix = full_layer_name.rpartition(".")[0]
+    if missing_keys is not None:
+        for key in (full_layer_name, f"{prefix}.{name}{CODES}", f"{prefix}.{name}{SCALES}"):
+            missing_keys.discard(key)
+    module._is_hf_initialized = True
+
+
+def _expert_separable(converter: WeightConverter) -> bool:
+    """Ops that treat each expert on its own (stack along experts, join along a later dim), so
+    running them on one expert gives that expert's slice of the fused stack."""
+    for op in converter.operations:
+        if isinstance(op, MergeModulelist) and op.dim == 0:
+            continue
+        if isinstance(op, Concatenate) and op.dim >= 1:
+            continue
+        return False
+    return True
+
+
+class PerExpertQuantizingConverter(WeightConverter):
+    """A model's per-expert -> fused converter that quantizes expert by expert while loading.
+
+    Reads expert e's checkpoint tensors (e.g. its gate and up projections), runs the model's own
+    operations on them (giving the fused stack's slice e), quantizes that slice into the
+    preallocated codes and drops it: never the float stack, never the list of all experts.
+    Without quantization (or for a weight that is not quantized) it is the plain converter.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def like(cls, converter: WeightConverter) -> PerExpertQuantizingConverter:
+        """The same patterns, operations and scope as `converter` (what WeightConverter.copy keeps)."""
+        new = cls(
+            list(converter._original_source_patterns),
+            list(converter._original_target_patterns),
+            operations=list(converter.operations),
+            force_cpu=converter.force_cpu,
+        )
+        new.scope_prefix, new.base_model_prefix = converter.scope_prefix, converter.base_model_prefix
+        return new
+
+    def convert(self, layer_name, model=None, config=None, hf_quantizer=None, loading_info=None):
+        if hf_quantizer is None or self.quantization_operation is None:
+            return super().convert(layer_name, model, config, hf_quantizer, loading_info)
+        pending = {key: self.collected_tensors.pop(key) for key in list(self.collected_tensors)}
+        module, name = get_module_from_name(model, layer_name)
+        shape = module._pending_shapes[name]
+        method = hf_quantizer.quantization_config.method
+        codes = torch.empty(shape.qweight_shape(), dtype=shape.qweight_dtype())
+        scales = torch.empty(shape.scale_shape(), dtype=torch.float32)
+        counts = {len(loaders) for loaders in pending.values()}
+        if counts != {shape.num_experts}:
+            raise ValueError(
+                f"{layer_name}: the checkpoint has {sorted(counts)} experts, the model {shape.num_experts}"
+            )
+        for expert in range(shape.num_experts):
+            inputs = {key: [_materialize(loaders[expert])] for key, loaders in pending.items()}
+            for op in self.operations:
+                inputs = op.convert(
+                    inputs, source_patterns=self.source_patterns, target_patterns=self.target_patterns
+                )
+            (value,) = inputs.values()  # (1, out, in), or (1, in, out) for transposed layouts
+            codes[expert : expert + 1], scales[expert : expert + 1] = quantize_weight(module, value, method)
+            for key in pending:
+                pending[key][expert] = None  # the checkpoint tensor's loader may hold its data
+        missing = loading_info.missing_keys if loading_info else None
+        _install(module, name, codes, scales, layer_name, missing)
+        return {}
+
+
+def _materialize(loader) -> torch.Tensor:
+    return loader.result() if isinstance(loader, Future) else loader()
 
 
 @register_quantizer(QUANT_METHOD)
@@ -96,6 +177,15 @@ class ExpertsQuantizer(HfQuantizer):
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
         module, name = get_module_from_name(model, param_name)
         return is_quantized(module) and name in getattr(module, "_pending_shapes", {})
+
+    def update_weight_conversions(self, weight_conversions, model):
+        updated = super().update_weight_conversions(weight_conversions, model)
+        if self.pre_quantized:
+            return updated
+        return [
+            PerExpertQuantizingConverter.like(c) if type(c) is WeightConverter and _expert_separable(c) else c
+            for c in updated
+        ]
 
     def get_quantize_ops(self) -> QuantizeExperts:
         return QuantizeExperts(self)

@@ -210,3 +210,25 @@ def test_generate_and_experts_profile_take_quantize(tmp_path):
     plain = json.loads((tmp_path / "f" / "expert_stats.json").read_text())
     assert quantized.keys() == plain.keys() and quantized != plain  # NF4 experts route differently
     assert cli.main(["generate", str(tmp_path / "base"), "--prompt", "def ", "--quantize", "int8"]) == 0
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_quantize_on_load_reads_and_quantizes_one_expert_at_a_time(tmp_path, family, monkeypatch):
+    """The model's per-expert -> fused merge only ever sees one expert: no float stack while loading."""
+    from transformers.core_model_loading import MergeModulelist
+
+    folder = save(family, tmp_path / "float")
+    seen: list[int] = []
+    merge = MergeModulelist.convert
+
+    def spy(self, input_dict, *args, **kwargs):
+        seen.extend(len(v) for v in input_dict.values())
+        return merge(self, input_dict, *args, **kwargs)
+
+    monkeypatch.setattr(MergeModulelist, "convert", spy)
+    loaded, _ = load_model(str(folder), quantize="nf4")
+    assert seen and set(seen) == {1}
+    assert any(is_quantized(m) for m in loaded.modules())
+    seen.clear()
+    load_model(str(folder))  # unquantized loading keeps transformers' own stacking
+    assert max(seen) > 1
