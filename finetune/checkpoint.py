@@ -77,6 +77,16 @@ class TrainingInterrupted(MoetuneError):
         super().__init__(message)
         self.exit_code = 128 + signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
 
+    @classmethod
+    def after_step(cls, step: int, total_steps: int, signum: int, run_dir: Path) -> TrainingInterrupted:
+        """A run stopped by `signum` after `step`, its checkpoint saved in `run_dir`."""
+        name = signal.Signals(signum).name
+        return cls(
+            f"training interrupted by {name} after step {step} of {total_steps}; checkpoint saved in "
+            f"{latest_checkpoint(run_dir)}; {RESUME_HINT}",
+            signum,
+        )
+
 
 class InterruptGuard:
     """While active, SIGINT / SIGTERM only set a flag that the training loop checks after each step.
@@ -281,6 +291,17 @@ def trainable_state_filter(model: torch.nn.Module):
             weights[i] = {k: v for k, v in state.items() if _strip_wrappers(k) in keep or k in keep}
 
     return hook
+
+
+def prepare_checkpoints(accelerator, model: torch.nn.Module) -> int:
+    """Make the run's checkpoints keep only the trainable weights (`trainable_state_filter`); returns
+    the bytes one checkpoint needs. `model` is the prepared model."""
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    accelerator.register_save_state_pre_hook(trainable_state_filter(unwrapped))
+    fsdp = accelerator.distributed_type == DistributedType.FSDP  # its sharded states hold the frozen base
+    return estimate_checkpoint_bytes(unwrapped, frozen_too=fsdp)
 
 
 def _strip_wrappers(name: str) -> str:

@@ -330,7 +330,7 @@ def test_the_commands_in_docs_training_md_parse():
     import shlex
 
     from cli import build_parser
-    from finetune.train import entry_parser
+    from finetune.launch import entry_parser
     from tests.helpers.runs import ROOT
 
     text = (ROOT / "docs" / "training.md").read_text()
