@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from adapters.output_folder import fsync_folder, fsync_tree
+from adapters.output_folder import fsync_folder, fsync_tree, write_file_atomic
 from finetune.errors import MoetuneError
 
 CHECKPOINTS = "checkpoints"
@@ -260,22 +260,21 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
         ) from err
 
 
+def _json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON and fsync it (used inside temporary folders; `publish` renames the folder)."""
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
+        fh.write(_json_text(data))
         fh.flush()
         os.fsync(fh.fileno())
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace a single JSON file atomically (temporary name, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(TMP_PREFIX + path.name)
-    write_json(tmp, data)
-    os.replace(tmp, path)
-    fsync_folder(path.parent)
+    """Replace a single JSON file atomically (adapters/output_folder.py: temporary name, fsync, rename)."""
+    write_file_atomic(path, _json_text(data))
 
 
 def trainable_state_filter(model: torch.nn.Module):
