@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -54,6 +54,9 @@ from finetune.preference import make_objective
 from finetune.recipe import Recipe, esft_profile, load_recipe, save_recipe
 from finetune.reporting import Console, ExpertLoad, LogWindow, RunMetrics, StepResult, TrainResult
 from finetune.resume import EpochSampler, RunState, check_run_folder, fingerprint, step_seed
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 def launch_training(
@@ -164,7 +167,7 @@ class TrainingRun:
         self.objective = make_objective(self.recipe.train.method, self.recipe.train.preference)
         return model
 
-    def setup_data(self) -> tuple[Any, Callable[[list[dict]], dict]]:
+    def setup_data(self) -> tuple[Dataset, Callable[[list[dict]], dict]]:
         """The training set and its collator; the eval batches, fixed for the whole run."""
         from finetune.data import build_datasets, build_retain, make_collator
         from finetune.evaluation.runs import RunEvaluation
@@ -183,7 +186,7 @@ class TrainingRun:
             self.evaluation.use_pairs(self.objective)  # held-out pairs: reward metrics, chosen-answer loss
         return train_ds, collate
 
-    def setup_adapter(self, model: torch.nn.Module, train_ds: Any) -> None:
+    def setup_adapter(self, model: torch.nn.Module, train_ds: Dataset) -> None:
         """LoRA on the base, as `adapter.*` asks; the target report says what it adapts."""
         from adapters import apply_lora
         from adapters.targets import count_trainable, target_report
@@ -205,7 +208,7 @@ class TrainingRun:
         self.has_experts = bool(expert_call_sites(self.model))
         self.accelerator.print(target_report(self.model))
 
-    def setup_optimizer(self, train_ds: Any, collate: Callable[[list[dict]], dict]) -> None:
+    def setup_optimizer(self, train_ds: Dataset, collate: Callable[[list[dict]], dict]) -> None:
         """AdamW on the trainable parameters, the loader (order from (seed, epoch)), the schedule."""
         from torch.utils.data import DataLoader
 
