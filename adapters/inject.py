@@ -22,7 +22,7 @@ from torch import nn
 
 from adapters.errors import MoetuneError
 from adapters.expert_fast_path import exposed_quantized_weights, install_fast_path
-from adapters.peft_format import split_experts
+from adapters.peft_format import saved_shapes, split_experts
 from adapters.selection import load_selection
 from adapters.targets import ALL_GROUPS, clean_name, did_you_mean, find_targets, layer_of, resolve_targets
 
@@ -364,13 +364,10 @@ def _unused_or_missing_weights(peft_model, folder: Path, adapter_name: str) -> s
     `moetune train` leaves it out (the vocabulary is never resized, so it is the base's own). Both load.
     """
     from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
 
-    weights_file = folder / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        return ""  # PEFT already refused (or loaded a .bin); nothing more to compare
-    with safe_open(str(weights_file), framework="pt") as handle:
-        in_file = set(handle.keys())
+    in_file = set(saved_shapes(folder))
+    if not in_file:
+        return ""  # no safetensors file: PEFT already refused (or loaded a .bin); nothing to compare
     with warnings.catch_warnings():  # "Setting save_embedding_layers to True": we ask for both on purpose
         warnings.simplefilter("ignore", UserWarning)
         required = set(

@@ -205,6 +205,18 @@ def read_adapter(
     return config, tensors
 
 
+def saved_shapes(adapter_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The names and shapes saved in adapter_model.safetensors, from its header (no tensor is read);
+    {} when the folder has no such file."""
+    from safetensors import safe_open
+
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        return {}
+    with safe_open(str(weights), framework="pt") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+
+
 def trained_whole(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """The tensors of modules PEFT trains whole: a `modules_to_save` entry matches the end of the name of
     the module or of one of its parents (PEFT saves every weight of such a module under its own name)."""

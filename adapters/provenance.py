@@ -111,14 +111,9 @@ def adapted_names(folder: str | os.PathLike, adapter_config: dict) -> list[str]:
     for key in ("target_modules", "modules_to_save"):
         value = adapter_config.get(key) or []
         names += [value] if isinstance(value, str) else list(value)
-    weights = Path(folder) / "adapter_model.safetensors"
-    if weights.is_file():
-        from safetensors import safe_open
+    from adapters.peft_format import SAVED_PREFIX, saved_shapes
 
-        with safe_open(str(weights), framework="pt") as handle:
-            keys = list(handle.keys())
-        names += [k.removeprefix("base_model.model.") for k in keys]
-    return names
+    return names + [key.removeprefix(SAVED_PREFIX) for key in saved_shapes(folder)]
 
 
 def multimodal_parts(names: Iterable[str]) -> list[str]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from adapters.output_folder import fsync_folder, fsync_tree
+from adapters.output_folder import fsync_folder, fsync_tree, write_file_atomic
 from finetune.errors import MoetuneError
 
 CHECKPOINTS = "checkpoints"
@@ -76,6 +76,16 @@ class TrainingInterrupted(MoetuneError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
+
+    @classmethod
+    def after_step(cls, step: int, total_steps: int, signum: int, run_dir: Path) -> TrainingInterrupted:
+        """A run stopped by `signum` after `step`, its checkpoint saved in `run_dir`."""
+        name = signal.Signals(signum).name
+        return cls(
+            f"training interrupted by {name} after step {step} of {total_steps}; checkpoint saved in "
+            f"{latest_checkpoint(run_dir)}; {RESUME_HINT}",
+            signum,
+        )
 
 
 class InterruptGuard:
@@ -250,22 +260,21 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
         ) from err
 
 
+def _json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON and fsync it (used inside temporary folders; `publish` renames the folder)."""
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
+        fh.write(_json_text(data))
         fh.flush()
         os.fsync(fh.fileno())
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace a single JSON file atomically (temporary name, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(TMP_PREFIX + path.name)
-    write_json(tmp, data)
-    os.replace(tmp, path)
-    fsync_folder(path.parent)
+    """Replace a single JSON file atomically (adapters/output_folder.py: temporary name, fsync, rename)."""
+    write_file_atomic(path, _json_text(data))
 
 
 def trainable_state_filter(model: torch.nn.Module):
@@ -281,6 +290,17 @@ def trainable_state_filter(model: torch.nn.Module):
             weights[i] = {k: v for k, v in state.items() if _strip_wrappers(k) in keep or k in keep}
 
     return hook
+
+
+def prepare_checkpoints(accelerator, model: torch.nn.Module) -> int:
+    """Make the run's checkpoints keep only the trainable weights (`trainable_state_filter`); returns
+    the bytes one checkpoint needs. `model` is the prepared model."""
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    accelerator.register_save_state_pre_hook(trainable_state_filter(unwrapped))
+    fsdp = accelerator.distributed_type == DistributedType.FSDP  # its sharded states hold the frozen base
+    return estimate_checkpoint_bytes(unwrapped, frozen_too=fsdp)
 
 
 def _strip_wrappers(name: str) -> str:

@@ -183,8 +183,7 @@ class ModelInfo:
 
 def adapter_info(folder: Path) -> AdapterInfo:
     """A PEFT adapter folder's recorded base, rank, targets and size."""
-    from safetensors import safe_open
-
+    from adapters.peft_format import ADAPTER_WEIGHTS, saved_shapes
     from adapters.provenance import adapted_names, multimodal_parts, recorded_base
 
     try:
@@ -193,14 +192,8 @@ def adapter_info(folder: Path) -> AdapterInfo:
         raise MoetuneError(
             f"{folder / 'adapter_config.json'} is not valid JSON ({err}); re-save the adapter"
         ) from None
-    weights = folder / "adapter_model.safetensors"
-    values, tensors = 0, 0
-    if weights.is_file():
-        with safe_open(str(weights), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118  (safe_open handles are not iterable)
-                shape = handle.get_slice(key).get_shape()
-                tensors += 1
-                values += math.prod(shape)
+    weights, shapes = folder / ADAPTER_WEIGHTS, saved_shapes(folder)
+    values, tensors = sum(math.prod(shape) for shape in shapes.values()), len(shapes)
     modules = config.get("target_modules") or []
     parameters = config.get("target_parameters") or []
     return AdapterInfo(

@@ -1,21 +1,24 @@
 """Launching a run on several processes: `accelerate launch` of `python -m finetune.train`.
 
-`moetune train R.yaml --num-processes N --distributed ddp|fsdp|zero3` resolves the recipe once
-(overrides applied, every key checked), checks the run folder (`--resume` / `--overwrite`), writes
-the resolved recipe to RUN/recipe.yaml, and starts N processes of
+`moetune train R.yaml --num-processes N --distributed ddp|fsdp|zero3` checks the launch options
+(`check_launch`), resolves the recipe once (overrides applied, every key checked), checks the run
+folder (`--resume` / `--overwrite`), writes the resolved recipe to RUN/recipe.yaml, and starts N
+processes of
 
     accelerate launch --config_file recipes/accelerate/ENGINE.yaml --num_processes N ...
         -m finetune.train RUN/recipe.yaml --output RUN
 
-each of which trains its share; the main one writes the run's files and the launching process
-reads the result back from RUN/metrics.json. The same `accelerate launch` typed by hand (with
-`cli.py train R.yaml` or `-m finetune.train R.yaml`) is the same run. On several machines each one
-runs the same command with its own `--machine-rank` (`Machines`); N counts the processes of all of
-them, as in `accelerate launch`, and the run folder must be on a file system they share.
+each of which trains its share (`entry_parser` reads those options); the main one writes the run's
+files and the launching process reads the result back from RUN/metrics.json. The same
+`accelerate launch` typed by hand (with `cli.py train R.yaml` or `-m finetune.train R.yaml`) is the
+same run. On several machines each one runs the same command with its own `--machine-rank`
+(`Machines`); N counts the processes of all of them, as in `accelerate launch`, and the run folder
+must be on a file system they share.
 """
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import os
 import socket
@@ -86,6 +89,24 @@ def engine_config(distributed: str) -> Path:
     return RECIPES_DIR / "accelerate" / ENGINES[distributed]
 
 
+def check_launch(
+    num_processes: int, distributed: str, machines: Machines, *, resume: bool, overwrite: bool
+) -> None:
+    """Refuse launch options that cannot work together, before anything is loaded or started."""
+    if num_processes < 1:
+        raise MoetuneError(f"--num-processes must be >= 1, got {num_processes}")
+    engine_config(distributed)  # a known engine, or the error that lists them
+    machines.check(num_processes)
+    if num_processes == 1 and distributed != "ddp":
+        raise MoetuneError(
+            f"--distributed {distributed} needs --num-processes 2 or more (1 process trains alone)"
+        )
+    if resume and overwrite:
+        raise MoetuneError(
+            "--resume and --overwrite both given; --resume continues a run, --overwrite replaces it"
+        )
+
+
 def inside_distributed_launch() -> bool:
     """True inside `accelerate launch` / torchrun (each process then trains; none re-launches)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
@@ -140,6 +161,22 @@ def launch_run(
             f"training on {num_processes} processes failed (exit code {rc}); see the messages above"
         )
     return TrainResult.read(run_dir)
+
+
+def entry_parser() -> argparse.ArgumentParser:
+    """The options of `python -m finetune.train` in each launched process (`launch_run` writes them)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune.train",
+        description="Train from a recipe in this process (or in each process of `accelerate launch -m "
+        "finetune.train`); `moetune train` has the full command line.",
+    )
+    parser.add_argument("recipe", help="recipe YAML (a path or a bundled recipe name)")
+    parser.add_argument("--output", default=None, help="run folder (default: the recipe's output.dir)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run folder")
+    parser.add_argument("--no-summary", action="store_true", help="the launching process prints it")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return parser
 
 
 def launch_command(

@@ -98,6 +98,22 @@ class StepLoss:
         self.multimodal_sum = torch.zeros((), device=device)
         self.metric_sums: torch.Tensor | None = None
 
+    @classmethod
+    def of_step(cls, acc: Any, micro_batches: list[dict], *, pairs: bool, aux_coef: float) -> StepLoss:
+        """The objective of the step made of `micro_batches`, its unit (label tokens, or `pairs` for a
+        preference objective) counted on every process before the first forward. Every process calls it."""
+        if pairs:
+            local = sum(count_pairs(b) for b in micro_batches)
+        else:
+            local = sum(count_label_tokens(b["labels"]) for b in micro_batches if "labels" in b)
+        return cls(
+            label_tokens=int(acc.reduce(torch.tensor(local, device=acc.device), "sum").item()),
+            micro_batches=len(micro_batches),
+            num_processes=acc.num_processes,
+            aux_coef=aux_coef,
+            device=acc.device,
+        )
+
     def term(self, out: ForwardLoss) -> torch.Tensor:
         """This micro-batch's term. x `num_processes`: DDP averages gradients over the processes, and
         the global count already spans them."""

@@ -1,9 +1,14 @@
-"""What a training run reports: its log lines, metrics.json, history.json, plots, model card, summary.
+"""What a training run reports: its log lines, metrics.json, history.json, plots, model card, summary,
+and the adapter folder they end up in.
 
+- while it runs: `Console` (lines from the main process, the progress bar with loss, lr, tokens/s);
 - every `train.log_every` steps: `LogWindow` (train/loss, aux_loss, grad_norm, tokens/s averaged over
   the window) and `ExpertLoad` (per MoE layer, how evenly the routed tokens spread over the experts);
-- at the end: `RunMetrics` (metrics.json, in the run folder and in the adapter folder, and the model
-  card's metrics), `write_history` (history.json: the plots' data), `write_plots`, `write_card`;
+- every eval: `record_baseline` (before the first step) and `record_eval` keep its numbers in the
+  run state (the histories behind the plots and metrics.json);
+- at the end: `write_outputs` writes the adapter folder (whole or not at all) and the run's reports:
+  `RunMetrics` (metrics.json, in the run folder and in the adapter folder, and the model card's
+  metrics), `write_history` (history.json: the plots' data), `write_plots`, `write_card`;
 - `TrainResult`: what `launch_training` returns and `moetune train` prints.
 
 A new metric (a task score from evaluation, a preference margin) is one more field of `RunMetrics`
@@ -15,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +36,11 @@ if TYPE_CHECKING:
     from finetune.resume import RunState
 
 
+# Logged at every eval but kept in the run state elsewhere (eval_loss; a preference run's eval_rewards)
+# or derived (perplexity): name prefixes. None of them is a task metric.
+NOT_TRACKED = ("eval/loss", "eval/perplexity", "eval/preference_loss", "eval/rewards/")
+
+
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))
 
@@ -43,6 +54,49 @@ def input_token_count(batch: dict[str, torch.Tensor]) -> int:
 
 
 # ----------------------------------------------------------------------------- every log_every steps
+
+
+class Console:
+    """What a run shows while it runs: lines from the main process, and the progress bar of each
+    machine's main process, with the lines written above it."""
+
+    def __init__(self, acc: Accelerator) -> None:
+        self.main, self.local_main = acc.is_main_process, acc.is_local_main_process
+        self.bar = None  # tqdm, from `start` on
+
+    def say(self, text: str, *, err: bool = False) -> None:
+        """A line on the main process (stderr with `err`), written above the progress bar."""
+        if not self.main:
+            return
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(text, file=sys.stderr if err else None)
+        else:
+            print(text, flush=True, file=sys.stderr if err else sys.stdout)
+
+    def start(self, total_steps: int, done: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=total_steps,
+            initial=done,
+            desc="train",
+            unit="step",
+            disable=not self.local_main,
+            dynamic_ncols=True,
+        )
+
+    def step(self, logged: dict[str, float] | None = None) -> None:
+        """One more step done; `logged`: the numbers of a logging step, shown beside the bar."""
+        self.bar.update(1)
+        if logged is not None:
+            self.bar.set_postfix(
+                loss=f"{logged['train/loss']:.4f}",
+                lr=f"{logged['train/lr']:.2e}",
+                tok_s=f"{logged['train/tokens_per_second']:.0f}",
+            )
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 @dataclass
@@ -125,8 +179,7 @@ def eval_line(result: dict[str, float]) -> str:
         ppl = result.get("eval/perplexity")
         extra = f" (perplexity {ppl:.2f})" if ppl is not None and math.isfinite(ppl) else ""
         parts.append(f"eval loss {result['eval/loss']:.4f}{extra}")
-    not_tasks = ("eval/loss", "eval/perplexity", "eval/preference_loss", "eval/rewards/")
-    tasks = {k: v for k, v in result.items() if k.startswith("eval/") and not k.startswith(not_tasks)}
+    tasks = {k: v for k, v in result.items() if k.startswith("eval/") and not k.startswith(NOT_TRACKED)}
     parts += [f"{name.removeprefix('eval/')} {value:.4f}" for name, value in tasks.items()]
     if "eval/rewards/accuracies" in result:  # a preference run's held-out pairs
         parts.append(
@@ -150,6 +203,29 @@ def reward_row(step: int, result: dict[str, float]) -> list[float]:
         result["eval/rewards/margins"],
         result["eval/preference_loss"],
     ]
+
+
+def record_baseline(
+    state: RunState, result: dict[str, float], *, preference: bool, expert_load: list[list[float]] | None
+) -> None:
+    """Keep the evaluation before the first step (`result`: logged names) and the base's expert load:
+    the "before" of metrics.json and of the plots."""
+    state.eval_loss_before = result.get("eval/loss")
+    state.eval_metrics_before = {k: v for k, v in result.items() if not k.startswith(NOT_TRACKED)}
+    state.expert_load_before = expert_load
+    if preference:
+        state.eval_rewards_before = reward_row(0, result)
+
+
+def record_eval(state: RunState, step: int, result: dict[str, float], *, preference: bool) -> None:
+    """Keep the evaluation after `step` (`result`: logged names) in the run state's histories."""
+    if "eval/loss" in result:
+        state.eval_loss.append([step, result["eval/loss"]])
+    for name, value in result.items():
+        if not name.startswith(NOT_TRACKED):
+            state.eval_metrics.setdefault(name, []).append([step, value])
+    if preference:
+        state.eval_rewards.append(reward_row(step, result))
 
 
 def tracker_config(recipe: Recipe) -> dict[str, Any]:
@@ -258,6 +334,43 @@ class RunMetrics:
             (stem, self.task_metrics.get(f"{stem}_before"), self.task_metrics.get(f"{stem}_after"))
             for stem in stems
         ]
+
+
+def write_outputs(
+    run_dir: Path,
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    recipe: Recipe,
+    tokenizer: Any,
+    state: RunState,
+    metrics: RunMetrics,
+    load_after: list[list[float]] | None,
+) -> Path:
+    """The end of a run, on the main process: RUN/adapter/ (PEFT's files, the recipe, a classifier's
+    label order, metrics.json, the model card), written whole or not at all, then metrics.json,
+    history.json and the plots in the run folder. `model` is the unwrapped PEFT model, `state_dict` its
+    (gathered) weights. Returns the adapter folder."""
+    from finetune.recipe import save_recipe
+
+    adapter_bytes = ckpt.estimate_checkpoint_bytes(model, optimizer_states=0)
+    ckpt.check_disk_space(run_dir, adapter_bytes, what="final adapter")
+    images = write_plots(run_dir, state, load_after)
+    adapter_dir = run_dir / "adapter"
+    with ckpt.atomic_folder(adapter_dir) as tmp:
+        # save_embedding_layers=False: the vocabulary is never resized here, so a frozen
+        # lm_head / embedding is the base's own and does not belong in the adapter.
+        model.save_pretrained(
+            tmp, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False
+        )
+        save_recipe(recipe, tmp / "recipe.yaml")
+        if getattr(tokenizer, "label_names", None):  # classification: the label order
+            tokenizer.save_pretrained(tmp)
+        ckpt.write_json(tmp / "metrics.json", metrics.as_dict())
+        write_card(tmp, recipe, metrics, images)
+        ckpt.failpoint("adapter-mid-write")
+    ckpt.write_json_atomic(run_dir / "metrics.json", metrics.as_dict())
+    write_history(run_dir, state)
+    return adapter_dir
 
 
 def write_history(run_dir: Path, state: RunState) -> None:

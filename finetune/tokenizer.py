@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from adapters.output_folder import atomic_output_folder
+from finetune.errors import MoetuneError
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the presets' pad / bos / eos
 TRAINING_BYTES = 3_000_000
@@ -78,11 +80,9 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token=None
     )
     fast.chat_template = CHAT_TEMPLATE
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-    fast.save_pretrained(tmp)
-    try:
-        os.replace(tmp, cached)  # atomic: a concurrent reader sees a whole folder or none
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:  # a concurrent reader sees a whole, fsynced folder or none
+        with atomic_output_folder(cached) as tmp:
+            fast.save_pretrained(tmp)
+    except MoetuneError:  # another process finished first: its folder is the same
+        pass
     return AutoTokenizer.from_pretrained(cached)

@@ -11,31 +11,31 @@
     save        adapter/ (PEFT + model card + recipe + metrics), metrics.json, history, plots; push
     cleanup     close the trackers, release the process group
 
-What each step minimises and how it is normalised: finetune/losses.py. What makes a resumed run
-replay the uninterrupted one exactly: finetune/resume.py. What the run logs and writes at the end:
-finetune/reporting.py. The Accelerator and every Accelerate detail: finetune/accelerator.py.
-Several processes: finetune/launch.py starts `python -m finetune.train` (this file's `main`) in each
-of them through `accelerate launch`; only the main process writes the run's files.
+What each step minimises and how it is normalised: finetune/losses.py; the optimizer and its
+schedule: finetune/optimizer.py. What makes a resumed run replay the uninterrupted one exactly:
+finetune/resume.py; how checkpoints are written: finetune/checkpoint.py. What the run shows, logs and
+writes at the end: finetune/reporting.py. The Accelerator and every Accelerate detail:
+finetune/accelerator.py. Several processes: finetune/launch.py starts `python -m finetune.train`
+(this file's `main`; `launch.entry_parser` has its options) in each of them through
+`accelerate launch`; only the main process writes the run's files.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from finetune import checkpoint as ckpt
-from finetune import reporting
+from finetune import launch, reporting
 from finetune.accelerator import (
     TRACKER_PROJECT,
     as_float,
@@ -47,16 +47,16 @@ from finetune.accelerator import (
 )
 from finetune.errors import MoetuneError
 from finetune.evaluate import expert_load_shares
-from finetune.launch import ONE_MACHINE, Machines, engine_config, inside_distributed_launch, launch_run
-from finetune.losses import StepLoss, count_label_tokens, count_pairs, forward_loss, preference_forward
-from finetune.preference import chosen_half, evaluate_preference, make_objective
-from finetune.recipe import Recipe, TrainSection, esft_profile, load_recipe, save_recipe
-from finetune.reporting import ExpertLoad, LogWindow, RunMetrics, StepResult, TrainResult
+from finetune.launch import ONE_MACHINE, Machines
+from finetune.losses import StepLoss, forward_loss, preference_forward
+from finetune.optimizer import make_optimizer, make_scheduler
+from finetune.preference import make_objective
+from finetune.recipe import Recipe, esft_profile, load_recipe, save_recipe
+from finetune.reporting import Console, ExpertLoad, LogWindow, RunMetrics, StepResult, TrainResult
 from finetune.resume import EpochSampler, RunState, check_run_folder, fingerprint, step_seed
 
-# Logged at every eval but kept in the run state elsewhere (eval_loss; a preference run's eval_rewards)
-# or derived (perplexity): name prefixes.
-NOT_TRACKED = ("eval/loss", "eval/perplexity", "eval/preference_loss", "eval/rewards/")
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 def launch_training(
@@ -79,26 +79,15 @@ def launch_training(
     process return None. `distributed` names the engine of a launch of several processes (ddp, fsdp,
     zero3: the bundled configs in recipes/accelerate/); `machines` spreads them over several machines.
     """
-    if num_processes < 1:
-        raise MoetuneError(f"--num-processes must be >= 1, got {num_processes}")
-    engine_config(distributed)  # a known engine, or the error that lists them
-    machines.check(num_processes)
-    if num_processes == 1 and distributed != "ddp":
-        raise MoetuneError(
-            f"--distributed {distributed} needs --num-processes 2 or more (1 process trains alone)"
-        )
-    if resume and overwrite:
-        raise MoetuneError(
-            "--resume and --overwrite both given; --resume continues a run, --overwrite replaces it"
-        )
+    launch.check_launch(num_processes, distributed, machines, resume=resume, overwrite=overwrite)
     if isinstance(recipe, Recipe):
         if overrides:
             raise MoetuneError("pass overrides with a recipe file, not with a Recipe object")
     else:
         recipe = load_recipe(str(recipe), overrides)  # validated before any process starts
     run_dir = Path(output_dir or recipe.output.dir).expanduser()
-    if num_processes > 1 and not inside_distributed_launch():
-        return launch_run(
+    if num_processes > 1 and not launch.inside_distributed_launch():
+        return launch.launch_run(
             recipe,
             run_dir,
             num_processes=num_processes,
@@ -124,7 +113,6 @@ class TrainingRun:
         self.recipe, self.run_dir = recipe, Path(run_dir)
         self.resume, self.overwrite = resume, overwrite
         self.accelerator = None
-        self.progress = None  # the progress bar, while the loop runs
         self.last_saved_step: int | None = None  # the step of the newest checkpoint on disk
         self.esft = None  # the experts selected in this run (adapter.experts: {threshold: ..})
         self.state = RunState(fingerprint=fingerprint(recipe))
@@ -136,14 +124,15 @@ class TrainingRun:
 
         r = self.recipe
         self.accelerator = acc = make_accelerator(r, self.run_dir)
+        self.console = Console(acc)
         check_engine(acc, r.train)
         checkpoint = check_run_folder(self.run_dir, r, resume=self.resume, overwrite=self.overwrite)
         if self.resume and checkpoint is None:
             acc.print(f"--resume: no checkpoint in {self.run_dir}; starting at step 0")
         for line in r.warnings:  # overrides that replaced a key of the recipe file
-            self.say(line, err=True)
+            self.console.say(line, err=True)
         for line in r.notes:  # defaults relied on, sample data found in the installation
-            self.say(line)
+            self.console.say(line)
         set_seed(r.train.seed)  # the same on every process, so randomly initialised parts agree
         with whole_model_building(acc):  # ZeRO-3: built whole here, partitioned by prepare
             base = self.setup_model()
@@ -178,7 +167,7 @@ class TrainingRun:
         self.objective = make_objective(self.recipe.train.method, self.recipe.train.preference)
         return model
 
-    def setup_data(self) -> tuple[Any, Callable[[list[dict]], dict]]:
+    def setup_data(self) -> tuple[Dataset, Callable[[list[dict]], dict]]:
         """The training set and its collator; the eval batches, fixed for the whole run."""
         from finetune.data import build_datasets, build_retain, make_collator
         from finetune.evaluation.runs import RunEvaluation
@@ -194,12 +183,10 @@ class TrainingRun:
                     f"train.method {t.method} needs data.format: preference (prompt / chosen / rejected "
                     f"records); data.train was read as {d.format or 'another format'}"
                 )
-            # Held-out pairs for the reward metrics; eval/loss is the SFT loss on their chosen answers.
-            self.pair_batches = self.evaluation.loss_batches
-            self.evaluation.use_loss_batches([chosen_half(b) for b in self.pair_batches])
+            self.evaluation.use_pairs(self.objective)  # held-out pairs: reward metrics, chosen-answer loss
         return train_ds, collate
 
-    def setup_adapter(self, model: torch.nn.Module, train_ds: Any) -> None:
+    def setup_adapter(self, model: torch.nn.Module, train_ds: Dataset) -> None:
         """LoRA on the base, as `adapter.*` asks; the target report says what it adapts."""
         from adapters import apply_lora
         from adapters.targets import count_trainable, target_report
@@ -221,9 +208,8 @@ class TrainingRun:
         self.has_experts = bool(expert_call_sites(self.model))
         self.accelerator.print(target_report(self.model))
 
-    def setup_optimizer(self, train_ds: Any, collate: Callable[[list[dict]], dict]) -> None:
+    def setup_optimizer(self, train_ds: Dataset, collate: Callable[[list[dict]], dict]) -> None:
         """AdamW on the trainable parameters, the loader (order from (seed, epoch)), the schedule."""
-        from accelerate.utils import DistributedType
         from torch.utils.data import DataLoader
 
         from adapters.expert_fast_path import set_experts_backend
@@ -231,8 +217,7 @@ class TrainingRun:
         acc, t = self.accelerator, self.recipe.train
         sampler = EpochSampler(train_ds, self.recipe.data, batch_size=t.batch_size, seed=t.seed)
         train_dl = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, collate_fn=collate)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        optimizer = make_optimizer(self.model, t)
         # The sampler is sharded over the processes by prepare.
         self.model, self.optimizer, self.train_dl = acc.prepare(self.model, optimizer, train_dl)
         set_experts_backend(self.model, self.recipe.model.experts_backend)  # on its device: "grouped" checks
@@ -242,10 +227,7 @@ class TrainingRun:
         if self.objective is not None:  # DPO's reference: this model, its adapter disabled
             self.objective.reference_model = acc.unwrap_model(self.model)
         # Checkpoints keep only the trainable weights: the base comes back from MODEL on resume.
-        acc.register_save_state_pre_hook(ckpt.trainable_state_filter(acc.unwrap_model(self.model)))
-        self.checkpoint_bytes = ckpt.estimate_checkpoint_bytes(
-            acc.unwrap_model(self.model), frozen_too=acc.distributed_type == DistributedType.FSDP
-        )
+        self.checkpoint_bytes = ckpt.prepare_checkpoints(acc, self.model)
 
     def setup_run_folder(self) -> None:
         """Only now, with model and data loaded: a failed start keeps an old run that --overwrite replaces."""
@@ -254,40 +236,29 @@ class TrainingRun:
         if self.overwrite:
             removed = ckpt.remove_run_outputs(self.run_dir)
             if removed:
-                self.say(f"--overwrite: removed the previous run's {', '.join(removed)} in {self.run_dir}")
+                self.console.say(
+                    f"--overwrite: removed the previous run's {', '.join(removed)} in {self.run_dir}"
+                )
         ckpt.clean_stale(self.run_dir / ckpt.CHECKPOINTS)
         save_recipe(self.recipe, self.run_dir / "recipe.yaml")
         if self.esft is not None:
             self.esft.write(self.run_dir)
-            self.say(str(self.esft))
+            self.console.say(str(self.esft))
 
     # ------------------------------------------------------------------ train
 
     def train(self) -> None:
-        from tqdm.auto import tqdm
-
         if self.state.step == 0 and self.evaluation.active:
-            before = self.evaluate()
-            self.state.eval_loss_before = before.get("eval/loss")
-            self.state.eval_metrics_before = {
-                k: v for k, v in before.items() if not k.startswith(NOT_TRACKED)
-            }
-            self.state.expert_load_before = self.expert_load()
-            if self.objective is not None:
-                self.state.eval_rewards_before = reporting.reward_row(0, before)
+            before = self.evaluation.measure(self.accelerator, self.model)  # logged names
+            reporting.record_baseline(
+                self.state, before, preference=self.objective is not None, expert_load=self.expert_load()
+            )
             self.accelerator.log(before, step=0)
-        self.progress = tqdm(
-            total=self.total_steps,
-            initial=self.state.step,
-            desc="train",
-            unit="step",
-            disable=not self.accelerator.is_local_main_process,
-            dynamic_ncols=True,
-        )
+        self.console.start(self.total_steps, self.state.step)
         self.model.train()
         with ckpt.InterruptGuard() as interrupts:
             self.loop(LogWindow(), ExpertLoad(), interrupts)
-        self.progress.close()
+        self.console.close()
         if self.state.step != self.last_saved_step:  # the end is always resumable
             self.save_checkpoint(self.state.step)
         if self.evaluation.active:
@@ -317,16 +288,12 @@ class TrainingRun:
                 self.state.tokens += result.tokens
                 self.state.train_seconds += seconds
                 window.add(result, seconds)
-                self.progress.update(1)
                 last = step == self.total_steps
+                logged = None
                 if step % t.log_every == 0 or last:
                     logged = window.flush() | load.flush(acc) | {"train/lr": self.scheduler.get_last_lr()[0]}
-                    self.accelerator.log(logged, step=step)
-                    self.progress.set_postfix(
-                        loss=f"{logged['train/loss']:.4f}",
-                        lr=f"{logged['train/lr']:.2e}",
-                        tok_s=f"{logged['train/tokens_per_second']:.0f}",
-                    )
+                    acc.log(logged, step=step)
+                self.console.step(logged)
                 if t.eval_every and step % t.eval_every == 0 and not last and self.evaluation.active:
                     self.run_eval(step)
                 if t.save_every and step % t.save_every == 0 and not last:
@@ -342,23 +309,14 @@ class TrainingRun:
         """One optimizer step over `micro_batches`; the loss is normalised by the global count of label
         tokens (SFT) or of pairs (a preference objective)."""
         acc, t = self.accelerator, self.recipe.train
-        if self.objective is not None:  # the unit of a preference loss is the pair
-            local = sum(count_pairs(b) for b in micro_batches)
-        else:
-            local = sum(count_label_tokens(b["labels"]) for b in micro_batches if "labels" in b)
-        step_loss = StepLoss(
-            label_tokens=int(acc.reduce(torch.tensor(local, device=acc.device), "sum").item()),
-            micro_batches=len(micro_batches),
-            num_processes=acc.num_processes,
-            aux_coef=self.aux_coef,
-            device=acc.device,
-        )
+        pairs = self.objective is not None  # the unit of a preference loss is the pair
+        step_loss = StepLoss.of_step(acc, micro_batches, pairs=pairs, aux_coef=self.aux_coef)
         seen = 0
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             # Gradients are all-reduced once, at the end.
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                if self.objective is not None:
+                if pairs:
                     out = preference_forward(self.model, batch, self.objective, routes=self.routes)
                 else:
                     out = forward_loss(self.model, batch, routes=self.routes)
@@ -393,7 +351,7 @@ class TrainingRun:
                 f"(last good checkpoint: {last or 'none'}); lower train.lr, check the data, or set "
                 "train.nan_policy: skip"
             )
-        self.say(f"step {step}: {what} is not finite; skipping this step (train.nan_policy: skip)")
+        self.console.say(f"step {step}: {what} is not finite; skipping this step (train.nan_policy: skip)")
         self.state.skipped_steps.append(step)
         if self.accelerator.scaler is not None:  # fp16: the GradScaler sees the non-finite gradients and
             self.optimizer.step()  # skips the update itself, keeping its own state consistent
@@ -402,29 +360,14 @@ class TrainingRun:
 
     def stop_on_interrupt(self, step: int, signum: int) -> None:
         """Save a resumable checkpoint of the finished `step` (unless there is one) and stop."""
-        self.progress.close()
+        self.console.close()
         if step != self.last_saved_step:
             self.save_checkpoint(step)
         if not self.accelerator.is_main_process:  # the main process says it, once
             raise SystemExit(128 + signum)
-        name = signal.Signals(signum).name
-        latest = ckpt.latest_checkpoint(self.run_dir)
-        raise ckpt.TrainingInterrupted(
-            f"training interrupted by {name} after step {step} of {self.total_steps}; checkpoint saved in "
-            f"{latest}; {ckpt.RESUME_HINT}",
-            signum,
-        )
+        raise ckpt.TrainingInterrupted.after_step(step, self.total_steps, signum, self.run_dir)
 
     # ------------------------------------------------------------------ eval
-
-    def evaluate(self) -> dict[str, float]:
-        """eval/loss, eval/perplexity, eval/<metric> and retain/loss, as the recipe asks (logged names); with
-        a preference objective, eval/preference_loss and eval/rewards/* of the held-out pairs too."""
-        result = self.evaluation.measure(self.accelerator, self.model)
-        if self.objective is not None:
-            pairs = evaluate_preference(self.accelerator, self.model, self.pair_batches, self.objective)
-            result |= {"eval/preference_loss" if k == "loss" else f"eval/{k}": v for k, v in pairs.items()}
-        return result
 
     def expert_load(self) -> list[list[float]] | None:
         """Share of routed tokens per expert per MoE layer on the eval batches (None for dense models)."""
@@ -434,16 +377,10 @@ class TrainingRun:
         return expert_load_shares(self.model, batches, self.accelerator.device)
 
     def run_eval(self, step: int) -> None:
-        result = self.evaluate()
-        if "eval/loss" in result:
-            self.state.eval_loss.append([step, result["eval/loss"]])
-        for name, value in result.items():
-            if not name.startswith(NOT_TRACKED):
-                self.state.eval_metrics.setdefault(name, []).append([step, value])
-        if self.objective is not None:
-            self.state.eval_rewards.append(reporting.reward_row(step, result))
+        result = self.evaluation.measure(self.accelerator, self.model)
+        reporting.record_eval(self.state, step, result, preference=self.objective is not None)
         self.accelerator.log(result, step=step)
-        self.say(f"step {step}: {reporting.eval_line(result)}")
+        self.console.say(f"step {step}: {reporting.eval_line(result)}")
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -483,25 +420,11 @@ class TrainingRun:
             total_params=self.total_params,
             num_processes=acc.num_processes,
         )
-        adapter_dir = self.run_dir / "adapter"
         if acc.is_main_process:
-            adapter_bytes = ckpt.estimate_checkpoint_bytes(acc.unwrap_model(self.model), optimizer_states=0)
-            ckpt.check_disk_space(self.run_dir, adapter_bytes, what="final adapter")
-            images = reporting.write_plots(self.run_dir, self.state, after_load)
-            with ckpt.atomic_folder(adapter_dir) as tmp:
-                # save_embedding_layers=False: the vocabulary is never resized here, so a frozen
-                # lm_head / embedding is the base's own and does not belong in the adapter.
-                acc.unwrap_model(self.model).save_pretrained(
-                    tmp, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False
-                )
-                save_recipe(r, tmp / "recipe.yaml")
-                if getattr(self.tokenizer, "label_names", None):  # classification: the label order
-                    self.tokenizer.save_pretrained(tmp)
-                ckpt.write_json(tmp / "metrics.json", metrics.as_dict())
-                reporting.write_card(tmp, r, metrics, images)
-                ckpt.failpoint("adapter-mid-write")
-            ckpt.write_json_atomic(self.run_dir / "metrics.json", metrics.as_dict())
-            reporting.write_history(self.run_dir, self.state)
+            model = acc.unwrap_model(self.model)
+            adapter_dir = reporting.write_outputs(
+                self.run_dir, model, state_dict, r, self.tokenizer, self.state, metrics, after_load
+            )
             if r.output.push_to_hub:
                 from adapters.hub import push_folder
 
@@ -521,53 +444,10 @@ class TrainingRun:
             end_training(self.accelerator)  # trackers closed, process group released, settings forgotten
             self.accelerator = None
 
-    # ------------------------------------------------------------------ output
-
-    def say(self, text: str, *, err: bool = False) -> None:
-        """A line on the main process (stderr with `err`), written above the progress bar."""
-        if not self.accelerator.is_main_process:
-            return
-        if self.progress is not None and not self.progress.disable:
-            self.progress.write(text, file=sys.stderr if err else None)
-        else:
-            print(text, flush=True, file=sys.stderr if err else sys.stdout)
-
-
-def make_scheduler(
-    t: TrainSection, optimizer: torch.optim.Optimizer, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warmup, then cosine / linear decay to 0, or constant."""
-    from transformers import get_scheduler
-
-    if t.warmup_steps is not None:
-        warmup = t.warmup_steps
-    elif t.warmup_fraction is not None:
-        warmup = round(t.warmup_fraction * total_steps)
-    else:
-        warmup = 0
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-def entry_parser() -> argparse.ArgumentParser:
-    """The options of `python -m finetune.train` (what finetune/launch.py passes each process)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m finetune.train",
-        description="Train from a recipe in this process (or in each process of `accelerate launch -m "
-        "finetune.train`); `moetune train` has the full command line.",
-    )
-    parser.add_argument("recipe", help="recipe YAML (a path or a bundled recipe name)")
-    parser.add_argument("--output", default=None, help="run folder (default: the recipe's output.dir)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run folder")
-    parser.add_argument("--no-summary", action="store_true", help="the launching process prints it")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    return parser
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m finetune.train RECIPE`: the recipe's own entry point, run by every launched process."""
-    args = entry_parser().parse_args(argv)
+    args = launch.entry_parser().parse_args(argv)
     try:
         result = launch_training(
             args.recipe, output_dir=args.output, resume=args.resume, overwrite=args.overwrite

@@ -21,6 +21,7 @@ from finetune.data.synthetic_spec import parse_synthetic_spec
 KINDS = ("case-preference",)
 DEFAULT_SIZES = {"train": 1000, "eval": 200}
 DEFAULT_SEEDS = {"train": 0, "eval": 1}
+# Ten words a line (fmt: skip at the end): a vocabulary reads as a block, not as a column.
 WORDS = (
     "apple", "river", "stone", "cloud", "green", "light", "house", "table", "water", "music",
     "paper", "glass", "night", "bread", "chair", "field", "plant", "storm", "train", "smile",

@@ -81,8 +81,13 @@ def evaluate_model(
     unknown = [name for name in metrics if name not in METRICS]
     if unknown or not metrics:
         raise MoetuneError(f"--metrics {','.join(metrics)}: choose from {', '.join(METRICS)}")
-    for flag, value in (("--batch-size", batch_size), ("--max-examples", max_examples),
-                        ("--max-length", max_length), ("--max-new-tokens", max_new_tokens)):  # fmt: skip
+    sizes = {
+        "--batch-size": batch_size,
+        "--max-examples": max_examples,
+        "--max-length": max_length,
+        "--max-new-tokens": max_new_tokens,
+    }
+    for flag, value in sizes.items():
         if value is not None and value < 1:
             raise MoetuneError(f"{flag} must be >= 1, got {value}")
     trained = _trained_recipe(adapter)

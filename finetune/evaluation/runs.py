@@ -6,7 +6,9 @@
 - `eval/<metric>` for each task metric of `eval.metrics` (exact_match, word_accuracy, macro_f1,
   recall_at_1) on at most `eval.max_examples` held-out examples; every process computes them on the
   same examples (generation is not sharded), so every process holds the same numbers;
-- `retain/loss`: the loss on `data.retain` (a general-domain set: what the adaptation costs elsewhere).
+- `retain/loss`: the loss on `data.retain` (a general-domain set: what the adaptation costs elsewhere);
+- a preference run (`use_pairs`): `eval/preference_loss` and `eval/rewards/*` on the held-out pairs,
+  and `eval/loss` is the SFT loss of their chosen answers (finetune/preference.py).
 metrics.json names them with `_` for `/` and `_before` / `_after` (`eval_exact_match_after`,
 `retain_loss_before`): finetune/reporting.py.
 """
@@ -20,6 +22,7 @@ from torch.utils.data import Subset
 
 from finetune.evaluate import eval_batches, evaluate_across_processes
 from finetune.evaluation.tasks import task_metrics
+from finetune.preference import chosen_half, evaluate_preference
 from finetune.recipe import Recipe
 
 
@@ -45,11 +48,15 @@ class RunEvaluation:
                 eval_set = Subset(eval_set, range(e.max_examples))
             self.metric_batches = eval_batches(eval_set, collate, e.batch_size or t.batch_size, None)
         self.retain_batches = eval_batches(retain_set, collate, t.batch_size, t.eval_batches)
+        self.pair_batches: list[dict[str, Any]] = []
+        self.objective = None  # a preference run's objective (PreferenceObjective)
 
-    def use_loss_batches(self, batches: list[dict[str, Any]]) -> None:
-        """Measure the loss on other batches (a preference run: the chosen halves of its held-out pairs)."""
-        self.loss_batches = batches
-        self.lm = any("labels" in b for b in batches)
+    def use_pairs(self, objective: Any) -> None:
+        """A preference run: the held-out batches are pairs, measured with `objective`; the loss is taken
+        on their chosen halves."""
+        self.objective, self.pair_batches = objective, self.loss_batches
+        self.loss_batches = [chosen_half(b) for b in self.pair_batches]
+        self.lm = any("labels" in b for b in self.loss_batches)
 
     @property
     def active(self) -> bool:
@@ -74,4 +81,7 @@ class RunEvaluation:
             out.update({f"eval/{name}": value for name, value in values.items()})
         if self.retain_batches:
             out["retain/loss"] = evaluate_across_processes(acc, model, self.retain_batches, lm=True)["loss"]
+        if self.objective is not None:
+            pairs = evaluate_preference(acc, model, self.pair_batches, self.objective)
+            out |= {"eval/preference_loss" if k == "loss" else f"eval/{k}": v for k, v in pairs.items()}
         return out

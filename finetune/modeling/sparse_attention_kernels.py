@@ -135,11 +135,16 @@ def _local_backward(grad_out, query, key, value, allowed, base: int, scale: floa
         lo = max(0, base + start - (window - 1))  # the first key this chunk's windows reach
         rows, keys = slice(start, end), slice(lo, base + end)
         part = _local_backward_rows(
-            grad_out[..., rows, :], query[..., rows, :], key[..., keys, :], value[..., keys, :],
-            allowed[..., rows, :], base + start - lo, scale,
+            grad_out[..., rows, :],
+            query[..., rows, :],
+            key[..., keys, :],
+            value[..., keys, :],
+            allowed[..., rows, :],
+            base + start - lo,
+            scale,
             (grads[0][..., rows, :], grads[1][..., keys, :], grads[2][..., keys, :]),
             None if weight is None else weight[..., rows, :],
-        )  # fmt: skip
+        )
         if grad_weight is not None:
             grad_weight[:, rows] = part
     return grad_weight
@@ -238,10 +243,10 @@ class BlockSparse(torch.autograd.Function):
         kept = []  # per (batch, head): the global output (block, 1, m, D) and log-sum-exp, for backward
         for b in range(batch if m else 0):
             for h in range(heads):
-                out, lse = _flash_forward(
-                    BlockSparse._phases(query[b, h], block, m), sum_k[b, h // groups].expand(block, 1, m, dim),
-                    sum_v[b, h // groups].expand(block, 1, m, dim), 0.0, True, scale=scale,
-                )  # fmt: skip
+                phases = BlockSparse._phases(query[b, h], block, m)
+                sum_kh = sum_k[b, h // groups].expand(block, 1, m, dim)
+                sum_vh = sum_v[b, h // groups].expand(block, 1, m, dim)
+                out, lse = _flash_forward(phases, sum_kh, sum_vh, 0.0, True, scale=scale)
                 out_tokens = BlockSparse._tokens(out)[:rows]  # queries t = block-1 .. block-2+rows
                 mixed[b, h, block - 1 :].addcmul_(out_tokens, gate[b, block - 1 :, 1, None].to(query.dtype))
                 kept.append((out, lse) if keep else None)

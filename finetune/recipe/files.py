@@ -251,14 +251,13 @@ def _display(path: Path) -> str:
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:
-    """Write the resolved recipe as YAML (atomically: temporary name, then rename)."""
+    """Write the resolved recipe as YAML, atomically (adapters/output_folder.py: fsync, rename)."""
+    from adapters.output_folder import write_file_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("# Resolved moetune recipe: every key, defaults filled in.\n" + body, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_file_atomic(path, "# Resolved moetune recipe: every key, defaults filled in.\n" + body)
 
 
 def header_comment(text: str) -> list[str]:

@@ -133,6 +133,8 @@ def test_loss_is_normalised_by_the_global_token_count(tmp_path, corpus, monkeypa
     torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-6 * float(g1.abs().max()))
     # Later steps start from weights that may differ by Adam's sign of near-zero gradients (g / sqrt(v)
     # on float noise): compare the whole training's change of the weights relative to its size.
+    # Measured on this test: 5e-7 as normalised, 0.17 when each micro-batch's loss is its own mean
+    # (the first step's gradients then differ by 3%), so the bound sits far from both.
     moved = first["end"] - first["start"]
     assert float((second["end"] - first["end"]).norm() / moved.norm()) < 1e-2
 
@@ -330,7 +332,7 @@ def test_the_commands_in_docs_training_md_parse():
     import shlex
 
     from cli import build_parser
-    from finetune.train import entry_parser
+    from finetune.launch import entry_parser
     from tests.helpers.runs import ROOT
 
     text = (ROOT / "docs" / "training.md").read_text()
