@@ -313,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
+    import finetune  # noqa: F401  (first: its CPU memory settings must precede torch; see finetune.cpu_memory)
     from adapters.errors import MoetuneError
 
     try:

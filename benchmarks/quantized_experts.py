@@ -16,6 +16,9 @@ that background load hits them alike; results are ratios to the unquantized run 
   int8 <= 1.3x, NF4 <= 1.8x).
 - loading: quantize-on-load (NF4) of a 2 GB bf16 checkpoint in 200 MB shards (the same shape with
   5 layers): peak resident memory of the whole process (target: below 1.3 GB).
+- CPU memory settings (finetune.cpu_memory, on by default): memory and speed also run bf16 and NF4
+  with `MOETUNE_CPU_MEMORY=keep` (the settings off), interleaved with the rest, to show what the
+  settings save and what they cost.
 - kernels: why these kernels. Dequantizing one 1024 x 1024 expert (bitsandbytes' NF4 kernel against
   the same lookup in torch; int8 in torch), and torch's weight-only int8 matmul against dequantize +
   GEMM for 128 tokens; fp32 and bf16, one thread, medians of interleaved repeats in one process.
@@ -42,6 +45,8 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "runs" / "bench-quantized"
 KINDS = ("float", "int8", "nf4")
+KEEP = "@keep"  # a kind with this suffix runs with finetune.cpu_memory's settings off
+SETTINGS_KINDS = (*KINDS, "float" + KEEP, "nf4" + KEEP)
 PARTS = ("quality", "memory", "speed", "loading", "kernels")
 TARGETS = {
     "quality": {"int8": 1.01, "nf4": 1.03},
@@ -115,6 +120,17 @@ def worker_quality(kind: str, model: str, steps: int, out: Path) -> dict:
     return {"eval_loss_before": metrics["eval_loss_before"], "eval_loss_after": metrics["eval_loss_after"]}
 
 
+def _import_finetune_first(kind: str) -> str:
+    """`import finetune` before torch, as the CLI does (its CPU memory settings precede torch), with
+    the settings off for a `...@keep` kind; returns the kind without the suffix."""
+    base, _, settings = kind.partition("@")
+    if settings == "keep":
+        os.environ["MOETUNE_CPU_MEMORY"] = "keep"
+    import finetune  # noqa: F401
+
+    return base
+
+
 def _lora_step_setup(kind: str, folder: Path):
     import torch
 
@@ -145,6 +161,7 @@ def _batch(tokens: int, vocab: int = 4096):
 
 
 def worker_memory(kind: str, folder: Path, steps: int) -> dict:
+    kind = _import_finetune_first(kind)
     import torch
 
     import adapters  # noqa: F401  (peft, bitsandbytes and the model code imported before the baseline)
@@ -163,6 +180,7 @@ def worker_memory(kind: str, folder: Path, steps: int) -> dict:
 
 
 def worker_speed(kind: str, folder: Path, steps: int) -> dict:
+    kind = _import_finetune_first(kind)
     import torch
 
     torch.set_num_threads(2)
@@ -178,6 +196,7 @@ def worker_speed(kind: str, folder: Path, steps: int) -> dict:
 
 
 def worker_loading(folder: Path) -> dict:
+    _import_finetune_first("nf4")
     import adapters  # noqa: F401
     from finetune.loading import load_model
 
@@ -224,10 +243,10 @@ def part_quality(quick: bool) -> dict:
     return out
 
 
-def _interleaved(rounds: int, make_args) -> dict[str, list[dict]]:
-    results: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+def _interleaved(rounds: int, make_args, kinds: tuple[str, ...] = KINDS) -> dict[str, list[dict]]:
+    results: dict[str, list[dict]] = {kind: [] for kind in kinds}
     for r in range(rounds):
-        order = KINDS if r % 2 == 0 else tuple(reversed(KINDS))
+        order = kinds if r % 2 == 0 else tuple(reversed(kinds))
         for kind in order:
             results[kind].append(run_worker(*make_args(kind)))
     return results
@@ -236,8 +255,8 @@ def _interleaved(rounds: int, make_args) -> dict[str, list[dict]]:
 def part_memory(quick: bool) -> dict:
     folder = write_model(WORK / "qwen-bf16", qwen_config(2), "bfloat16")
     rounds, steps = (1, 1) if quick else (3, 3)
-    results = _interleaved(rounds, lambda kind: ("memory", kind, str(folder), str(steps)))
-    out = {"rounds": rounds, "steps": steps}
+    results = _interleaved(rounds, lambda kind: ("memory", kind, str(folder), str(steps)), SETTINGS_KINDS)
+    out = {"rounds": rounds, "steps": steps, "settings": _settings_effect(results, "peak")}
     for key in ("loaded", "peak"):
         base = [r[key] for r in results["float"]]
         out[key] = {
@@ -256,13 +275,27 @@ def part_memory(quick: bool) -> dict:
 def part_speed(quick: bool) -> dict:
     folder = write_model(WORK / "qwen-bf16", qwen_config(2), "bfloat16")
     rounds, steps = (1, 1) if quick else (3, 2)
-    results = _interleaved(rounds, lambda kind: ("speed", kind, str(folder), str(steps)))
+    results = _interleaved(rounds, lambda kind: ("speed", kind, str(folder), str(steps)), SETTINGS_KINDS)
     base = [r["step_s"] for r in results["float"]]
     out = {"rounds": rounds, "steps_per_round": steps, "bf16_step_s": statistics.median(base)}
+    out["settings"] = _settings_effect(results, "step_s")
     for kind in ("int8", "nf4"):
         ratios = [r["step_s"] / b for r, b in zip(results[kind], base)]
         out[kind] = {"step_s": statistics.median(r["step_s"] for r in results[kind]), "ratios": ratios}
     return out
+
+
+def _settings_effect(results: dict[str, list[dict]], key: str) -> dict:
+    """{kind: {on, off, ratios on / off}} of `key` for the kinds also run with the settings off."""
+    effect = {}
+    for kind in (k.removesuffix(KEEP) for k in SETTINGS_KINDS if k.endswith(KEEP)):
+        on, off = [r[key] for r in results[kind]], [r[key] for r in results[kind + KEEP]]
+        effect[kind] = {
+            "on": statistics.median(on),
+            "off": statistics.median(off),
+            "ratios": [a / b for a, b in zip(on, off)],
+        }
+    return effect
 
 
 def part_loading(quick: bool) -> dict:
@@ -332,6 +365,21 @@ def _fmt_ratio(values: list[float]) -> str:
     return f"**{med:.2f}x** ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else f"**{med:.2f}x**"
 
 
+def _settings_lines(effect: dict | None, what: str, fmt) -> list[str]:
+    if not effect:
+        return []
+    lines = [
+        f"finetune.cpu_memory's settings on (the default, above) and off (`MOETUNE_CPU_MEMORY=keep`), {what}:",
+        "",
+        "| experts | on | off | on / off (median, range) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for kind, row in effect.items():
+        label = "bf16" if kind == "float" else kind
+        lines.append(f"| {label} | {fmt(row['on'])} | {fmt(row['off'])} | {_fmt_ratio(row['ratios'])} |")
+    return [*lines, ""]
+
+
 def write_markdown(results: dict, path: Path) -> None:
     lines = ["# Quantized experts: measured", "", f"Machine: {results['machine']}", ""]
     if "quality" in results:
@@ -363,6 +411,9 @@ def write_markdown(results: dict, path: Path) -> None:
                 f"{_fmt_ratio(row['nf4']['ratios'])} | int8 <= {TARGETS[key]['int8']}, NF4 <= {TARGETS[key]['nf4']} |"
             )
         lines.append("")
+        lines += _settings_lines(
+            m.get("settings"), "peak above the baseline", lambda v: f"{v / 2**20:.0f} MiB"
+        )
     if "speed" in results:
         s = results["speed"]
         lines += [f"## Speed: LoRA step 1 x 2048 tokens, wall time, 2 threads ({s['rounds']} rounds)", ""]
@@ -376,6 +427,7 @@ def write_markdown(results: dict, path: Path) -> None:
                 f"| {kind} | {s[kind]['step_s']:.2f} s | {_fmt_ratio(s[kind]['ratios'])} | <= {TARGETS['speed'][kind]} |"
             )
         lines.append("")
+        lines += _settings_lines(s.get("settings"), "step", lambda v: f"{v:.2f} s")
     if "loading" in results:
         ld = results["loading"]
         peaks = ", ".join(f"{p / 1e9:.2f}" for p in ld["peak_rss"])

@@ -7,7 +7,7 @@ and, at the end, the tensors Python can see (model weights and LoRA factors, Ada
 on the model that benchmark writes (`runs/bench-quantized/qwen-bf16`; run its memory part first).
 
     python benchmarks/quantized_peak_anatomy.py nf4            # or int8, or float (bf16)
-    ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 python benchmarks/quantized_peak_anatomy.py nf4
+    MOETUNE_CPU_MEMORY=keep python benchmarks/quantized_peak_anatomy.py nf4   # finetune.cpu_memory off
 
 Prints a table; writes nothing. Linux with glibc only.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
 import sys
 from pathlib import Path
 
@@ -62,10 +63,10 @@ def main() -> None:
             f"{MODEL} does not exist: run `python benchmarks/quantized_experts.py --part memory` first"
         )
 
+    importlib.import_module("finetune")  # first, as the CLI does: its CPU memory settings precede torch
     import torch
 
     import adapters
-    import finetune  # noqa: F401  (imports before the baseline, as in the memory part)
     from finetune.loading import load_model
 
     libc = ctypes.CDLL("libc.so.6")
