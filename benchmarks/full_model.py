@@ -5,6 +5,7 @@
 2. train: a fresh process loads it (quantized folder, positional reads), puts LoRA r=8 on attention
    + routed experts, and runs 3 AdamW steps on one repeated batch of 1 x 256 tokens; per step the
    loss and the wall time, and the process's peak RSS (target <= 18 GB; the machine has 24 GB).
+   `import finetune` comes first, so finetune.cpu_memory's settings apply as in `moetune train`.
 
 It is a benchmark (minutes), not a test:
 
@@ -16,6 +17,7 @@ It is a benchmark (minutes), not a test:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -53,6 +55,7 @@ def worker_create(preset: str, folder: Path) -> dict:
 
 
 def worker_train(folder: Path, steps: int, tokens: int) -> dict:
+    importlib.import_module("finetune")  # first, as the CLI does: its CPU memory settings precede torch
     import torch
 
     from adapters import apply_lora
