@@ -127,8 +127,7 @@ class PerExpertQuantizingConverter(WeightConverter):
         module, name = get_module_from_name(model, layer_name)
         shape = module._pending_shapes[name]
         method = hf_quantizer.quantization_config.method
-        codes = torch.empty(shape.qweight_shape(), dtype=shape.qweight_dtype())
-        scales = torch.empty(shape.scale_shape(), dtype=torch.float32)
+        codes = scales = None
         counts = {len(loaders) for loaders in pending.values()}
         if counts != {shape.num_experts}:
             raise ValueError(
@@ -141,6 +140,9 @@ class PerExpertQuantizingConverter(WeightConverter):
                     inputs, source_patterns=self.source_patterns, target_patterns=self.target_patterns
                 )
             (value,) = inputs.values()  # (1, out, in), or (1, in, out) for transposed layouts
+            if codes is None:  # on the device the loader reads to (the parameter's, from device_map)
+                codes = torch.empty(shape.qweight_shape(), dtype=shape.qweight_dtype(), device=value.device)
+                scales = torch.empty(shape.scale_shape(), dtype=torch.float32, device=value.device)
             codes[expert : expert + 1], scales[expert : expert + 1] = quantize_weight(module, value, method)
             for key in pending:
                 pending[key][expert] = None  # the checkpoint tensor's loader may hold its data

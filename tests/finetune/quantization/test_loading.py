@@ -232,3 +232,14 @@ def test_quantize_on_load_reads_and_quantizes_one_expert_at_a_time(tmp_path, fam
     seen.clear()
     load_model(str(folder))  # unquantized loading keeps transformers' own stacking
     assert max(seen) > 1
+
+
+@pytest.mark.gpu
+def test_quantize_on_load_to_cuda_keeps_codes_on_the_gpu_equal_to_the_cpu_ones(tmp_path):
+    folder = save("qwen3_moe", tmp_path / "float")
+    on_gpu, _ = load_model(str(folder), quantize="nf4", device_map="cuda")
+    on_cpu, _ = load_model(str(folder), quantize="nf4")
+    gpu_codes, cpu_codes = _codes(on_gpu), _codes(on_cpu)
+    assert gpu_codes.keys() == cpu_codes.keys() and gpu_codes
+    for key, value in cpu_codes.items():
+        assert gpu_codes[key].is_cuda and torch.equal(gpu_codes[key].cpu(), value), key
