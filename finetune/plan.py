@@ -2,9 +2,10 @@
 
 Everything is computed on the meta device (no weight memory): the base parameter count comes from
 the model built from its config, the trainable count from actually applying the adapter, so the
-plan counts exactly what training would create. Activations are an estimate (stated as such):
-per layer, the residual stream and attention / expert intermediates kept for backward, divided by
-the checkpointing factor when gradient checkpointing is on.
+plan counts exactly what training would create. What the engines add (DDP's gradient buckets, the
+parameters FSDP2 / ZeRO-3 gather, ZeRO-3's reduce bucket, the copies made at load) follows the
+bundled launch configs; activations and logits are estimates (stated as such). One function per
+term: finetune/plan_terms.py; measured against CPU processes: benchmarks/distributed_memory.py.
 """
 
 from __future__ import annotations
@@ -14,11 +15,24 @@ from typing import Any
 
 import torch
 
+from finetune import plan_terms as terms
 from finetune.errors import MoetuneError
 from finetune.loading import build_empty_model, load_config, parse_dtype
 
 GIB = 1024**3
 STRATEGIES = ("auto", "ddp", "fsdp", "zero3")
+DEVICES = ("gpu", "cpu")
+# What the engine terms assume: the bundled launch configs (recipes/accelerate/).
+ENGINE_SETTINGS = {
+    "ddp": "torch DDP as Accelerate sets it up (gradient buckets beside the gradients)",
+    "fsdp": "FSDP2, one unit per decoder layer, resharded after forward, the next unit prefetched",
+    "zero3": "DeepSpeed ZeRO-3 defaults: reduce bucket 5e8 elements, up to 1e9 parameters live",
+}
+NOT_COUNTED = (
+    "the runtime of each process (CUDA context, kernels, communication workspaces)",
+    "allocator caching and fragmentation",
+    "the data and tokenizer",
+)
 
 
 @dataclass
@@ -31,9 +45,12 @@ class MemoryPlan:
     quantize: str | None  # routed experts stored int8 / nf4, or None (all weights in the dtype)
     params_total: int
     params_trainable: int
-    weights_gib: float  # base weights per GPU
-    adapter_and_optimizer_gib: float  # LoRA weights + grads + AdamW states (fp32) per GPU
+    weights_gib: float  # base weights per GPU (its partition under fsdp / zero3)
+    adapter_and_optimizer_gib: float  # LoRA weights + grads + AdamW moments (fp32) per GPU
+    gathered_gib: float  # fsdp / zero3: whole parameters held at once besides the partition
+    engine_buffers_gib: float  # ddp: gradient buckets; zero3: the reduce bucket
     activations_gib: float  # estimate per GPU for batch_size x seq_len
+    logits_gib: float  # the logits, the loss's fp32 log-softmax and its gradient
     total_gib: float
     gpu_memory_gib: float
     fits: bool
@@ -44,9 +61,11 @@ class MemoryPlan:
     r: int = 16
     targets: tuple[str, ...] = ("attention", "experts")
     gradient_checkpointing: bool = True
-    optimizer: str = "AdamW on the LoRA parameters: fp32 moments and master copy"
-    # zero3: each process loads the whole base before DeepSpeed partitions it (host memory, once)
-    load_peak_gib: float | None = None
+    optimizer: str = "AdamW on the LoRA parameters (fp32 weights, gradients and moments)"
+    device: str = "gpu"  # "cpu": a buffer allocated whole counts only as far as it is written
+    # every process builds the whole base before the engine splits it (host memory, once)
+    load_peak_gib: float = 0.0
+    not_counted: tuple[str, ...] = NOT_COUNTED
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON of `moetune plan --json`."""
@@ -61,47 +80,29 @@ class MemoryPlan:
             f"  base weights per GPU       {self.weights_gib:8.2f} GiB"
             + (f"  (routed experts {self.quantize})" if self.quantize else ""),
             f"  LoRA + grads + AdamW       {self.adapter_and_optimizer_gib:8.2f} GiB",
-            f"  activations (estimate)     {self.activations_gib:8.2f} GiB",
-            f"  total per GPU              {self.total_gib:8.2f} GiB",
         ]
-        if self.load_peak_gib is not None:
-            lines.append(
-                f"  whole base at load (host)  {self.load_peak_gib:8.2f} GiB per process, before partitioning"
-            )
+        if self.strategy != "ddp":
+            lines.append(f"  gathered whole at once     {self.gathered_gib:8.2f} GiB")
+        if self.engine_buffers_gib:
+            what = "gradient buckets" if self.strategy == "ddp" else "reduce bucket"
+            lines.append(f"  {what:<27}{self.engine_buffers_gib:8.2f} GiB")
         lines += [
+            f"  activations (estimate)     {self.activations_gib:8.2f} GiB",
+            f"  logits and loss (estimate) {self.logits_gib:8.2f} GiB",
+            f"  total per GPU              {self.total_gib:8.2f} GiB",
+            f"  at load (host)             {self.load_peak_gib:8.2f} GiB per process, before the engine splits the base",
             "assumptions:",
             f"  dtype                      {self.dtype} weights and activations",
             f"  batch x sequence           {self.batch_size} x {self.seq_len} tokens per GPU",
             f"  LoRA                       r={self.r}, alpha={2 * self.r} on {', '.join(self.targets)}",
             f"  gradient checkpointing     {'on' if self.gradient_checkpointing else 'off'}",
             f"  optimizer                  {self.optimizer}",
+            f"  engine                     {ENGINE_SETTINGS[self.strategy]}",
+            f"not counted: {'; '.join(self.not_counted)}",
         ]
         if not self.fits:
             lines.append("  try: more GPUs, a shorter seq_len / batch, or gradient checkpointing")
         return "\n".join(lines)
-
-
-def _trainable_after_lora(model: torch.nn.Module, adapter: dict[str, Any]) -> int:
-    from adapters import apply_lora
-    from adapters.targets import count_trainable
-
-    return count_trainable(apply_lora(model, **adapter))
-
-
-def _activation_bytes(
-    config: Any, batch_size: int, seq_len: int, bytes_per: int, checkpointing: bool
-) -> float:
-    """Rough per-layer activation memory kept for backward, times layers."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = text.hidden_size
-    top_k = getattr(text, "num_experts_per_tok", 1) or 1
-    expert_width = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
-    tokens = batch_size * seq_len
-    # residual + norms + q/k/v/o (~8 H) and routed expert intermediates (3 I per routed pair)
-    per_layer = tokens * (8 * hidden + 3 * top_k * expert_width) * bytes_per
-    if checkpointing:  # only the layer inputs are kept; one layer is recomputed at a time
-        return tokens * hidden * bytes_per * text.num_hidden_layers + per_layer
-    return per_layer * text.num_hidden_layers
 
 
 def plan_memory(
@@ -117,6 +118,7 @@ def plan_memory(
     gradient_checkpointing: bool = True,
     quantize: str | None = None,
     strategy: str = "auto",
+    device: str = "gpu",
 ) -> MemoryPlan:
     """Per-GPU memory for LoRA training of `spec` on `gpus` GPUs; `strategy` "auto" plans FSDP when
     DDP does not fit, or names one of ddp / fsdp / zero3.
@@ -124,8 +126,12 @@ def plan_memory(
     `quantize` ("int8" / "nf4"; a folder saved quantized uses its own) counts the routed experts in
     that storage format (codes + scales) and the rest of the weights in `dtype`. ZeRO-3 partitions
     parameters, the LoRA weights, their gradients and AdamW states over the processes; quantized
-    experts are buffers, which it keeps whole on every process.
+    experts are buffers, which it keeps whole on every process. `device="cpu"` plans CPU processes
+    (the tests, benchmarks/distributed_memory.py): a buffer allocated whole but written only in part
+    (ZeRO-3's reduce bucket) counts as far as it is written, which is all a CPU makes resident.
     """
+    from adapters import apply_lora
+    from adapters.targets import count_trainable
     from finetune.loading import check_quantize
     from finetune.quantization.loading import quantization_of
     from finetune.quantization.memory import weight_bytes_by_group
@@ -134,6 +140,8 @@ def plan_memory(
         raise MoetuneError(f"--gpus must be >= 1 (got {gpus})")
     if strategy not in STRATEGIES:
         raise MoetuneError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if device not in DEVICES:
+        raise MoetuneError(f"plan device {device!r} is not one of {', '.join(DEVICES)}")
     torch_dtype = parse_dtype(dtype)
     if not isinstance(torch_dtype, torch.dtype):
         raise MoetuneError(f"plan needs a concrete --dtype (float32, bfloat16, float16), not {dtype!r}")
@@ -145,24 +153,30 @@ def plan_memory(
     by_group = weight_bytes_by_group(model, bytes_per, method)
     weight_bytes = sum(by_group.values())
     whole_bytes = by_group.get("experts", 0) if method else 0  # quantized experts: buffers, never partitioned
-    trainable = _trainable_after_lora(model, {"targets": list(targets), "r": r, "alpha": 2 * r})
-    # LoRA weights + grads in the training dtype, AdamW moments and an fp32 master copy.
-    adapter_bytes = trainable * (2 * bytes_per + 12)
-    activations = _activation_bytes(config, batch_size, seq_len, bytes_per, gradient_checkpointing)
+    model = apply_lora(model, targets=list(targets), r=r, alpha=2 * r)
+    trainable = count_trainable(model)
+    activations = terms.activation_bytes(config, batch_size, seq_len, bytes_per, r, gradient_checkpointing)
+    logits = terms.logits_bytes(config, batch_size, seq_len, bytes_per, lora_on_head="lm_head" in targets)
 
-    def per_gpu(strategy: str) -> tuple[float, float, float]:
-        """(base weights, LoRA + grads + AdamW, total) per GPU."""
-        if strategy == "zero3":
-            weights = whole_bytes + (weight_bytes - whole_bytes) / gpus
-            return weights, adapter_bytes / gpus, weights + adapter_bytes / gpus + activations
-        weights = weight_bytes / (gpus if strategy == "fsdp" else 1)
-        return weights, adapter_bytes, weights + adapter_bytes + activations
+    def per_gpu(strategy: str) -> dict[str, float]:
+        """Each term of one process's memory under `strategy`, in bytes."""
+        split = gpus if strategy in ("fsdp", "zero3") else 1
+        return {
+            "weights": whole_bytes + (weight_bytes - whole_bytes) / split,
+            "lora": terms.lora_state_bytes(trainable, strategy, gpus),
+            "gathered": terms.gathered_bytes(model, strategy, bytes_per, method is not None),
+            "buffers": terms.engine_buffer_bytes(trainable, strategy, gpus, device),
+            "activations": activations,
+            "logits": logits,
+        }
 
     if strategy == "auto":
         strategy = "ddp"
-        if per_gpu("ddp")[2] > gpu_memory_gib * GIB and gpus > 1:
+        if sum(per_gpu("ddp").values()) > gpu_memory_gib * GIB and gpus > 1:
             strategy = "fsdp"
-    weights, adapter_share, needed = per_gpu(strategy)
+    parts = per_gpu(strategy)
+    needed = sum(parts.values())
+    load_peak = terms.load_peak_bytes(weight_bytes, weight_bytes - whole_bytes, trainable, strategy, gpus)
     return MemoryPlan(
         model=str(spec),
         gpus=gpus,
@@ -170,9 +184,12 @@ def plan_memory(
         quantize=method,
         params_total=total,
         params_trainable=trainable,
-        weights_gib=weights / GIB,
-        adapter_and_optimizer_gib=adapter_share / GIB,
+        weights_gib=parts["weights"] / GIB,
+        adapter_and_optimizer_gib=parts["lora"] / GIB,
+        gathered_gib=parts["gathered"] / GIB,
+        engine_buffers_gib=parts["buffers"] / GIB,
         activations_gib=activations / GIB,
+        logits_gib=logits / GIB,
         total_gib=needed / GIB,
         gpu_memory_gib=gpu_memory_gib,
         fits=needed <= gpu_memory_gib * GIB,
@@ -182,5 +199,6 @@ def plan_memory(
         r=r,
         targets=tuple(targets),
         gradient_checkpointing=gradient_checkpointing,
-        load_peak_gib=weight_bytes / GIB if strategy == "zero3" else None,
+        device=device,
+        load_peak_gib=load_peak / GIB,
     )

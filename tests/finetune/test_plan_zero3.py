@@ -19,12 +19,13 @@ TINY = {"targets": ("attention", "experts"), "r": 4, "dtype": "float32", "seq_le
 def test_zero3_divides_the_base_and_the_lora_states_but_not_quantized_experts():
     ddp = plan_memory("preset:small", gpus=4, strategy="ddp")
     zero3 = plan_memory("preset:small", gpus=4, strategy="zero3")
-    assert zero3.strategy == "zero3" and ddp.load_peak_gib is None
+    assert zero3.strategy == "zero3"
     assert zero3.weights_gib == pytest.approx(ddp.weights_gib / 4)
     assert zero3.adapter_and_optimizer_gib == pytest.approx(ddp.adapter_and_optimizer_gib / 4)
     assert zero3.activations_gib == ddp.activations_gib
-    assert zero3.load_peak_gib == pytest.approx(ddp.weights_gib)  # each process loads the whole base
-    assert "whole base at load" in str(zero3)
+    # Each process builds the whole base before the engine splits it.
+    assert min(zero3.load_peak_gib, ddp.load_peak_gib) > ddp.weights_gib
+    assert "at load (host)" in str(zero3)
 
     q_ddp = plan_memory("preset:small", gpus=4, strategy="ddp", quantize="int8")
     q_zero3 = plan_memory("preset:small", gpus=4, strategy="zero3", quantize="int8")
@@ -92,5 +93,5 @@ def test_plan_matches_the_partition_each_process_holds(tmp_path):
         held = json.loads((tmp_path / f"held.{rank}").read_text())
         padding = held["parameters"] * 4  # a partition is ceil(numel / 2) elements
         assert abs(held["frozen"] - plan.weights_gib * GIB) <= padding, held
-        # LoRA weights: 4 of the plan's 20 bytes per trainable parameter (weight, grad, master, 2 moments)
-        assert abs(held["trainable"] - plan.adapter_and_optimizer_gib * GIB * 4 / 20) <= padding, held
+        # LoRA weights: 4 of the plan's 16 bytes per trainable parameter (weight, grad, 2 moments)
+        assert abs(held["trainable"] - plan.adapter_and_optimizer_gib * GIB * 4 / 16) <= padding, held
