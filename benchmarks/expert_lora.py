@@ -12,7 +12,8 @@ step = forward + backward + AdamW on the LoRA parameters + zero_grad, timed whol
   any expert adaptation.
 Protocol: every (config, method, round) is a fresh process (peak RSS is its ru_maxrss) with
 `--threads` torch threads (default 2); each round runs the three methods back to back, rotating
-which goes first, so background load hits them alike. A process runs `--warmup` untimed steps and
+which goes first, so background load hits them alike. Workers run with torch's own CPU matmul caches
+(`MOETUNE_CPU_MEMORY=keep`, as when the results were measured; see finetune.cpu_memory). A process runs `--warmup` untimed steps and
 `--steps` timed ones; a round's ratio is the two methods' median step walls in that round. The report
 gives every ratio's min / median / max over the rounds: the spread is the noise, and the report says
 whether it is smaller than the effect (|1 - median|).
@@ -140,7 +141,8 @@ def run_config(name: str, args) -> dict:
                 cmd += ["--batch", str(args.batch)]
             if args.length:
                 cmd += ["--length", str(args.length)]
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            # torch's own matmul caches (finetune.cpu_memory off), as when these results were measured
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MOETUNE_CPU_MEMORY": "keep"}
             out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             if out.returncode != 0:
                 raise SystemExit(f"{name}/{method} failed:\n{out.stderr[-3000:]}")
