@@ -39,6 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.proc_memory import reset_peak, status  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 ENGINES = ("ddp", "fsdp", "zero3")
 VARIANTS = ("small", "glibc", "tiny")
@@ -46,19 +48,6 @@ MIB = 2**20
 STEPS = 3  # the first ZeRO-3 step traces the module order; the later ones keep parameters by it
 LIVE_ONLY = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # freed blocks of 64 KiB and more go back at once
 COMMAND = "python benchmarks/distributed_memory.py"
-
-
-def _status(key: str) -> int:
-    """A /proc/self/status field in bytes (VmRSS: resident now; VmHWM: the high-water mark)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> None:
-    """Start the high-water mark afresh from the resident memory now (Linux >= 4.0)."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def worker(recipe_file: Path, run_dir: Path, out: Path) -> None:
@@ -82,21 +71,21 @@ def worker(recipe_file: Path, run_dir: Path, out: Path) -> None:
 
         def setup_model(self):
             torch.ones(1) @ torch.ones(1)  # the first op's one-time allocations: runtime
-            marks["baseline"] = _status("VmRSS")  # process group up (make_accelerator ran), no model
-            _reset_peak()
+            marks["baseline"] = status("VmRSS")  # process group up (make_accelerator ran), no model
+            reset_peak()
             return super().setup_model()
 
         def loop(self, *args, **kwargs):
-            marks["setup_peak"] = _status("VmHWM") - marks["baseline"]
-            marks["before_steps"] = _status("VmRSS") - marks["baseline"]
-            _reset_peak()
+            marks["setup_peak"] = status("VmHWM") - marks["baseline"]
+            marks["before_steps"] = status("VmRSS") - marks["baseline"]
+            reset_peak()
             super().loop(*args, **kwargs)
             marks["steps_peak"] = max(marks["step_peaks"])
 
         def train_step(self, *args, **kwargs):
             result = super().train_step(*args, **kwargs)
-            marks["step_peaks"].append(_status("VmHWM") - marks["baseline"])
-            _reset_peak()
+            marks["step_peaks"].append(status("VmHWM") - marks["baseline"])
+            reset_peak()
             return result
 
     run = MeasuredRun(load_recipe(str(recipe_file)), run_dir, overwrite=True)

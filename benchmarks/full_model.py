@@ -29,15 +29,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.proc_memory import status  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 PEAK_TARGET_GB = 18.0
-
-
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def worker_create(preset: str, folder: Path) -> dict:
@@ -51,7 +46,7 @@ def worker_create(preset: str, folder: Path) -> dict:
     start = time.perf_counter()
     init_model(preset, folder, quantize="nf4", seed=0)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    return {"seconds": time.perf_counter() - start, "peak_rss": _status("VmHWM"), "bytes": size}
+    return {"seconds": time.perf_counter() - start, "peak_rss": status("VmHWM"), "bytes": size}
 
 
 def worker_train(folder: Path, steps: int, tokens: int) -> dict:
@@ -65,7 +60,7 @@ def worker_train(folder: Path, steps: int, tokens: int) -> dict:
     start = time.perf_counter()
     model, tokenizer = load_model(str(folder))
     load_s = time.perf_counter() - start
-    load_rss = _status("VmRSS")
+    load_rss = status("VmRSS")
     model = apply_lora(model, targets=["attention", "experts"], r=8, alpha=16)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
@@ -89,7 +84,7 @@ def worker_train(folder: Path, steps: int, tokens: int) -> dict:
         "trainable_params": trainable,
         "losses": losses,
         "step_s": times,
-        "peak_rss": _status("VmHWM"),
+        "peak_rss": status("VmHWM"),
         "tokens": int(ids.shape[1]),
     }
 

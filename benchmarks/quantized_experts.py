@@ -42,6 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.proc_memory import reset_peak, status  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "runs" / "bench-quantized"
 KINDS = ("float", "int8", "nf4")
@@ -92,18 +94,6 @@ def write_model(folder: Path, config, dtype: str, shard: str = "200MB") -> Path:
 
 
 # ----------------------------------------------------------------------------- workers (one process each)
-
-
-def _status(key: str) -> int:
-    """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
 
 
 def worker_quality(kind: str, model: str, steps: int, out: Path) -> dict:
@@ -170,13 +160,13 @@ def worker_memory(kind: str, folder: Path, steps: int) -> dict:
 
     formats._bitsandbytes_dequantize()
     torch.set_num_threads(2)
-    base = _status("VmRSS")
-    _reset_peak()
+    base = status("VmRSS")
+    reset_peak()
     model, optimizer = _lora_step_setup(kind, folder)
-    loaded = _status("VmRSS") - base
+    loaded = status("VmRSS") - base
     batch = _batch(256)
     losses = [_step(model, optimizer, batch) for _ in range(steps)]
-    return {"loaded": loaded, "peak": _status("VmHWM") - base, "baseline": base, "losses": losses}
+    return {"loaded": loaded, "peak": status("VmHWM") - base, "baseline": base, "losses": losses}
 
 
 def worker_speed(kind: str, folder: Path, steps: int) -> dict:
@@ -203,8 +193,8 @@ def worker_loading(folder: Path) -> dict:
     start = time.perf_counter()
     model, _ = load_model(str(folder), quantize="nf4")
     return {
-        "peak_rss": _status("VmHWM"),
-        "rss_after": _status("VmRSS"),
+        "peak_rss": status("VmHWM"),
+        "rss_after": status("VmRSS"),
         "seconds": time.perf_counter() - start,
     }
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.proc_memory import status  # noqa: E402
+
 MODEL = ROOT / "runs" / "bench-quantized" / "qwen-bf16"
 MIB = 2**20
 
@@ -42,13 +44,6 @@ class _MallInfo2(ctypes.Structure):
             "keepcost",
         ]
     ]
-
-
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def main() -> None:
@@ -72,7 +67,7 @@ def main() -> None:
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = _MallInfo2
     torch.set_num_threads(2)
-    base = _status("VmRSS")
+    base = status("VmRSS")
     print(
         f"{'when':<8} {'RSS':>6} {'peak':>6} {'heap used':>10} {'heap free':>10} {'mapped':>7}  (MiB above the baseline; heap and mapped absolute)"
     )
@@ -80,7 +75,7 @@ def main() -> None:
     def row(when: str) -> None:
         info = libc.mallinfo2()
         print(
-            f"{when:<8} {(_status('VmRSS') - base) / MIB:6.0f} {(_status('VmHWM') - base) / MIB:6.0f} "
+            f"{when:<8} {(status('VmRSS') - base) / MIB:6.0f} {(status('VmHWM') - base) / MIB:6.0f} "
             f"{info.uordblks / MIB:10.0f} {info.fordblks / MIB:10.0f} {info.hblkhd / MIB:7.0f}",
             flush=True,
         )
