@@ -33,9 +33,11 @@ from finetune.data.formats import (
     formats_fitting,
     instruction_examples,
     layout_for,
+    map_records,
     resolve_chat_template,
     text_examples,
     text_tokenizer,
+    token_features,
 )
 from finetune.data.packing import Packer
 from finetune.data.preference import PreferenceCollator, is_conversational, tokenize_preference
@@ -266,12 +268,6 @@ def _permutation(n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).permutation(n).tolist()
 
 
-def _features(names: tuple[str, ...]) -> datasets.Features:
-    """Token columns as int32 lists (half of int64's memory; vocabularies fit easily), and `length`."""
-    token_lists = {name: datasets.List(datasets.Value("int32")) for name in names}
-    return datasets.Features({**token_lists, "length": datasets.Value("int32")})
-
-
 def _fingerprint(raw: datasets.Dataset, data: DataSection, tokenizer: Any, template: str | None) -> str:
     tok = text_tokenizer(tokenizer)
     key = f"{raw._fingerprint}|{data!r}|{getattr(tok, 'name_or_path', '')}|{len(tok)}|{template}"
@@ -345,17 +341,7 @@ def _tokenize(
             packer.rows.clear()
         return columns(rows)
 
-    examples = raw.map(
-        convert,
-        batched=True,
-        batch_size=1000,
-        with_indices=True,
-        remove_columns=raw.column_names,
-        keep_in_memory=True,
-        load_from_cache_file=False,
-        new_fingerprint=_fingerprint(raw, data, tokenizer, template),
-        features=_features(names),
-    )
+    examples = map_records(raw, convert, _fingerprint(raw, data, tokenizer, template), token_features(names))
     if packer is not None:
         last = packer.finish()
         if last:

@@ -19,6 +19,8 @@ import dataclasses
 from collections.abc import Callable, Collection
 from typing import Any
 
+import datasets
+
 from finetune.errors import MoetuneError
 
 IGNORE_INDEX = -100
@@ -326,3 +328,30 @@ def layout_for(data: Any, fields: Collection[str], where: str) -> tuple[Any, str
             f"{where}: data.format is {fmt} but no record has the field '{absent[0]}' (fields: {present}){hint}"
         )
     return dataclasses.replace(data, format=fmt), note
+
+
+def token_features(names: Collection[str]) -> datasets.Features:
+    """Token columns as int32 lists (half of int64's memory; vocabularies fit easily), and `length`."""
+    token_lists = {name: datasets.List(datasets.Value("int32")) for name in names}
+    return datasets.Features({**token_lists, "length": datasets.Value("int32")})
+
+
+def map_records(
+    raw: datasets.Dataset,
+    convert: Callable[[dict[str, list], list[int]], dict[str, list]],
+    fingerprint: str,
+    features: datasets.Features,
+) -> datasets.Dataset:
+    """`convert(batch, indices)` over `raw` in batches of 1000, into a new in-memory dataset of
+    `features` (the records' columns dropped), named by `fingerprint` and never read from a cache file."""
+    return raw.map(
+        convert,
+        batched=True,
+        batch_size=1000,
+        with_indices=True,
+        remove_columns=raw.column_names,
+        keep_in_memory=True,
+        load_from_cache_file=False,
+        new_fingerprint=fingerprint,
+        features=features,
+    )

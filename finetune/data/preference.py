@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from finetune.data.formats import IGNORE_INDEX, BadRecord, text_tokenizer
+from finetune.data.formats import IGNORE_INDEX, BadRecord, map_records, text_tokenizer, token_features
 
 Pair = tuple[list[int], list[int], list[int]]  # (prompt ids, chosen ids, rejected ids)
 ANSWER_FIELDS = ("chosen", "rejected")
@@ -171,8 +171,6 @@ def tokenize_preference(
 ) -> Any:
     """Records -> a dataset of pairs (prompt_ids, chosen_ids, rejected_ids, length), truncated and counted
     in `stats`; `on_bad(index, bad, record)` fails or skips a bad record as the recipe says."""
-    import datasets
-
     lengths: list[int] = []
 
     def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
@@ -193,19 +191,8 @@ def tokenize_preference(
         stats.trained_tokens += sum(len(c) + len(r) for _, c, r in kept)
         return columns
 
-    token_lists = {
-        name: datasets.List(datasets.Value("int32")) for name in ("prompt_ids", "chosen_ids", "rejected_ids")
-    }
-    pairs = raw.map(
-        convert,
-        batched=True,
-        batch_size=1000,
-        with_indices=True,
-        remove_columns=raw.column_names,
-        keep_in_memory=True,
-        load_from_cache_file=False,
-        new_fingerprint=fingerprint,
-        features=datasets.Features({**token_lists, "length": datasets.Value("int32")}),
+    pairs = map_records(
+        raw, convert, fingerprint, token_features(("prompt_ids", "chosen_ids", "rejected_ids"))
     )
     if lengths:
         stats.longest, stats.shortest = max(lengths), min(lengths)
