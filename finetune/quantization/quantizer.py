@@ -86,15 +86,15 @@ def _install(module, name: str, codes, scales, full_layer_name: str, missing_key
 
 
 def _expert_separable(converter: WeightConverter) -> bool:
-    """Ops that treat each expert on its own (stack along experts, join along a later dim), so
-    running them on one expert gives that expert's slice of the fused stack."""
-    for op in converter.operations:
-        if isinstance(op, MergeModulelist) and op.dim == 0:
-            continue
-        if isinstance(op, Concatenate) and op.dim >= 1:
-            continue
-        return False
-    return True
+    """A converter that reads one tensor per expert and stacks them (MergeModulelist along dim 0),
+    then at most joins the stacks along a later dim (Concatenate): running it on one expert's tensors
+    gives that expert's slice of the fused stack."""
+    first, *rest = converter.operations
+    return (
+        isinstance(first, MergeModulelist)
+        and first.dim == 0
+        and all(isinstance(op, Concatenate) and op.dim >= 1 for op in rest)
+    )
 
 
 class PerExpertQuantizingConverter(WeightConverter):

@@ -243,3 +243,30 @@ def test_quantize_on_load_to_cuda_keeps_codes_on_the_gpu_equal_to_the_cpu_ones(t
     assert gpu_codes.keys() == cpu_codes.keys() and gpu_codes
     for key, value in cpu_codes.items():
         assert gpu_codes[key].is_cuda and torch.equal(gpu_codes[key].cpu(), value), key
+
+
+def test_only_per_expert_merges_are_replaced_by_the_per_expert_converter():
+    """Joining stacks already fused on disk (no per-expert merge first) must stay transformers' own."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+
+    from finetune.quantization.quantizer import (
+        ExpertsQuantizationConfig,
+        ExpertsQuantizer,
+        PerExpertQuantizingConverter,
+    )
+
+    def converter(*ops):
+        return WeightConverter(
+            ["experts.*.gate.weight", "experts.*.up.weight"], "experts.gate_up", operations=list(ops)
+        )
+
+    quantizer = ExpertsQuantizer(ExpertsQuantizationConfig("nf4"), pre_quantized=False)  # quantize on load
+    per_expert = [converter(MergeModulelist(0), Concatenate(1)), converter(MergeModulelist(0))]
+    fused = [
+        converter(Concatenate(1)),
+        converter(Concatenate(0)),
+        converter(MergeModulelist(0), Concatenate(0)),
+    ]
+    updated = quantizer.update_weight_conversions(per_expert + fused, build("qwen3_moe"))
+    kinds = [type(c) is PerExpertQuantizingConverter for c in updated[: len(per_expert) + len(fused)]]
+    assert kinds == [True, True, False, False, False]
